@@ -1,0 +1,19 @@
+# The two commands of the README. Both set up everything first (scripts/setup.sh is idempotent).
+.PHONY: lab test setup bench lint
+
+setup:
+	./scripts/setup.sh
+
+lab: setup
+	.venv/bin/jupyter lab --config=jupyter_config.py
+
+lint: setup
+	.venv/bin/ruff check .
+
+test: setup
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+bench: setup
+	.venv/bin/python bench/bench_start.py
+	.venv/bin/python bench/bench_latency.py

@@ -1,0 +1,185 @@
+"""What the benchmarks share: a real Jupyter server with tabbi (subprocess), the scripted model,
+and a bare ``opencode serve`` started the way the sandbox bootstrap starts it (the baseline)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "sandbox"))
+
+import bootstrap  # noqa: E402  (the in-sandbox bootstrap, used here for its env and seeding)
+
+from tabbi_extension.model_config import ModelSettings, build  # noqa: E402
+from tabbi_sandbox.binary import find_opencode  # noqa: E402
+from tests.support.llm import ScriptedLLM  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready within {timeout} s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summary(values: list[float]) -> str:
+    return (f"median {statistics.median(values) * 1000:.1f} ms, "
+            f"p99 {percentile(values, 99) * 1000:.1f} ms (n={len(values)})")
+
+
+class JupyterServer:
+    """``jupyter server`` with tabbi on, in its own process, as people run it."""
+
+    def __init__(self, llm: ScriptedLLM, workdir: Path):
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.workdir = workdir
+        env = {**os.environ, "HOME": str(workdir / "home"), "JUPYTER_RUNTIME_DIR": str(workdir / "rt")}
+        (workdir / "home").mkdir(parents=True, exist_ok=True)
+        self.log = open(workdir / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={self.port}",
+             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
+             f"--ServerApp.root_dir={workdir}", "--ServerApp.jpserver_extensions=tabbi_extension=True",
+             f"--TabbiExtension.data_dir={workdir / 'data'}", f"--TabbiExtension.llm_base_url={llm.url}",
+             "--TabbiExtension.model=scripted"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_until(lambda: self._up(), 60, "jupyter server")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _up(self) -> bool:
+        try:
+            self.call("GET", "/tabbi/api/health", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+        request = urllib.request.Request(
+            self.base + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    def wait_event(self, sid: str, predicate, after: int = 0, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            page = self.call("GET", f"/tabbi/api/sessions/{sid}/events?after={after}&wait=10", timeout=20)
+            for event in page["events"]:
+                after = event["seq"]
+                if predicate(event):
+                    return event
+        raise TimeoutError("event not seen")
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+class BareOpenCode:
+    """``opencode serve`` with the same isolated home, seeding and config as a sandbox's."""
+
+    def __init__(self, llm: ScriptedLLM, workspace: Path):
+        self.home = Path(tempfile.mkdtemp(prefix="bench-oc-home-"))
+        self.port = free_port()
+        self.password = secrets.token_urlsafe(16)
+        setup = build(ModelSettings(model="scripted", llm_base_url=llm.url))
+        self.model_ref = setup.model_ref
+        env = {**bootstrap.prepare_home(str(self.home)), **setup.env,
+               "OPENCODE_SERVER_PASSWORD": self.password,
+               "OPENCODE_CONFIG_CONTENT": json.dumps(setup.config),
+               "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1"}
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [find_opencode(), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],
+            cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.auth = "Basic " + base64.b64encode(f"opencode:{self.password}".encode()).decode()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_healthy(self) -> float:
+        def healthy() -> bool:
+            request = urllib.request.Request(self.url + "/global/health",
+                                             headers={"Authorization": self.auth})
+            try:
+                with urllib.request.urlopen(request, timeout=1) as response:
+                    return json.loads(response.read()).get("healthy", False)
+            except OSError:
+                return False
+
+        wait_until(healthy, 60, "opencode")
+        return time.monotonic() - self.started
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def sample_repo(parent: Path) -> Path:
+    repo = parent / "sample"
+    repo.mkdir(parents=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "b",
+           "GIT_COMMITTER_EMAIL": "b@x"}
+    (repo / "README.md").write_text("# bench\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "init"]):
+        subprocess.run(["git", *args], cwd=repo, env=env, check=True)
+    return repo
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"

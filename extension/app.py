@@ -1,0 +1,237 @@
+"""The tabbi server extension: configuration, wiring, start-up and shutdown.
+
+Every setting is a documented trait, settable in ``jupyter_config.py`` as ``c.TabbiExtension.x``;
+the ones deployments set from secrets also read an environment variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Dict, Enum, Float, Instance, Int, Type, Unicode, default
+
+from tabbi_sandbox.binary import OpenCodeNotFound, find_opencode
+from tabbi_sandbox.local import LocalProvider
+from tabbi_sandbox.provider import SandboxProvider
+
+from . import handlers
+from .agent import AgentSettings
+from .manager import SessionManager
+from .model_config import DEFAULT_PERMISSIONS, PROVIDER_KEYS, ModelSettings
+from .store import SQLiteStore, Store
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+class TabbiExtension(ExtensionApp):
+    name = "tabbi"
+    description = "AI coding-agent sessions in Jupyter"
+    load_other_extensions = True
+
+    data_dir = Unicode(
+        help="Where tabbi keeps its database, sandboxes and snapshots. Env: TABBI_DATA_DIR."
+    ).tag(config=True)
+
+    @default("data_dir")
+    def _data_dir_default(self) -> str:
+        return _env("TABBI_DATA_DIR") or os.path.join(jupyter_data_dir(), "tabbi")
+
+    opencode_bin = Unicode(
+        None,
+        allow_none=True,
+        help="Path of the OpenCode binary. Unset: TABBI_OPENCODE_BIN, then 'opencode' on PATH, "
+        "then the project's pinned install (node_modules/.bin/opencode).",
+    ).tag(config=True)
+
+    model = Unicode(
+        None,
+        allow_none=True,
+        help="Default model: provider/model for OpenCode's providers, or the bare model id on "
+        "the server named by llm_base_url. Env: TABBI_MODEL.",
+    ).tag(config=True)
+
+    @default("model")
+    def _model_default(self) -> str | None:
+        return _env("TABBI_MODEL")
+
+    llm_base_url = Unicode(
+        None,
+        allow_none=True,
+        help="Base URL (ending in /v1) of an OpenAI-compatible model server. Env: TABBI_LLM_BASE_URL.",
+    ).tag(config=True)
+
+    @default("llm_base_url")
+    def _llm_base_url_default(self) -> str | None:
+        return _env("TABBI_LLM_BASE_URL")
+
+    llm_api_key = Unicode(
+        None,
+        allow_none=True,
+        help="API key for llm_base_url; reaches only the OpenCode process. Env: TABBI_LLM_API_KEY.",
+    ).tag(config=True)
+
+    @default("llm_api_key")
+    def _llm_api_key_default(self) -> str | None:
+        return _env("TABBI_LLM_API_KEY")
+
+    permissions = Dict(
+        default_value=DEFAULT_PERMISSIONS,
+        help="OpenCode permission rules (allow | ask | deny per tool family). 'ask' makes the "
+        "agent wait for a person's answer in the notebook.",
+    ).tag(config=True)
+
+    isolation = Enum(
+        ["auto", "bwrap", "none"],
+        default_value="auto",
+        help="Local sandboxes: 'bwrap' requires bubblewrap, 'none' runs plain subprocesses, "
+        "'auto' uses bubblewrap where it works and says once in the log when it cannot.",
+    ).tag(config=True)
+
+    sandbox_provider_class = Type(
+        default_value=LocalProvider,
+        klass=SandboxProvider,
+        help="The sandbox provider: local processes by default, Modal in production.",
+    ).tag(config=True)
+
+    sandbox_provider_options = Dict(
+        help="Extra keyword arguments for the sandbox provider class."
+    ).tag(config=True)
+
+    store_class = Type(
+        default_value=SQLiteStore,
+        klass=Store,
+        help="The store backend: SQLite (a file in data_dir) by default.",
+    ).tag(config=True)
+
+    start_timeout = Float(90.0, help="Seconds a sandbox may take to become ready.").tag(config=True)
+    turn_timeout = Float(1800.0, help="Seconds after which a running turn is aborted.").tag(
+        config=True
+    )
+    model_retries = Int(
+        3,
+        help="How often OpenCode may retry a failing model call before tabbi ends the turn "
+        "with an error (OpenCode alone would retry without end).",
+    ).tag(config=True)
+    max_prompt_chars = Int(100_000, help="Longest prompt accepted, in characters.").tag(config=True)
+    github_url = Unicode(
+        "https://github.com", help="GitHub's web URL (GitHub Enterprise: https://HOST)."
+    ).tag(config=True)
+
+    single_user = Bool(
+        None,
+        allow_none=True,
+        help="Whether everyone who can reach this server is one person (then sessions are filed "
+        "under local_owner). Unset: true for Jupyter's own token/password identity, false for "
+        "identity providers with real user names, such as JupyterHub's.",
+    ).tag(config=True)
+    local_owner = Unicode(
+        help="Owner name of sessions on a single-user server (default: the OS user)."
+    ).tag(config=True)
+
+    @default("local_owner")
+    def _local_owner_default(self) -> str:
+        return getpass.getuser()
+
+    manager = Instance(SessionManager, allow_none=True)
+    store = Instance(Store, allow_none=True)
+    provider = Instance(SandboxProvider, allow_none=True)
+
+    def initialize_settings(self) -> None:
+        data = Path(self.data_dir)
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = self.make_store(data)
+        self.provider = self.make_provider(data)
+        settings = AgentSettings(
+            model=ModelSettings(
+                model=self.model,
+                llm_base_url=self.llm_base_url,
+                llm_api_key=self.llm_api_key,
+                provider_keys={k: os.environ[k] for k in PROVIDER_KEYS if os.environ.get(k)},
+                permissions=dict(self.permissions),
+            ),
+            github_url=self.github_url,
+            turn_timeout=self.turn_timeout,
+            model_retries=self.model_retries,
+        )
+        self.manager = SessionManager(self.store, self.provider, settings)
+        self._ready_lock = asyncio.Lock()
+        self._ready = False
+        self.settings.update(
+            tabbi_ready=self.ensure_started,
+            tabbi_manager=self.manager,
+            tabbi_health=self.health,
+            tabbi_github_url=self.github_url,
+            tabbi_single_user=self.single_user,
+            tabbi_local_owner=self.local_owner,
+            tabbi_max_prompt_chars=self.max_prompt_chars,
+        )
+
+    def make_store(self, data: Path) -> Store:
+        if self.store_class is SQLiteStore:
+            return SQLiteStore(data / "tabbi.sqlite3")
+        return self.store_class(parent=self)  # type: ignore[call-arg]
+
+    def make_provider(self, data: Path) -> SandboxProvider:
+        options: dict[str, Any] = dict(self.sandbox_provider_options)
+        if issubclass(self.sandbox_provider_class, LocalProvider):
+            options.setdefault("root", data / "sandboxes")
+            options.setdefault("isolation_mode", self.isolation)
+            options.setdefault("opencode_bin", self.opencode_bin)
+            options.setdefault("start_timeout", self.start_timeout)
+        return self.sandbox_provider_class(**options)
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(handlers.routes())
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        await self.ensure_started()
+
+    async def ensure_started(self) -> None:
+        """Open the store and reconcile sessions, once. Called at server start and awaited by
+        every request, so a request that arrives first (or a server started without the
+        post-start hook, as in pytest-jupyter) still finds everything ready."""
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            assert self.store is not None and self.manager is not None
+            await self.store.open()
+            await self.manager.startup()
+            self._ready = True
+            self.log.info("tabbi: data in %s, sandboxes by %s", self.data_dir, self.provider.name)
+
+    async def stop_extension(self) -> None:
+        if self.manager is not None:
+            await self.manager.shutdown()
+        if self.store is not None:
+            await self.store.close()
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /tabbi/api/health``: is every dependency of a session usable right now?"""
+        started = time.monotonic()
+        store_ok = await self.store.ping() if self.store else False
+        try:
+            opencode: dict[str, Any] = {"found": True, "path": find_opencode(self.opencode_bin)}
+        except OpenCodeNotFound as exc:
+            opencode = {"found": False, "detail": str(exc)}
+        check = await asyncio.to_thread(self.provider.check) if self.provider else {}
+        sandbox = {"provider": getattr(self.provider, "name", None), **check}
+        ok = store_ok and opencode["found"] and sandbox.get("usable", False)
+        return {
+            "status": "ok" if ok else "degraded",
+            "store": {"reachable": store_ok, "backend": type(self.store).__name__},
+            "opencode": opencode,
+            "sandbox": sandbox,
+            "model": {"default": self.model, "custom_endpoint": bool(self.llm_base_url)},
+            "checked_in_ms": round((time.monotonic() - started) * 1000, 1),
+        }

@@ -1,0 +1,309 @@
+"""HTTP and WebSocket handlers under ``/tabbi/api/``: authenticate, check ownership, validate, delegate.
+
+Every handler requires a Jupyter-authenticated user and the ``tabbi`` resource permission; every
+session route looks the session up through ``SessionManager.get(owner, id)``, which answers 404 for
+sessions of other users. Errors are JSON ``{"message": ...}`` with the right status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from jupyter_core.utils import ensure_async
+from jupyter_server.auth.decorator import authorized, ws_authenticated
+from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from tornado import web, websocket
+
+from .agent import AgentError, SessionAgent
+from .manager import SessionManager, SessionNotFound
+from .store import Event
+from .validation import (
+    ValidationError,
+    parse_repo,
+    validate_branch,
+    validate_model,
+    validate_prompt,
+    validate_seq,
+)
+
+AUTH_RESOURCE = "tabbi"
+MAX_BODY_BYTES = 512 * 1024
+SESSION_ID = r"(?P<session_id>ses-[0-9a-f]{12})"
+PERMISSION_ID = r"(?P<permission_id>[A-Za-z0-9_-]{1,100})"
+MAX_WAIT_SECONDS = 60.0
+
+
+def owner_of(handler: JupyterHandler, user: Any) -> str:
+    """The owner name sessions are filed under.
+
+    Jupyter's own token/password identity gives every token-authenticated request a fresh random
+    name: on such a single-user server everyone holding the token is the server's one owner, so
+    sessions are filed under one fixed name. Identity providers with real user names (JupyterHub)
+    keep theirs.
+    """
+    single_user = handler.settings["tabbi_single_user"]
+    if single_user is None:
+        single_user = type(handler.identity_provider) in (IdentityProvider, PasswordIdentityProvider)
+    return handler.settings["tabbi_local_owner"] if single_user else user.username
+
+
+class TabbiHandler(APIHandler):
+    auth_resource = AUTH_RESOURCE
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        await self.settings["tabbi_ready"]()
+
+    @property
+    def manager(self) -> SessionManager:
+        return self.settings["tabbi_manager"]
+
+    @property
+    def username(self) -> str:
+        return owner_of(self, self.current_user)
+
+    def body(self) -> dict[str, Any]:
+        if len(self.request.body) > MAX_BODY_BYTES:
+            raise web.HTTPError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        if not self.request.body:
+            return {}
+        try:
+            data = json.loads(self.request.body)
+        except ValueError:
+            raise web.HTTPError(400, "the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
+        return data
+
+    async def session(self, session_id: str) -> SessionAgent:
+        try:
+            return await self.manager.get(self.username, session_id)
+        except SessionNotFound:
+            raise web.HTTPError(404, f"no session {session_id}") from None
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data))
+
+    def log_exception(self, typ, value, tb):
+        if isinstance(value, (ValidationError, AgentError)):
+            return
+        super().log_exception(typ, value, tb)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Our error types map to statuses here, once, for every handler."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ValidationError):
+            self.set_status(400)
+            self.finish(json.dumps({"message": str(exc)}))
+            return
+        if isinstance(exc, AgentError):
+            self.set_status(exc.status)
+            self.finish(json.dumps({"message": str(exc)}))
+            return
+        super().write_error(status_code, **kwargs)
+
+
+class HealthHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.write_json(await self.settings["tabbi_health"]())
+
+
+class SessionsHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.write_json({"sessions": await self.manager.list(self.username)})
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        body = self.body()
+        repo = parse_repo(body.get("repo"), self.settings["tabbi_github_url"])
+        model = validate_model(body.get("model"))
+        branch = validate_branch(body.get("branch"))
+        agent = await self.manager.create(self.username, repo, model, branch)
+        self.write_json(agent.describe(), 201)
+
+
+class SessionHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, session_id: str) -> None:
+        self.write_json((await self.session(session_id)).describe())
+
+    @web.authenticated
+    @authorized
+    async def delete(self, session_id: str) -> None:
+        await self.session(session_id)
+        await self.manager.delete(self.username, session_id)
+        self.set_status(204)
+        self.finish()
+
+
+class PromptHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, session_id: str) -> None:
+        agent = await self.session(session_id)
+        text = validate_prompt(self.body().get("text"), self.settings["tabbi_max_prompt_chars"])
+        prompt = await agent.prompt(text)
+        self.write_json({"prompt_id": prompt.id, "position": prompt.position}, 202)
+
+
+class AbortHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, session_id: str) -> None:
+        await (await self.session(session_id)).abort()
+        self.write_json({"aborted": True})
+
+
+class PermissionHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, session_id: str, permission_id: str) -> None:
+        agent = await self.session(session_id)
+        await agent.reply_permission(permission_id, str(self.body().get("reply", "")))
+        self.write_json({"ok": True})
+
+
+class MessagesHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, session_id: str) -> None:
+        agent = await self.session(session_id)
+        self.write_json({"messages": await agent.store.list_messages(agent.id)})
+
+
+class EventsHandler(TabbiHandler):
+    """Events after a seq, for clients without WebSockets. ``wait=S`` long-polls up to S seconds
+    when nothing newer exists yet."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, session_id: str) -> None:
+        agent = await self.session(session_id)
+        after = validate_seq(self.get_argument("after", "0"))
+        limit = min(validate_seq(self.get_argument("limit", "1000"), "limit") or 1000, 1000)
+        try:
+            wait = min(float(self.get_argument("wait", "0")), MAX_WAIT_SECONDS)
+        except ValueError:
+            raise ValidationError("'wait' must be a number of seconds") from None
+        queue = agent.subscribe()
+        try:
+            events = await agent.store.list_events(agent.id, after, limit)
+            if not events and wait > 0:
+                deadline = asyncio.get_running_loop().time() + wait
+                while not events:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        event = await asyncio.wait_for(queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                    if event.seq > after:
+                        events = await agent.store.list_events(agent.id, after, limit)
+        finally:
+            agent.unsubscribe(queue)
+        self.write_json(
+            {
+                "events": [e.public() for e in events],
+                "last_seq": events[-1].seq if events else after,
+                "state": agent.state,
+                "busy": agent.busy,
+            }
+        )
+
+
+class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
+    """``/tabbi/api/sessions/<id>/stream?after=N``: persisted events after N, then live ones, with
+    no gap and no duplicate.
+
+    The order matters: subscribe first, then replay from the store, then forward the live queue
+    skipping what the replay already sent. An event is persisted before it is queued, so anything
+    the replay missed is in the queue.
+    """
+
+    auth_resource = AUTH_RESOURCE
+
+    async def pre_get(self) -> None:
+        await self.settings["tabbi_ready"]()
+        user = self.current_user
+        allowed = await ensure_async(
+            self.authorizer.is_authorized(self, user, "read", AUTH_RESOURCE)
+        )
+        if not allowed:
+            raise web.HTTPError(403)
+        try:
+            self.agent = await self.settings["tabbi_manager"].get(
+                owner_of(self, user), self.session_id
+            )
+        except SessionNotFound:
+            raise web.HTTPError(404, f"no session {self.session_id}") from None
+        try:
+            self.after = validate_seq(self.get_argument("after", "0"))
+        except ValidationError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+
+    @ws_authenticated
+    async def get(self, session_id: str) -> None:  # type: ignore[override]
+        self.session_id = session_id
+        await self.pre_get()
+        result = super().get(session_id)
+        if result is not None:
+            await result
+
+    def open(self, session_id: str) -> None:  # type: ignore[override]
+        self._queue = self.agent.subscribe()
+        self._forwarder = asyncio.ensure_future(self._forward())
+
+    async def _forward(self) -> None:
+        last = self.after
+        try:
+            while True:
+                batch = await self.agent.store.list_events(self.agent.id, last, 1000)
+                for event in batch:
+                    await self._send(event)
+                    last = event.seq
+                if len(batch) < 1000:
+                    break
+            while True:
+                event = await self._queue.get()
+                if event.seq > last:
+                    await self._send(event)
+                    last = event.seq
+        except (websocket.WebSocketClosedError, asyncio.CancelledError):
+            pass
+
+    async def _send(self, event: Event) -> None:
+        await self.write_message(json.dumps(event.public()))
+
+    def on_message(self, message: str | bytes) -> None:
+        """Clients only listen; anything they send is ignored."""
+
+    def on_close(self) -> None:
+        self.agent.unsubscribe(self._queue)
+        self._forwarder.cancel()
+
+
+def routes() -> list[tuple[str, type]]:
+    """URL patterns relative to the server's base URL (the ExtensionApp prepends it)."""
+    prefix = "/tabbi/api"
+    return [
+        (prefix + "/health", HealthHandler),
+        (prefix + "/sessions", SessionsHandler),
+        (prefix + f"/sessions/{SESSION_ID}", SessionHandler),
+        (prefix + f"/sessions/{SESSION_ID}/prompt", PromptHandler),
+        (prefix + f"/sessions/{SESSION_ID}/abort", AbortHandler),
+        (prefix + f"/sessions/{SESSION_ID}/messages", MessagesHandler),
+        (prefix + f"/sessions/{SESSION_ID}/events", EventsHandler),
+        (prefix + f"/sessions/{SESSION_ID}/stream", EventsSocket),
+        (prefix + f"/sessions/{SESSION_ID}/permissions/{PERMISSION_ID}", PermissionHandler),
+    ]

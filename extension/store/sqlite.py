@@ -1,0 +1,350 @@
+"""The SQLite store: the zero-setup default, one file under the data dir.
+
+All SQLite work runs on one dedicated thread (never on the server's event loop), which also
+serializes writes so WAL mode never sees two writers from this process. Schema changes are
+numbered migrations recorded in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .base import SESSION_FIELDS, Event, Prompt, SessionRecord, Store, StoreError
+
+T = TypeVar("T")
+
+#: Migration N brings the schema from version N to N+1. Append; never edit a released one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE users (
+        username TEXT PRIMARY KEY,
+        profile TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        work_branch TEXT NOT NULL,
+        base_branch TEXT,
+        model TEXT,
+        state TEXT NOT NULL,
+        error TEXT,
+        opencode_session_id TEXT,
+        sandbox_state TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX sessions_owner ON sessions(owner, created_at);
+    CREATE TABLE events (
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        ts REAL NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE prompts (
+        id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX prompts_session ON prompts(session_id, position);
+    CREATE TABLE messages (
+        session_id TEXT NOT NULL,
+        id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        info TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (session_id, id)
+    );
+    CREATE TABLE parts (
+        session_id TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        id TEXT NOT NULL,
+        part TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (session_id, id)
+    );
+    CREATE TABLE tokens (
+        username TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        ciphertext BLOB NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (username, provider)
+    );
+    """,
+]
+
+
+def _session_from_row(row: sqlite3.Row) -> SessionRecord:
+    values = dict(row)
+    values["sandbox_state"] = json.loads(values["sandbox_state"] or "{}")
+    return SessionRecord(**values)
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tabbi-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._conn is None:
+                raise StoreError("the store is closed")
+            try:
+                with self._conn:  # one transaction per call
+                    return fn(self._conn)
+            except sqlite3.IntegrityError as exc:
+                raise StoreError(str(exc)) from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        def connect() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version):
+                conn.executescript(f"BEGIN; {script}; PRAGMA user_version={number + 1}; COMMIT;")
+            self.path.chmod(0o600)
+            return conn
+
+        self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=False)
+
+    async def ping(self) -> bool:
+        try:
+            return await self._run(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
+        except (StoreError, sqlite3.Error):
+            return False
+
+    # users ----------------------------------------------------------------------------------
+    async def upsert_user(self, username: str, profile: dict[str, Any]) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO users VALUES (?, ?, ?) ON CONFLICT(username) DO UPDATE SET "
+                "profile=excluded.profile, updated_at=excluded.updated_at",
+                (username, json.dumps(profile), time.time()),
+            )
+        )
+
+    async def get_user(self, username: str) -> dict[str, Any] | None:
+        row = await self._run(
+            lambda c: c.execute("SELECT profile FROM users WHERE username=?", (username,)).fetchone()
+        )
+        return json.loads(row[0]) if row else None
+
+    # sessions -------------------------------------------------------------------------------
+    async def create_session(self, record: SessionRecord) -> SessionRecord:
+        now = time.time()
+        record.created_at = record.created_at or now
+        record.updated_at = now
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO sessions (id, owner, repo, work_branch, base_branch, model, state, "
+                "error, opencode_session_id, sandbox_state, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.owner,
+                    record.repo,
+                    record.work_branch,
+                    record.base_branch,
+                    record.model,
+                    record.state,
+                    record.error,
+                    record.opencode_session_id,
+                    json.dumps(record.sandbox_state),
+                    record.created_at,
+                    record.updated_at,
+                ),
+            )
+        )
+        return record
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        row = await self._run(
+            lambda c: c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        )
+        return _session_from_row(row) if row else None
+
+    async def list_sessions(self, owner: str | None = None) -> list[SessionRecord]:
+        def query(c: sqlite3.Connection) -> list[sqlite3.Row]:
+            if owner is None:
+                return c.execute("SELECT * FROM sessions ORDER BY created_at DESC").fetchall()
+            return c.execute(
+                "SELECT * FROM sessions WHERE owner=? ORDER BY created_at DESC", (owner,)
+            ).fetchall()
+
+        return [_session_from_row(r) for r in await self._run(query)]
+
+    async def update_session(self, session_id: str, **fields: Any) -> None:
+        unknown = set(fields) - SESSION_FIELDS
+        if unknown:
+            raise StoreError(f"unknown session fields: {sorted(unknown)}")
+        if "sandbox_state" in fields:
+            fields["sandbox_state"] = json.dumps(fields["sandbox_state"])
+        fields["updated_at"] = time.time()
+        assignments = ", ".join(f"{name}=?" for name in fields)
+        await self._run(
+            lambda c: c.execute(
+                f"UPDATE sessions SET {assignments} WHERE id=?", (*fields.values(), session_id)
+            )
+        )
+
+    async def delete_session(self, session_id: str) -> None:
+        def delete(c: sqlite3.Connection) -> None:
+            for table in ("events", "prompts", "messages", "parts"):
+                c.execute(f"DELETE FROM {table} WHERE session_id=?", (session_id,))
+            c.execute("DELETE FROM sessions WHERE id=?", (session_id,))
+
+        await self._run(delete)
+
+    # events ---------------------------------------------------------------------------------
+    async def append_event(self, event: Event) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                (event.session_id, event.seq, event.type, json.dumps(event.data), event.ts),
+            )
+        )
+
+    async def list_events(self, session_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT seq, type, data, ts FROM events WHERE session_id=? AND seq>? "
+                "ORDER BY seq LIMIT ?",
+                (session_id, after, limit),
+            ).fetchall()
+        )
+        return [Event(session_id, r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+
+    async def last_seq(self, session_id: str) -> int:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id=?", (session_id,)
+            ).fetchone()
+        )
+        return int(row[0])
+
+    # prompts --------------------------------------------------------------------------------
+    async def enqueue_prompt(self, prompt: Prompt) -> Prompt:
+        def insert(c: sqlite3.Connection) -> int:
+            position = c.execute(
+                "SELECT COALESCE(MAX(position), 0) + 1 FROM prompts WHERE session_id=?",
+                (prompt.session_id,),
+            ).fetchone()[0]
+            c.execute(
+                "INSERT INTO prompts VALUES (?, ?, ?, ?, ?, ?)",
+                (prompt.id, prompt.session_id, position, prompt.text, prompt.status, prompt.created_at),
+            )
+            return position
+
+        prompt.position = await self._run(insert)
+        return prompt
+
+    async def pending_prompts(self, session_id: str) -> list[Prompt]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT id, session_id, text, status, created_at, position FROM prompts "
+                "WHERE session_id=? AND status IN ('queued', 'running') ORDER BY position",
+                (session_id,),
+            ).fetchall()
+        )
+        return [Prompt(*r) for r in rows]
+
+    async def set_prompt_status(self, prompt_id: str, status: str) -> None:
+        await self._run(
+            lambda c: c.execute("UPDATE prompts SET status=? WHERE id=?", (status, prompt_id))
+        )
+
+    # messages and parts ---------------------------------------------------------------------
+    async def upsert_message(
+        self, session_id: str, message_id: str, role: str, info: dict[str, Any]
+    ) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id, id) DO UPDATE "
+                "SET role=excluded.role, info=excluded.info",
+                (session_id, message_id, role, json.dumps(info), time.time()),
+            )
+        )
+
+    async def upsert_part(
+        self, session_id: str, message_id: str, part_id: str, part: dict[str, Any]
+    ) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO parts VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id, id) DO UPDATE "
+                "SET part=excluded.part",
+                (session_id, message_id, part_id, json.dumps(part), time.time()),
+            )
+        )
+
+    async def list_messages(self, session_id: str) -> list[dict[str, Any]]:
+        def query(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            messages = [
+                {"id": r[0], "role": r[1], "info": json.loads(r[2]), "parts": []}
+                for r in c.execute(
+                    "SELECT id, role, info FROM messages WHERE session_id=? "
+                    "ORDER BY created_at, rowid",
+                    (session_id,),
+                )
+            ]
+            by_id = {m["id"]: m for m in messages}
+            for message_id, part in c.execute(
+                "SELECT message_id, part FROM parts WHERE session_id=? ORDER BY created_at, rowid",
+                (session_id,),
+            ):
+                if message_id in by_id:
+                    by_id[message_id]["parts"].append(json.loads(part))
+            return messages
+
+        return await self._run(query)
+
+    # tokens ---------------------------------------------------------------------------------
+    async def put_token(self, username: str, provider: str, ciphertext: bytes) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?) ON CONFLICT(username, provider) DO UPDATE "
+                "SET ciphertext=excluded.ciphertext, updated_at=excluded.updated_at",
+                (username, provider, ciphertext, time.time()),
+            )
+        )
+
+    async def get_token(self, username: str, provider: str) -> bytes | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT ciphertext FROM tokens WHERE username=? AND provider=?", (username, provider)
+            ).fetchone()
+        )
+        return bytes(row[0]) if row else None
+
+    async def delete_token(self, username: str, provider: str) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "DELETE FROM tokens WHERE username=? AND provider=?", (username, provider)
+            )
+        )

@@ -1,0 +1,226 @@
+"""What happens inside every sandbox, whatever runs it (local subprocess, bubblewrap, Modal).
+
+This file is the one bootstrap that every provider runs inside its sandbox, so the local tests
+exercise exactly the code Modal runs. It must therefore stay standard-library only and runnable as
+a plain script (``python3 -I -S bootstrap.py``): it is copied into images and bind-mounted into
+bubblewrap, where no site-packages exist.
+
+Protocol:
+- The spec arrives as one JSON object on stdin, never in argv or the environment, because it
+  carries the OpenCode password and provider keys (argv and environ of this process are readable
+  by anything that can list processes).
+- Progress goes to stdout as one JSON object per line: ``{"phase": "cloning"}``,
+  ``{"phase": "branch", ...}``, ``{"phase": "starting_agent"}``, then either
+  ``{"phase": "ready", "port": N, "version": "..."}`` or ``{"phase": "failed", "error": "..."}``.
+- After ``ready`` the bootstrap stays as OpenCode's parent, forwards SIGTERM/SIGINT, and exits with
+  OpenCode's exit status, so the provider sees the agent die as this process ending.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+#: The plugin package OpenCode would otherwise install in the background at every start (and wait
+#: for on shutdown). Pre-seeding its folder turns that install into a no-op.
+PLUGIN_PACKAGE = "@opencode-ai/plugin"
+
+#: Environment given to every git command: no prompts, no system or user config of the host.
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+class BootstrapError(Exception):
+    """A step failed in a way the person can act on; the message says which and why."""
+
+
+def emit(phase: str, **fields: object) -> None:
+    print(json.dumps({"phase": phase, **fields}), flush=True)
+
+
+def base_env(home: str) -> dict[str, str]:
+    """An environment confined to the sandbox's own home: nothing from the host leaks in."""
+    return {
+        "HOME": home,
+        "XDG_CONFIG_HOME": os.path.join(home, ".config"),
+        "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
+        "XDG_CACHE_HOME": os.path.join(home, ".cache"),
+        "XDG_STATE_HOME": os.path.join(home, ".local", "state"),
+        "TMPDIR": os.path.join(home, "tmp"),
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+    }
+
+
+def git(args: list[str], cwd: str, env: dict[str, str], timeout: float = 300) -> str:
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env={**env, **GIT_ENV},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BootstrapError(f"git {args[0]} timed out after {timeout:.0f} s") from exc
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise BootstrapError(f"git {args[0]} failed: {detail[-1] if detail else done.returncode}")
+    return done.stdout.strip()
+
+
+def prepare_home(home: str) -> dict[str, str]:
+    env = base_env(home)
+    for key in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "TMPDIR"):
+        os.makedirs(env[key], exist_ok=True)
+    plugin_dir = os.path.join(env["XDG_CONFIG_HOME"], "opencode")
+    os.makedirs(os.path.join(plugin_dir, "node_modules", PLUGIN_PACKAGE), exist_ok=True)
+    deps = {PLUGIN_PACKAGE: "*"}
+    files = {
+        "package.json": {"dependencies": deps},
+        "package-lock.json": {
+            "lockfileVersion": 3,
+            "packages": {
+                "": {"dependencies": deps},
+                f"node_modules/{PLUGIN_PACKAGE}": {"version": "0.0.0"},
+            },
+        },
+    }
+    for name, content in files.items():
+        path = os.path.join(plugin_dir, name)
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                json.dump(content, f)
+    return env
+
+
+def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
+    """Clone into the workspace on the session branch, or reuse a workspace a previous run left."""
+    workspace = spec["workspace"]
+    branch = spec["branch"]
+    if os.path.isdir(os.path.join(workspace, ".git")):
+        emit("reusing_workspace")
+        git(["checkout", "--quiet", branch], workspace, env)
+        return
+    emit("cloning", repo=spec["repo_display"])
+    os.makedirs(os.path.dirname(workspace), exist_ok=True)
+    args = ["clone", "--quiet", "--no-hardlinks"]
+    if spec.get("base_branch"):
+        args += ["--branch", spec["base_branch"]]
+    git([*args, "--", spec["repo_url"], workspace], os.path.dirname(workspace), env)
+    git(["checkout", "--quiet", "-b", branch], workspace, env)
+    identity = spec.get("git_identity") or {}
+    git(["config", "user.name", identity.get("name") or "tabbi"], workspace, env)
+    git(["config", "user.email", identity.get("email") or "tabbi@localhost"], workspace, env)
+    base = git(["rev-parse", "HEAD"], workspace, env)
+    emit("branch", branch=branch, base_commit=base)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: float) -> str:
+    """Poll OpenCode's health endpoint with short per-request timeouts until it answers.
+
+    A request sent while OpenCode is starting can hang without an answer, so each probe has its
+    own small timeout and the loop has an overall deadline.
+    """
+    token = base64.b64encode(f"opencode:{password}".encode()).decode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/global/health", headers={"Authorization": f"Basic {token}"}
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BootstrapError(f"OpenCode exited during start-up with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(request, timeout=1.0) as response:
+                body = json.loads(response.read() or b"{}")
+                if body.get("healthy"):
+                    return str(body.get("version", ""))
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+        time.sleep(0.1)  # poll interval between probes, bounded by the deadline above
+    raise BootstrapError(f"OpenCode did not become healthy within {timeout:.0f} s")
+
+
+def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, int, str]:
+    emit("starting_agent")
+    port = int(spec.get("port") or free_port())
+    oc = spec["opencode"]
+    oc_env = {
+        **env,
+        **oc.get("env", {}),
+        "OPENCODE_SERVER_PASSWORD": oc["password"],
+        "OPENCODE_CONFIG_CONTENT": json.dumps(oc["config"]),
+        "OPENCODE_DISABLE_MODELS_FETCH": "1",
+        "OPENCODE_DISABLE_AUTOUPDATE": "1",
+        "OPENCODE_DISABLE_SHARE": "1",
+        "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+        "OPENCODE_DISABLE_CLAUDE_CODE": "1",
+        "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1",
+    }
+    if spec.get("marker"):
+        oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
+    with open(os.path.join(spec["home"], "opencode.log"), "ab") as log:
+        proc = subprocess.Popen(
+            [oc["bin"], "serve", "--hostname", "127.0.0.1", "--port", str(port)],
+            cwd=spec["workspace"],
+            env=oc_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+    version = wait_healthy(port, oc["password"], proc, float(spec.get("health_timeout", 60)))
+    return proc, port, version
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL OpenCode if this bootstrap dies, so no orphan survives."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.read())
+    os.makedirs(spec["home"], exist_ok=True)
+    proc = None
+    try:
+        env = prepare_home(spec["home"])
+        clone_or_reuse(spec, env)
+        proc, port, version = start_opencode(spec, env)
+    except Exception as exc:
+        if proc is not None:
+            proc.kill()
+        message = str(exc) if isinstance(exc, BootstrapError) else f"{type(exc).__name__}: {exc}"
+        emit("failed", error=message)
+        return 2
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    emit("ready", port=port, version=version, pid=proc.pid)
+    return proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The local sandbox provider: the embedded default, a subprocess on this machine.
+
+Each sandbox lives in ``<root>/<sandbox_id>/`` with ``workspace/`` (the clone) and ``home/``
+(OpenCode's HOME/XDG/TMPDIR). The bootstrap runs under bubblewrap where it works, as a plain
+subprocess otherwise (see ``isolation``). Either way it is the leader of its own process group,
+gets SIGKILL if the server dies, and every process it starts carries the sandbox marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import isolation, processes
+from .binary import find_opencode
+from .provider import (
+    BOOTSTRAP_SCRIPT,
+    Endpoint,
+    ExecResult,
+    ProgressCallback,
+    Sandbox,
+    SandboxError,
+    SandboxProvider,
+    SandboxSpec,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class LocalSandbox(Sandbox):
+    def __init__(self, provider: LocalProvider, sandbox_id: str, root: Path, confined: bool):
+        self.provider = provider
+        self.id = sandbox_id
+        self.root = root
+        self.workspace = root / "workspace"
+        self.home = root / "home"
+        self.confined = confined
+        self.read_only: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._endpoint: Endpoint | None = None
+        self._reader: asyncio.Task | None = None
+
+    # -- Sandbox interface -------------------------------------------------------------------
+    def endpoint(self) -> Endpoint:
+        if self._endpoint is None:
+            raise SandboxError("the sandbox is not running")
+        return self._endpoint
+
+    def poll(self) -> int | None:
+        if self._proc is None:
+            return -1
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        if self._proc is None:
+            return -1
+        return await self._proc.wait()
+
+    async def exec(self, argv: list[str], timeout: float = 60) -> ExecResult:
+        cmd = self._confine(argv, cwd=str(self.workspace))
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            cwd=str(self.workspace),
+            env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise SandboxError(f"{argv[0]} timed out after {timeout:.0f} s") from None
+        return ExecResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    async def terminate(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.provider.stop_grace)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        # Whatever escaped the process group (setsid, double fork) still carries the marker.
+        processes.kill_all(self.id)
+        if self._reader is not None:
+            self._reader.cancel()
+        self._endpoint = None
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider.name,
+            "sandbox_id": self.id,
+            "root": str(self.root),
+            "pid": self._proc.pid if self._proc else None,
+            "confined": self.confined,
+        }
+
+    # -- internals --------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        """The bootstrap's environment: nothing of the server's (which may hold tokens)."""
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": str(self.home),
+            processes.MARKER: self.id,
+        }
+
+    def _confine(self, argv: list[str], cwd: str) -> list[str]:
+        if not self.confined:
+            return argv
+        return isolation.wrap(
+            argv,
+            writable=[str(self.root)],
+            read_only=self.read_only,
+            cwd=cwd,
+        )
+
+    async def start(self, spec: SandboxSpec, progress: ProgressCallback, opencode_bin: str) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        python = os.path.realpath(sys.executable)
+        self.read_only = [
+            str(BOOTSTRAP_SCRIPT.parent),
+            os.path.dirname(opencode_bin),
+            os.path.dirname(python),
+            *spec.read_only_paths,
+        ]
+        payload = {
+            "workspace": str(self.workspace),
+            "home": str(self.home),
+            "repo_url": spec.repo_url,
+            "repo_display": spec.repo_display,
+            "base_branch": spec.base_branch,
+            "branch": spec.work_branch,
+            "git_identity": {"name": spec.git_name, "email": spec.git_email},
+            "marker": self.id,
+            "health_timeout": self.provider.start_timeout,
+            "opencode": {
+                "bin": opencode_bin,
+                "password": spec.password,
+                "config": spec.opencode_config,
+                "env": spec.opencode_env,
+            },
+        }
+        argv = [python, "-I", "-S", str(BOOTSTRAP_SCRIPT)]
+        cwd = str(self.root)
+        self._proc = await asyncio.create_subprocess_exec(
+            *self._confine(argv, cwd=cwd),
+            cwd=cwd,
+            env=self._env(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=open(self.root / "bootstrap.log", "ab"),  # noqa: SIM115 - owned by the child
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps(payload).encode())
+        await self._proc.stdin.drain()
+        self._proc.stdin.close()
+        try:
+            ready = await asyncio.wait_for(self._read_until_ready(progress), self.provider.start_timeout)
+        except asyncio.TimeoutError:
+            await self.terminate()
+            raise SandboxError(
+                f"the sandbox did not become ready within {self.provider.start_timeout:.0f} s"
+            ) from None
+        except BaseException:
+            await self.terminate()
+            raise
+        self._endpoint = Endpoint(f"http://127.0.0.1:{ready['port']}", spec.password)
+        # Keep draining stdout so the bootstrap never blocks on a full pipe.
+        self._reader = asyncio.create_task(self._drain())
+
+    async def _read_until_ready(self, progress: ProgressCallback) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdout is not None
+        while True:
+            line = await self._proc.stdout.readline()
+            if not line:
+                code = await self._proc.wait()
+                raise SandboxError(
+                    f"the sandbox exited during start-up (status {code}); "
+                    f"see {self.root / 'bootstrap.log'}"
+                )
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("phase") == "failed":
+                await self._proc.wait()
+                raise SandboxError(message.get("error") or "the sandbox failed to start")
+            await progress(message)
+            if message.get("phase") == "ready":
+                return message
+
+    async def _drain(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while await self._proc.stdout.readline():
+            pass
+
+
+class LocalProvider(SandboxProvider):
+    """Sandboxes as local processes under ``root``; ``isolation`` is "auto", "bwrap" or "none"."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        isolation_mode: str = "auto",
+        opencode_bin: str | None = None,
+        start_timeout: float = 90,
+        stop_grace: float = 5,
+    ):
+        self.root = Path(root)
+        self.isolation_mode = isolation_mode
+        self.opencode_bin = opencode_bin
+        self.start_timeout = start_timeout
+        self.stop_grace = stop_grace
+
+    def sandbox_root(self, sandbox_id: str) -> Path:
+        if not sandbox_id.replace("-", "").isalnum():
+            raise SandboxError(f"invalid sandbox id {sandbox_id!r}")
+        return self.root / sandbox_id
+
+    async def create(self, spec: SandboxSpec, progress: ProgressCallback) -> LocalSandbox:
+        opencode_bin = find_opencode(self.opencode_bin)
+        confined = await asyncio.to_thread(isolation.choose, self.isolation_mode)
+        root = self.sandbox_root(spec.sandbox_id)
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        sandbox = LocalSandbox(self, spec.sandbox_id, root, confined)
+        await sandbox.start(spec, progress, opencode_bin)
+        return sandbox
+
+    async def destroy(self, sandbox_id: str) -> None:
+        processes.kill_all(sandbox_id)
+        await asyncio.to_thread(shutil.rmtree, self.sandbox_root(sandbox_id), True)
+
+    def check(self) -> dict[str, Any]:
+        ok, why = isolation.bwrap_works()
+        confined = ok and self.isolation_mode != "none"
+        usable = confined or self.isolation_mode != "bwrap"
+        return {"usable": usable, "isolation": "bwrap" if confined else "none", "detail": why}

@@ -1,0 +1,111 @@
+"""The sandbox provider interface: what the server extension may ask of any substrate.
+
+Modelled on JupyterHub's ``Spawner``: a provider creates sandboxes; a sandbox can be polled,
+exec'd in, terminated, and described by a JSON-able ``get_state`` that is stored with the session so
+a restarted server can ``load_state`` and re-attach to what is still alive. Local processes and
+Modal sandboxes implement the same calls, and both run ``bootstrap.py`` inside.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Called with each progress line of the bootstrap (``{"phase": "cloning", ...}``).
+ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
+
+BOOTSTRAP_SCRIPT = Path(__file__).with_name("bootstrap.py")
+
+
+class SandboxError(Exception):
+    """A sandbox could not be created or used; the message is safe to show to the person."""
+
+
+@dataclass
+class SandboxSpec:
+    """Everything a sandbox needs to come up. ``opencode_env`` holds secrets: it goes to the
+    bootstrap's stdin and from there only into OpenCode's environment."""
+
+    sandbox_id: str
+    repo_url: str
+    repo_display: str
+    work_branch: str
+    base_branch: str | None = None
+    git_name: str = "tabbi"
+    git_email: str = "tabbi@localhost"
+    opencode_config: dict[str, Any] = field(default_factory=dict)
+    opencode_env: dict[str, str] = field(default_factory=dict, repr=False)
+    #: Host paths the clone must be able to read (a local repository), bound read-only.
+    read_only_paths: list[str] = field(default_factory=list)
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the sandbox's OpenCode server answers. Never leaves the server process."""
+
+    url: str
+    password: str = field(repr=False)
+
+
+@dataclass
+class ExecResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Sandbox(abc.ABC):
+    """One running (or once-running) sandbox."""
+
+    id: str
+
+    @abc.abstractmethod
+    def endpoint(self) -> Endpoint:
+        """The OpenCode server inside, valid while ``poll()`` is None."""
+
+    @abc.abstractmethod
+    def poll(self) -> int | None:
+        """None while the sandbox's agent runs, else its exit status (like ``Popen.poll``)."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Return the exit status once the sandbox's agent has stopped."""
+
+    @abc.abstractmethod
+    async def exec(self, argv: list[str], timeout: float = 60) -> ExecResult:
+        """Run a command in the workspace, confined like the agent."""
+
+    @abc.abstractmethod
+    async def terminate(self) -> None:
+        """End the whole process tree. Idempotent; nothing may survive it."""
+
+    @abc.abstractmethod
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able description stored with the session (no secrets)."""
+
+
+class SandboxProvider(abc.ABC):
+    """Creates sandboxes on one substrate."""
+
+    #: Short name shown in health output and logs.
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def create(self, spec: SandboxSpec, progress: ProgressCallback) -> Sandbox:
+        """Start a sandbox, run the bootstrap, and return once OpenCode is healthy."""
+
+    async def load_state(self, state: dict[str, Any]) -> Sandbox | None:
+        """Re-attach to a sandbox described by ``get_state``; None when it is gone."""
+        return None
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Remove everything the sandbox left behind (workspace, home)."""
+
+    def check(self) -> dict[str, Any]:
+        """Health details for ``GET /tabbi/api/health``: ``{"usable": bool, ...}``."""
+        return {"usable": True}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything tabbi needs on a fresh Debian machine of this kind, idempotent:
+# system packages (git, bubblewrap, ripgrep), a virtualenv with tabbi and its test tools, the
+# server extension enabled in that virtualenv, and OpenCode pinned from npm into ./node_modules.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v git >/dev/null || need+=(git)
+command -v bwrap >/dev/null || need+=(bubblewrap)
+command -v rg >/dev/null || need+=(ripgrep)
+command -v npm >/dev/null || need+=(npm)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: apt-get install ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "setup: missing ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
+    command -v git >/dev/null && command -v npm >/dev/null || exit 1
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+echo "setup: pip install -e .[test,lab]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,lab]" 2>&1 \
+  | { grep -v "WARNING: Location" || true; }
+# An editable install carries no data files: enable the server extension like a wheel would.
+mkdir -p .venv/etc/jupyter/jupyter_server_config.d
+cp jupyter-config/jupyter_server_config.d/tabbi.json .venv/etc/jupyter/jupyter_server_config.d/
+
+if [ "$(node_modules/.bin/opencode --version 2>/dev/null || true)" != "$(node -p 'require("./package.json").dependencies["opencode-ai"]')" ]; then
+  echo "setup: npm ci (OpenCode, pinned)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+echo "setup: ready (OpenCode $(node_modules/.bin/opencode --version))"

@@ -1,0 +1,196 @@
+"""A scripted OpenAI-compatible streaming model server on 127.0.0.1, the stand-in for the LLM.
+
+Tests program it per test with a queue of replies, one per model call that carries tools (the
+agent's steps). Calls without tools are OpenCode's title requests and get a fixed title without
+using the script. When the script runs out, the reply is plain text ("OK.").
+
+It speaks the real protocol (``POST /v1/chat/completions`` with ``stream: true``, SSE chunks,
+``[DONE]``), records every request, and can drip slowly (abort tests), fail with an HTTP status,
+or send a malformed chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+TITLE = "Scripted session"
+
+
+@dataclass
+class Reply:
+    """One model call's answer: text (streamed in ``chunks`` pieces), then tool calls."""
+
+    text: str = ""
+    tools: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    chunks: int = 3
+    drip: float = 0.0  # seconds between chunks
+    status: int = 200  # != 200: answer with this HTTP error instead
+    malformed: bool = False  # send a broken chunk mid-stream
+
+
+def write(path: str, content: str) -> tuple[str, dict[str, Any]]:
+    return ("write", {"filePath": path, "content": content})
+
+
+def read(path: str) -> tuple[str, dict[str, Any]]:
+    return ("read", {"filePath": path})
+
+
+def edit(path: str, old: str, new: str) -> tuple[str, dict[str, Any]]:
+    return ("edit", {"filePath": path, "oldString": old, "newString": new})
+
+
+def bash(command: str, description: str = "run a command") -> tuple[str, dict[str, Any]]:
+    return ("bash", {"command": command, "description": description})
+
+
+@dataclass
+class Recorded:
+    body: dict[str, Any]
+    is_title: bool
+    received_at: float
+
+
+class ScriptedLLM:
+    def __init__(self) -> None:
+        self.script: deque[Reply] = deque()
+        self.requests: list[Recorded] = []
+        #: (time.time(), text) of every content chunk written, for latency measurements.
+        self.emitted: list[tuple[float, str]] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def start(self) -> ScriptedLLM:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def enqueue(self, *replies: Reply) -> None:
+        with self._lock:
+            self.script.extend(replies)
+
+    def agent_requests(self) -> list[dict[str, Any]]:
+        return [r.body for r in self.requests if not r.is_title]
+
+    def _next(self, body: dict[str, Any]) -> tuple[Reply, bool]:
+        is_title = not body.get("tools")
+        with self._lock:
+            self.requests.append(Recorded(body, is_title, time.time()))
+            if is_title:
+                return Reply(text=TITLE, chunks=1), True
+            self._calls += 1
+            return (self.script.popleft() if self.script else Reply(text="OK.")), False
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        llm = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/models"):
+                    self._json(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+                else:
+                    self._json(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not self.path.endswith("/chat/completions"):
+                    self._json(404, {"error": {"message": "not found"}})
+                    return
+                reply, _ = llm._next(body)
+                if reply.status != 200:
+                    self._json(
+                        reply.status,
+                        {"error": {"message": f"scripted failure {reply.status}", "type": "server_error"}},
+                    )
+                    return
+                # The client may go away mid-stream (an abort): that is the point of such tests.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self._stream(reply, body.get("model", "scripted"))
+
+            def _json(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _chunk(self, payload: str) -> None:
+                data = f"data: {payload}\n\n".encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+            def _delta(self, model: str, delta: dict[str, Any], finish: str | None = None) -> None:
+                self._chunk(
+                    json.dumps(
+                        {
+                            "id": "chatcmpl-scripted",
+                            "object": "chat.completion.chunk",
+                            "created": int(time.time()),
+                            "model": model,
+                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                        }
+                    )
+                )
+
+            def _stream(self, reply: Reply, model: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self._delta(model, {"role": "assistant", "content": ""})
+                text, n = reply.text, max(1, reply.chunks)
+                size = max(1, -(-len(text) // n)) if text else 0
+                pieces = [text[i : i + size] for i in range(0, len(text), size)] if text else []
+                for i, piece in enumerate(pieces):
+                    if i and reply.drip and llm.stopping.wait(reply.drip):
+                        return
+                    llm.emitted.append((time.time(), piece))
+                    self._delta(model, {"content": piece})
+                    if reply.malformed and i == 0:
+                        self._chunk('{"choices": [{"index": 0, "delta": {"content": ')
+                for index, (name, args) in enumerate(reply.tools):
+                    call = {
+                        "index": index,
+                        "id": f"call_{llm._calls}_{index}",
+                        "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(args)},
+                    }
+                    self._delta(model, {"tool_calls": [call]})
+                finish = "tool_calls" if reply.tools else "stop"
+                self._delta(model, {}, finish)
+                usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+                self._chunk(json.dumps({"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
+                                        "created": int(time.time()), "model": model,
+                                        "choices": [], "usage": usage}))
+                self._chunk("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+        return Handler

@@ -1,0 +1,104 @@
+"""Small pure pieces: input validation, the OpenCode binary lookup, model configuration."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from tabbi_extension.model_config import ModelConfigError, ModelSettings, build
+from tabbi_extension.states import InvalidTransition, check_transition
+from tabbi_extension.validation import ValidationError, parse_repo, validate_branch
+from tabbi_sandbox import binary
+
+
+def test_repo_forms(tmp_path):
+    (tmp_path / "r" / ".git").mkdir(parents=True)
+    assert parse_repo("octo/hello-world").url == "https://github.com/octo/hello-world.git"
+    assert parse_repo("octo/hello", "https://ghe.example").url == "https://ghe.example/octo/hello.git"
+    local = parse_repo(str(tmp_path / "r"))
+    assert local.kind == "local" and local.local_path == str(tmp_path / "r")
+    assert parse_repo(f"file://{tmp_path / 'r'}").local_path == str(tmp_path / "r")
+    url = parse_repo("https://git.example.com/team/repo.git")
+    assert url.kind == "url" and url.url == "https://git.example.com/team/repo.git"
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "ext::sh", "ssh://h/r", "git://h/r", "https://u:p@h/r",
+                                 "a/b/c", "https:///nohost", "x\ny/z", "a" * 600])
+def test_bad_repos(bad):
+    with pytest.raises(ValidationError):
+        parse_repo(bad)
+
+
+@pytest.mark.parametrize("name", ["main", "feature/x-1", "release_2.0", None, ""])
+def test_good_branches(name):
+    assert validate_branch(name) == (name or None)
+
+
+@pytest.mark.parametrize("name", ["../x", "-f", "a..b", "a//b", "a/", "a.lock", ".hidden", "a@{1}",
+                                  "with space", "x" * 300, 5])
+def test_bad_branches(name):
+    with pytest.raises(ValidationError):
+        validate_branch(name)
+
+
+def test_state_machine_allows_only_the_documented_transitions():
+    check_transition("idle", "starting")
+    check_transition("starting", "running")
+    check_transition("running", "paused")
+    check_transition("paused", "starting")
+    for state in ("idle", "starting", "running", "paused", "error"):
+        check_transition(state, "error")
+    for current, new in [("idle", "running"), ("running", "starting"), ("deleted", "starting"),
+                         ("paused", "running")]:
+        with pytest.raises(InvalidTransition):
+            check_transition(current, new)
+
+
+def make_exe(path):
+    path.write_text("#!/bin/sh\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_opencode_lookup_order_and_message(tmp_path, monkeypatch):
+    configured, from_env = make_exe(tmp_path / "a"), make_exe(tmp_path / "b")
+    monkeypatch.setenv("TABBI_OPENCODE_BIN", str(from_env))
+    assert binary.find_opencode(str(configured)) == str(configured)
+    assert binary.find_opencode(None) == str(from_env)
+    monkeypatch.delenv("TABBI_OPENCODE_BIN")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    make_exe(tmp_path / "opencode")
+    assert binary.find_opencode(None) == str(tmp_path / "opencode")
+    os.remove(tmp_path / "opencode")
+    monkeypatch.setattr(binary, "PROJECT_INSTALL", tmp_path / "missing" / "opencode")
+    with pytest.raises(binary.OpenCodeNotFound) as err:
+        binary.find_opencode(str(tmp_path / "nothing-here"))
+    message = str(err.value)
+    for tried in ("config TabbiExtension.opencode_bin", "env TABBI_OPENCODE_BIN: not set",
+                  "'opencode' on PATH: not set", "project install", "npm install opencode-ai@"):
+        assert tried in message
+
+
+def test_model_config_for_an_openai_compatible_server_keeps_the_key_out_of_the_config():
+    setup = build(ModelSettings(model="llama3.1", llm_base_url="http://127.0.0.1:9/v1",
+                                llm_api_key="sk-secret-value"))
+    assert setup.model_ref == {"providerID": "tabbi", "modelID": "llama3.1"}
+    provider = setup.config["provider"]["tabbi"]
+    assert provider["options"] == {"baseURL": "http://127.0.0.1:9/v1",
+                                   "apiKey": "{env:TABBI_LLM_API_KEY}"}
+    assert "sk-secret-value" not in repr(setup.config)
+    assert setup.env == {"TABBI_LLM_API_KEY": "sk-secret-value"}
+    assert "sk-secret-value" not in repr(setup)
+
+
+def test_model_config_for_builtin_providers():
+    setup = build(ModelSettings(model="anthropic/claude-x",
+                                provider_keys={"ANTHROPIC_API_KEY": "k", "OTHER": "no"}))
+    assert setup.model_ref == {"providerID": "anthropic", "modelID": "claude-x"}
+    assert setup.env == {"ANTHROPIC_API_KEY": "k"}
+    with pytest.raises(ModelConfigError, match="TABBI_MODEL"):
+        build(ModelSettings())
+    with pytest.raises(ModelConfigError, match="TABBI_MODEL"):
+        build(ModelSettings(llm_base_url="http://x/v1"))
