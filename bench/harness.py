@@ -69,7 +69,7 @@ class JupyterServer:
         self.log = open(workdir / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={self.port}",
-             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
+             "--ServerApp.ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={self.token}",
              f"--ServerApp.root_dir={workdir}", "--ServerApp.jpserver_extensions=tabbi_extension=True",
              f"--TabbiExtension.data_dir={workdir / 'data'}", f"--TabbiExtension.llm_base_url={llm.url}",
              "--TabbiExtension.model=scripted"],
@@ -82,6 +82,8 @@ class JupyterServer:
         return f"http://127.0.0.1:{self.port}"
 
     def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"jupyter server exited; see {self.workdir / 'server.log'}")
         try:
             self.call("GET", "/tabbi/api/health", timeout=2)
             return True

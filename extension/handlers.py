@@ -127,7 +127,9 @@ class SessionsHandler(TabbiHandler):
         repo = parse_repo(body.get("repo"), self.settings["tabbi_github_url"])
         model = validate_model(body.get("model"))
         branch = validate_branch(body.get("branch"))
-        agent = await self.manager.create(self.username, repo, model, branch)
+        user = self.current_user
+        profile = {"name": user.name, "display_name": user.display_name}
+        agent = await self.manager.create(self.username, repo, model, branch, profile)
         self.write_json(agent.describe(), 201)
 
 

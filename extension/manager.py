@@ -30,8 +30,14 @@ class SessionManager:
         self._lock = asyncio.Lock()
 
     async def create(
-        self, owner: str, repo: RepoSpec, model: str | None, base_branch: str | None
+        self,
+        owner: str,
+        repo: RepoSpec,
+        model: str | None,
+        base_branch: str | None,
+        profile: dict | None = None,
     ) -> SessionAgent:
+        await self.store.upsert_user(owner, profile or {})
         session_id = "ses-" + secrets.token_hex(6)
         record = SessionRecord(
             id=session_id,

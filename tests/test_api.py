@@ -16,11 +16,12 @@ from tests.support.api import Api
 from tests.support.identity import headers
 
 
-async def test_another_users_session_is_invisible(jp_fetch, jp_ws_fetch, source_repo, llm):
+async def test_another_users_session_is_invisible(jp_fetch, jp_ws_fetch, source_repo, llm, tabbi_app):
     alice, bob = Api(jp_fetch, headers("alice")), Api(jp_fetch, headers("bob"))
     session = await alice.create(str(source_repo))
     sid = session["id"]
     assert session["owner"] == "alice"
+    assert (await tabbi_app.store.get_user("alice"))["name"] == "alice"
 
     for method, path, body in [
         ("GET", f"tabbi/api/sessions/{sid}", None),

@@ -23,10 +23,12 @@ SECRET = "tabbi-planted-secret-8c1f"
                                 "external_directory": "allow"})
 @pytest.mark.parametrize("isolation", ["bwrap"])
 async def test_agent_cannot_read_real_home_or_jupyter_runtime_dir(api, llm, source_repo, isolation,
-                                                                  jp_runtime_dir, workspace):
+                                                                  jp_runtime_dir, workspace, data_dir):
     home_file = Path(os.environ["HOME"]) / "secret.txt"
     runtime_file = Path(jp_runtime_dir) / "secret.txt"
-    for path in (home_file, runtime_file):
+    other_sandbox = data_dir / "sandboxes" / "ses-0123456789ab" / "workspace" / "secret.txt"
+    other_sandbox.parent.mkdir(parents=True)
+    for path in (home_file, runtime_file, other_sandbox):
         path.write_text(SECRET)
     # The planted files are readable to the server process itself: the fence is the sandbox.
     assert home_file.read_text() == SECRET
@@ -37,7 +39,8 @@ async def test_agent_cannot_read_real_home_or_jupyter_runtime_dir(api, llm, sour
     llm.enqueue(
         Reply(tools=[read(str(home_file))]),
         Reply(tools=[read(str(runtime_file))]),
-        Reply(tools=[bash(f"cat {home_file} {runtime_file}; ls -a {home_file.parent}; ps -e")]),
+        Reply(tools=[bash(f"cat {home_file} {runtime_file} {other_sandbox}; "
+                          f"test -e /proc/{os.getpid()} && echo SERVER-VISIBLE || echo SERVER-HIDDEN")]),
         Reply(tools=[write("inside.txt", "the workspace is writable\n")]),
         Reply(text="done"),
     )
@@ -51,9 +54,9 @@ async def test_agent_cannot_read_real_home_or_jupyter_runtime_dir(api, llm, sour
     assert SECRET not in everything
     assert tools[0]["status"] == "error" and tools[1]["status"] == "error"
     shell = tools[2]["output"] or ""
-    assert "No such file" in shell
-    # Its own PID namespace: only the sandbox's processes are visible.
-    assert "jupyter" not in shell.lower()
+    assert shell.count("No such file") == 3
+    # Its own PID namespace: the Jupyter server's process (this test process) does not exist there.
+    assert "SERVER-HIDDEN" in shell
     assert (workspace(sid) / "inside.txt").exists()
     health = await api.ok("GET", "tabbi/api/health")
     assert health["sandbox"]["isolation"] == "bwrap"

@@ -14,7 +14,7 @@ import pytest
 
 from tabbi_sandbox import processes
 from tests.conftest import git
-from tests.support.llm import Reply, write
+from tests.support.llm import Reply, bash, edit, read, write
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -290,3 +290,41 @@ async def test_endpoints_require_authentication(jp_fetch):
         "tabbi", "api", "sessions", headers={"Authorization": "token wrong"}, raise_error=False
     )
     assert response.code == 403
+
+
+async def test_read_edit_and_tool_errors(api, llm, source_repo, workspace):
+    sid = await running_session(api, source_repo)
+    llm.enqueue(
+        Reply(tools=[read("calc.py")]),
+        Reply(tools=[edit("calc.py", "return a + b", "return a - b")]),
+        Reply(tools=[edit("calc.py", "this text is not there", "x")]),
+        Reply(tools=[bash("echo from-bash; exit 3")]),
+        Reply(text="edited"),
+    )
+    await api.prompt(sid, "make add subtract")
+    events = await api.wait_turn(sid)
+    assert events[-1]["data"]["outcome"] == "completed"
+    assert "return a - b" in (workspace(sid) / "calc.py").read_text()
+    final = [e["data"] for e in events if e["type"] == "tool" and e["data"]["status"] in
+             ("completed", "error")]
+    assert [(t["tool"], t["status"]) for t in final] == [
+        ("read", "completed"), ("edit", "completed"), ("edit", "error"), ("bash", "completed")]
+    assert "return a + b" in final[0]["output"]
+    assert final[2]["error"]  # a readable reason why the edit failed
+    assert "from-bash" in final[3]["output"]
+
+
+@pytest.mark.tabbi(permissions={"edit": "ask", "bash": "allow"})
+async def test_permission_asked_and_answered_through_the_api(api, llm, source_repo, workspace):
+    sid = await running_session(api, source_repo)
+    llm.enqueue(Reply(tools=[write("asked.txt", "yes\n")]), Reply(text="wrote it"))
+    await api.prompt(sid, "write asked.txt")
+    asked = await api.wait_for(sid, lambda e: e["type"] == "permission.asked")
+    request = asked[-1]["data"]
+    assert request["permission"] == "edit" and "asked.txt" in request["metadata"]["diff"]
+    assert not (workspace(sid) / "asked.txt").exists()
+    await api.ok("POST", f"tabbi/api/sessions/{sid}/permissions/{request['permission_id']}",
+                 {"reply": "once"})
+    events = await api.wait_turn(sid, after=asked[-1]["seq"])
+    assert any(e["type"] == "permission.replied" and e["data"]["reply"] == "once" for e in events)
+    assert (workspace(sid) / "asked.txt").read_text() == "yes\n"

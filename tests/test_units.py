@@ -102,3 +102,22 @@ def test_model_config_for_builtin_providers():
         build(ModelSettings())
     with pytest.raises(ModelConfigError, match="TABBI_MODEL"):
         build(ModelSettings(llm_base_url="http://x/v1"))
+
+
+def test_isolation_falls_back_to_a_plain_subprocess_and_says_so_once(monkeypatch, caplog):
+    from tabbi_sandbox import isolation
+
+    monkeypatch.setattr(isolation, "bwrap_path", lambda: None)
+    isolation.bwrap_works.cache_clear()
+    monkeypatch.setattr(isolation, "_warned", False)
+    try:
+        with caplog.at_level("WARNING"):
+            assert isolation.choose("auto") is False
+            assert isolation.choose("auto") is False
+        warnings = [r for r in caplog.records if "without isolation" in r.getMessage()]
+        assert len(warnings) == 1 and "bubblewrap" in warnings[0].getMessage()
+        assert isolation.choose("none") is False
+        with pytest.raises(RuntimeError, match="isolation='bwrap'"):
+            isolation.choose("bwrap")
+    finally:
+        isolation.bwrap_works.cache_clear()
