@@ -23,7 +23,7 @@ from typing import Any
 
 from tabbi_sandbox.provider import Sandbox, SandboxError, SandboxProvider, SandboxSpec
 
-from . import model_config, states
+from . import model_config, states, workspace
 from .normalize import EventNormalizer, Normalized, Signals, error_message
 from .opencode import OpenCodeClient, OpenCodeError
 from .store import Event, Prompt, SessionRecord, Store, StoreError
@@ -199,6 +199,9 @@ class SessionAgent:
         phase = message.get("phase")
         if phase == "ready":
             return  # RUNNING is announced once the event feed is connected
+        if phase == "branch" and message.get("base_commit"):
+            self.record.base_commit = message["base_commit"]
+            await self.store.update_session(self.id, base_commit=self.record.base_commit)
         detail = {k: v for k, v in message.items() if k in ("repo", "branch")}
         await self._emit("session.status", {"state": states.STARTING, "phase": phase, **detail})
 
@@ -347,6 +350,26 @@ class SessionAgent:
             await self._client.reply_permission(permission_id, reply)
         except OpenCodeError as exc:
             raise AgentError(str(exc), 502) from exc
+
+    # -- the workspace ------------------------------------------------------------------------
+    def _running_sandbox(self) -> Sandbox:
+        if self._sandbox is None or self.state != states.RUNNING:
+            raise AgentError(f"the session is {self.state}; its workspace is readable while it runs")
+        return self._sandbox
+
+    async def diff(self) -> dict[str, Any]:
+        """The branch's changes against the commit it started from, untracked files included."""
+        sandbox = self._running_sandbox()
+        try:
+            return await workspace.diff(sandbox, self.record.base_commit or "HEAD")
+        except workspace.WorkspaceError as exc:
+            raise AgentError(str(exc), 500) from exc
+
+    async def read_file(self, path: str) -> str:
+        try:
+            return await workspace.read_file(self._running_sandbox(), path)
+        except workspace.WorkspaceError as exc:
+            raise AgentError(str(exc), 404) from exc
 
     # -- OpenCode's event feed ----------------------------------------------------------------
     async def _feed(self, client: OpenCodeClient, sandbox: Sandbox, connected: asyncio.Event) -> None:

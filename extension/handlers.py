@@ -114,6 +114,14 @@ class HealthHandler(TabbiHandler):
         self.write_json(await self.settings["tabbi_health"]())
 
 
+class WhoAmIHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        user = self.current_user
+        self.write_json({"owner": self.username, "name": user.name, "display_name": user.display_name})
+
+
 class SessionsHandler(TabbiHandler):
     @web.authenticated
     @authorized
@@ -181,6 +189,22 @@ class MessagesHandler(TabbiHandler):
     async def get(self, session_id: str) -> None:
         agent = await self.session(session_id)
         self.write_json({"messages": await agent.store.list_messages(agent.id)})
+
+
+class DiffHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, session_id: str) -> None:
+        self.write_json(await (await self.session(session_id)).diff())
+
+
+class FileHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, session_id: str) -> None:
+        agent = await self.session(session_id)
+        path = self.get_argument("path", "")
+        self.write_json({"path": path, "content": await agent.read_file(path)})
 
 
 class EventsHandler(TabbiHandler):
@@ -300,11 +324,14 @@ def routes() -> list[tuple[str, type]]:
     prefix = "/tabbi/api"
     return [
         (prefix + "/health", HealthHandler),
+        (prefix + "/whoami", WhoAmIHandler),
         (prefix + "/sessions", SessionsHandler),
         (prefix + f"/sessions/{SESSION_ID}", SessionHandler),
         (prefix + f"/sessions/{SESSION_ID}/prompt", PromptHandler),
         (prefix + f"/sessions/{SESSION_ID}/abort", AbortHandler),
         (prefix + f"/sessions/{SESSION_ID}/messages", MessagesHandler),
+        (prefix + f"/sessions/{SESSION_ID}/diff", DiffHandler),
+        (prefix + f"/sessions/{SESSION_ID}/file", FileHandler),
         (prefix + f"/sessions/{SESSION_ID}/events", EventsHandler),
         (prefix + f"/sessions/{SESSION_ID}/stream", EventsSocket),
         (prefix + f"/sessions/{SESSION_ID}/permissions/{PERMISSION_ID}", PermissionHandler),

@@ -26,6 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Keys of tool inputs and permission metadata that hold paths.
+PATH_KEYS = {"filepath", "path", "parentdir"}
+
 #: Tool output can be large (a whole file read); events keep the head of it.
 MAX_TOOL_TEXT = 20_000
 
@@ -73,6 +76,17 @@ class EventNormalizer:
     opencode_session_id: str
     roles: dict[str, str] = field(default_factory=dict)
     last_status: str | None = None
+    #: The workspace as OpenCode sees it; paths under it are reported relative to it, so clients
+    #: see ``src/x.py`` rather than a sandbox's internal layout.
+    root: str | None = None
+
+    def relative(self, value: Any) -> Any:
+        if isinstance(value, str) and self.root and value.startswith(self.root + "/"):
+            return value[len(self.root) + 1 :]
+        return value
+
+    def _relative_input(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {k: self.relative(v) if k.lower() in PATH_KEYS else v for k, v in data.items()}
 
     def session_of(self, event: dict[str, Any]) -> str | None:
         props = event.get("properties") or {}
@@ -102,6 +116,9 @@ class EventNormalizer:
         if not message_id or not role:
             return []
         out = []
+        root = (info.get("path") or {}).get("root")
+        if root:
+            self.root = root.rstrip("/")
         if message_id not in self.roles:
             out.append(Normalized("message", {"message_id": message_id, "role": role}))
         self.roles[message_id] = role
@@ -139,7 +156,7 @@ class EventNormalizer:
                 "tool": part.get("tool"),
                 "status": state.get("status"),
                 "title": state.get("title"),
-                "input": state.get("input") or {},
+                "input": self._relative_input(state.get("input") or {}),
                 "output": _clip(state.get("output")),
                 "error": _clip(state.get("error")),
             }
@@ -161,7 +178,7 @@ class EventNormalizer:
                 "part_id": part_id,
                 "part_type": "patch",
                 "role": role,
-                "files": part.get("files") or [],
+                "files": [self.relative(f) for f in part.get("files") or []],
             }
             signals.part = (message_id, part_id, {"type": "patch", "files": data["files"]})
             return [Normalized("part.updated", data)]
@@ -175,7 +192,7 @@ class EventNormalizer:
                     "permission_id": props.get("id"),
                     "permission": props.get("permission"),
                     "patterns": props.get("patterns") or [],
-                    "metadata": props.get("metadata") or {},
+                    "metadata": self._relative_input(props.get("metadata") or {}),
                 },
             )
         ]

@@ -1,6 +1,39 @@
-"""Kernel side of tabbi (the ``%tabbi`` magics and the chat panel).
+"""Kernel side of tabbi: the ``%tabbi`` / ``%%tabbi`` magics, the chat panel and the Python API.
 
-Importing this package must stay light: no modal, authlib, store or server imports.
+    %load_ext tabbi_kernel          # registers the magics
+    client = tabbi_kernel.connect() # the same, from Python
+
+Importing this package stays light (standard library and what IPython already loaded): no modal,
+authlib, store or server imports, and anywidget only when a panel is shown.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+from .client import Client, NotSupported, Session, TabbiError, TurnResult, connect
+from .discovery import ServerInfo, ServerNotFound, find_server
+
 __version__ = "0.1.0"
+__all__ = [
+    "Client",
+    "NotSupported",
+    "ServerInfo",
+    "ServerNotFound",
+    "Session",
+    "TabbiError",
+    "TurnResult",
+    "connect",
+    "find_server",
+    "load_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    from .magics import TabbiMagics
+
+    ipython.register_magics(TabbiMagics(ipython))
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Nothing to release: sessions live on the server and keep running."""

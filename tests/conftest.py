@@ -113,3 +113,14 @@ def workspace(data_dir: Path):
         return data_dir / "sandboxes" / session_id / "workspace"
 
     return path
+
+
+@pytest.fixture
+def kernel(jp_serverapp, http_server, jp_asyncio_loop):
+    """A real IPython kernel started by the server under test (``http_server`` makes that server
+    listen on its port, where the kernel finds it through the runtime file)."""
+    from tests.support.kernel import start_kernel, stop_kernel
+
+    started = jp_asyncio_loop.run_until_complete(start_kernel(jp_serverapp))
+    yield started
+    jp_asyncio_loop.run_until_complete(stop_kernel(started))

@@ -44,6 +44,9 @@ def test_a_recorded_turn_normalizes_to_tabbis_vocabulary():
     assert (done["tool"], done["status"], done["output"]) == ("write", "completed",
                                                               "Wrote file successfully.")
     assert done["input"]["content"] == 'print("hello from opencode")\n'
+    # Paths are reported relative to the workspace, not as the sandbox's internal layout.
+    assert done["input"]["filePath"] == "hello.py"
+    assert by_name["message.part.updated:patch"][0][0].data["files"] == ["hello.py"]
     asked = by_name["permission.asked"][0][0].data
     assert asked["permission"] == "edit" and "+print" in asked["metadata"]["diff"]
     assert by_name["session.idle"][1].idle is True

@@ -23,6 +23,8 @@ class SessionRecord:
     repo: str
     work_branch: str
     base_branch: str | None = None
+    #: The commit the session branch started from (what ``diff`` compares against).
+    base_commit: str | None = None
     model: str | None = None
     state: str = "idle"
     error: str | None = None
@@ -39,6 +41,7 @@ class SessionRecord:
             "repo": self.repo,
             "work_branch": self.work_branch,
             "base_branch": self.base_branch,
+            "base_commit": self.base_commit,
             "model": self.model,
             "state": self.state,
             "error": self.error,
@@ -74,6 +77,7 @@ class Prompt:
 
 SESSION_FIELDS = {
     "state",
+    "base_commit",
     "error",
     "opencode_session_id",
     "sandbox_state",

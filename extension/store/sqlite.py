@@ -34,6 +34,7 @@ MIGRATIONS: list[str] = [
         repo TEXT NOT NULL,
         work_branch TEXT NOT NULL,
         base_branch TEXT,
+        base_commit TEXT,
         model TEXT,
         state TEXT NOT NULL,
         error TEXT,
@@ -163,15 +164,16 @@ class SQLiteStore(Store):
         record.updated_at = now
         await self._run(
             lambda c: c.execute(
-                "INSERT INTO sessions (id, owner, repo, work_branch, base_branch, model, state, "
-                "error, opencode_session_id, sandbox_state, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO sessions (id, owner, repo, work_branch, base_branch, base_commit, model, "
+                "state, error, opencode_session_id, sandbox_state, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.owner,
                     record.repo,
                     record.work_branch,
                     record.base_branch,
+                    record.base_commit,
                     record.model,
                     record.state,
                     record.error,

@@ -1,0 +1,279 @@
+"""The Python API: ``tabbi_kernel.connect()`` -> ``Client`` -> ``Session``. The magics are a thin
+layer over it.
+
+It speaks tabbi's REST API with the standard library only (the kernel must stay light), and follows
+events by long-polling ``GET .../events?after=N&wait=S``: a blocking cell (``ask``) reads them in the
+foreground; the chat panel streams them over the WebSocket in a background task instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .discovery import ServerInfo, find_server
+
+Event = dict[str, Any]
+
+
+class TabbiError(Exception):
+    """The server said no (the message is its own, readable) or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class NotSupported(TabbiError):
+    pass
+
+
+@dataclass
+class TurnResult:
+    """What one prompt produced."""
+
+    prompt_id: str
+    outcome: str = "unknown"  # completed | aborted | error
+    error: str | None = None
+    text: str = ""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "completed"
+
+
+class Client:
+    def __init__(self, url: str, token: str = "", timeout: float = 30):
+        self.url = url.rstrip("/") + "/"
+        self.token = token
+        self.timeout = timeout
+
+    @classmethod
+    def from_server(cls, info: ServerInfo) -> Client:
+        return cls(info.url, info.token)
+
+    def __repr__(self) -> str:
+        return f"<tabbi Client {self.url}>"
+
+    # -- transport ----------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
+                timeout: float | None = None) -> Any:
+        import urllib.error  # deferred: importing tabbi_kernel must stay cheap
+        import urllib.parse
+        import urllib.request
+
+        url = self.url + "tabbi/api/" + path.lstrip("/")
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        data = json.dumps(body).encode() if body is not None else (b"{}" if method == "POST" else None)
+        request = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"token {self.token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise TabbiError(_server_message(exc), exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TabbiError(f"cannot reach the tabbi server at {self.url}: {reason}") from None
+        return json.loads(raw) if raw else None
+
+    # -- server-wide ----------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "health")
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return self.request("GET", "sessions")["sessions"]
+
+    def start(self, repo: str, model: str | None = None, branch: str | None = None) -> Session:
+        """Create a session; it starts in the background (``Session.wait_until_running``)."""
+        body = {"repo": repo, "model": model, "branch": branch}
+        info = self.request("POST", "sessions", {k: v for k, v in body.items() if v})
+        return Session(self, info["id"], info)
+
+    def session(self, session_id: str) -> Session:
+        return Session(self, session_id, self.request("GET", f"sessions/{session_id}"))
+
+
+class Session:
+    def __init__(self, client: Client, session_id: str, info: dict[str, Any] | None = None):
+        self.client = client
+        self.id = session_id
+        self.info = info or {}
+
+    def __repr__(self) -> str:
+        return f"<tabbi Session {self.id} {self.info.get('state', '?')} {self.info.get('repo', '')}>"
+
+    def _path(self, suffix: str = "") -> str:
+        return f"sessions/{self.id}" + (f"/{suffix}" if suffix else "")
+
+    def refresh(self) -> dict[str, Any]:
+        self.info = self.client.request("GET", self._path())
+        return self.info
+
+    @property
+    def state(self) -> str:
+        return self.refresh()["state"]
+
+    # -- events ---------------------------------------------------------------------------------
+    def events(self, after: int = 0, wait: float = 0, limit: int = 1000) -> list[Event]:
+        """Events with seq > ``after``; ``wait`` long-polls up to that many seconds for new ones."""
+        page = self.client.request("GET", self._path("events"),
+                                   params={"after": after, "wait": wait, "limit": limit},
+                                   timeout=wait + self.client.timeout)
+        return page["events"]
+
+    def all_events(self) -> list[Event]:
+        """The whole log, page by page."""
+        events: list[Event] = []
+        while True:
+            page = self.events(events[-1]["seq"] if events else 0, limit=1000)
+            events += page
+            if len(page) < 1000:
+                return events
+
+    def follow(self, after: int = 0, until: Callable[[Event], bool] | None = None,
+               timeout: float | None = None) -> Iterator[Event]:
+        """Yield events as they happen, from ``after`` on, until ``until(event)`` is true."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            for event in self.events(after, wait=5):
+                after = event["seq"]
+                yield event
+                if until is not None and until(event):
+                    return
+        raise TabbiError(f"no end of the stream within {timeout} s")
+
+    def wait_until_running(self, on_event: Callable[[Event], None] | None = None,
+                           timeout: float = 300) -> dict[str, Any]:
+        """Block until the sandbox is up; ``on_event`` sees each status change. Raises on error."""
+        for event in self.follow(0, until=_settled, timeout=timeout):
+            if on_event is not None and event["type"] == "session.status":
+                on_event(event)
+        info = self.refresh()
+        if info["state"] == "error":
+            raise TabbiError(info.get("error") or "the session failed to start")
+        return info
+
+    # -- prompts --------------------------------------------------------------------------------
+    def prompt(self, text: str) -> str:
+        """Queue a prompt and return its id at once."""
+        return self.client.request("POST", self._path("prompt"), {"text": text})["prompt_id"]
+
+    def ask(self, text: str, on_event: Callable[[Event], None] | None = None,
+            timeout: float | None = None) -> TurnResult:
+        """Send a prompt and follow its turn to the end. Interrupting (the kernel's stop button)
+        aborts the turn and returns its result with outcome "aborted"."""
+        after = self.refresh().get("last_seq", 0)
+        prompt_id = self.prompt(text)
+        result = TurnResult(prompt_id)
+        is_end = _turn_end(prompt_id)
+        mine = _own_turn(prompt_id)
+        last = after
+        try:
+            for event in self.follow(after, until=is_end, timeout=timeout):
+                last = event["seq"]
+                if mine(event):
+                    _collect(result, event)
+                    if on_event is not None:
+                        on_event(event)
+        except KeyboardInterrupt:
+            self.abort(quiet=True)
+            for event in self.follow(last, until=is_end, timeout=30):
+                if mine(event):
+                    _collect(result, event)
+                    if on_event is not None:
+                        on_event(event)
+        return result
+
+    def abort(self, quiet: bool = False) -> None:
+        try:
+            self.client.request("POST", self._path("abort"))
+        except TabbiError:
+            if not quiet:
+                raise
+
+    # -- the workspace --------------------------------------------------------------------------
+    def diff(self) -> dict[str, Any]:
+        """``{"diff": unified diff text, "files": [{path, status, additions, deletions}]}``."""
+        return self.client.request("GET", self._path("diff"), timeout=90)
+
+    def read_file(self, path: str) -> str:
+        return self.client.request("GET", self._path("file"), params={"path": path})["content"]
+
+    def messages(self) -> list[dict[str, Any]]:
+        return self.client.request("GET", self._path("messages"))["messages"]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def delete(self) -> None:
+        self.client.request("DELETE", self._path())
+
+    def pause(self) -> None:
+        raise NotSupported("pause is not supported yet (it comes with snapshots); the session keeps running")
+
+    def resume(self) -> None:
+        raise NotSupported("resume is not supported yet (it comes with snapshots)")
+
+    def stop(self) -> None:
+        raise NotSupported("stop is not supported yet (it comes with snapshots); use delete to end it")
+
+
+def connect(url: str | None = None, token: str | None = None) -> Client:
+    """A client for this kernel's own server (found automatically), or for ``url`` + ``token``."""
+    if url:
+        return Client(url, token or "")
+    return Client.from_server(find_server())
+
+
+def _server_message(exc: Any) -> str:
+    """The server's own ``{"message": ...}`` from an ``HTTPError``."""
+    try:
+        body = json.loads(exc.read() or b"{}")
+        message = body.get("message") or body.get("reason")
+    except (ValueError, OSError):
+        message = None
+    if exc.code == 403 and not message:
+        message = "not authorized (is the server token right?)"
+    return message or f"HTTP {exc.code} {exc.reason}"
+
+
+def _settled(event: Event) -> bool:
+    return event["type"] == "session.status" and event["data"].get("state") in ("running", "error")
+
+
+def _turn_end(prompt_id: str) -> Callable[[Event], bool]:
+    def is_end(event: Event) -> bool:
+        return event["type"] == "turn.finished" and event["data"].get("prompt_id") == prompt_id
+
+    return is_end
+
+
+def _own_turn(prompt_id: str) -> Callable[[Event], bool]:
+    """Accept a turn's events (and status changes): a prompt queued behind another turn must not
+    show that turn's output."""
+    inside = False
+
+    def accept(event: Event) -> bool:
+        nonlocal inside
+        if event["type"] == "turn.started":
+            inside = event["data"].get("prompt_id") == prompt_id
+        return inside or event["type"] == "session.status"
+
+    return accept
+
+
+def _collect(result: TurnResult, event: Event) -> None:
+    result.events.append(event)
+    data = event["data"]
+    if event["type"] == "text.delta" and data.get("field", "text") == "text":
+        result.text += data["delta"]
+    elif event["type"] == "tool" and data.get("status") in ("completed", "error"):
+        result.tools.append(data)
+    elif event["type"] == "turn.finished" and data.get("prompt_id") == result.prompt_id:
+        result.outcome = data.get("outcome", "unknown")
+        result.error = data.get("error")

@@ -1,0 +1,147 @@
+"""The kernel side through real kernels: the magics, the Python API and the panel's synced state,
+against the real server and real OpenCode (scripted model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.support.llm import Reply, edit, read, write
+
+pytestmark = pytest.mark.timeout(300)
+
+
+async def start(kernel, repo) -> str:
+    done = await kernel.run(f"%load_ext tabbi_kernel\n%tabbi start {repo}")
+    assert done.status == "ok", done
+    assert "[tabbi] cloning" in done.stdout and "[tabbi] ready" in done.stdout, done.stdout
+    return done.stdout.split("[tabbi] session ")[1].split()[0]
+
+
+async def test_start_ask_diff_insert_through_the_magics(kernel, llm, source_repo, api):
+    sid = await start(kernel, source_repo)
+    status = await kernel.run("%tabbi status")
+    assert f"{sid}: running" in status.stdout
+
+    llm.enqueue(
+        Reply(text="Let me add a greeting.", tools=[write("greet.py", "def greet(name):\n"
+                                                            "    return f'hello {name}'\n")]),
+        Reply(text="Done. Try it:\n\n```python\nprint(greet('notebook'))\n```\n"),
+    )
+    turn = await kernel.run("%%tabbi\nadd a greet function in greet.py")
+    assert turn.status == "ok" and not turn.stderr, turn
+    assert "Let me add a greeting." in turn.stdout
+    assert "[tool] write greet.py: completed" in turn.stdout
+    assert "Done. Try it:" in turn.stdout
+
+    diff = await kernel.run("%tabbi diff")
+    html = diff.displays[0]["text/html"]
+    plain = diff.displays[0]["text/plain"]
+    assert "greet.py (+2 -0)" in plain and "+def greet(name):" in plain
+    assert "color:#1a7f37" in html and "def greet(name):" in html
+
+    inserted = await kernel.run("%tabbi insert")
+    assert "inserted 2 snippet(s)" in inserted.stdout
+    assert inserted.next_input() == (
+        "# %% [tabbi] from greet.py (written by the agent)\n"
+        "def greet(name):\n    return f'hello {name}'\n\n"
+        "# %% [tabbi] from a code block in the agent's reply\n"
+        "print(greet('notebook'))\n"
+    )
+    table = await kernel.run("%tabbi sessions")
+    assert sid in table.displays[0]["text/plain"] and "running" in table.displays[0]["text/plain"]
+
+
+async def test_insert_takes_edited_files_at_their_final_content(kernel, llm, source_repo):
+    await start(kernel, source_repo)
+    llm.enqueue(Reply(tools=[read("calc.py")]),
+                Reply(tools=[edit("calc.py", "return a + b", "return a + b  # checked")]),
+                Reply(text="edited"))
+    await kernel.run("%tabbi ask annotate add")
+    inserted = await kernel.run("%tabbi insert")
+    assert inserted.next_input() == ("# %% [tabbi] from calc.py (edited by the agent)\n"
+                                     "def add(a, b):\n    return a + b  # checked\n")
+
+
+async def test_interrupting_the_kernel_aborts_the_turn(kernel, llm, source_repo, api):
+    sid = await start(kernel, source_repo)
+    llm.enqueue(Reply(text="tick " * 300, chunks=150, drip=0.1), Reply(text="after"))
+    streaming = asyncio.Event()
+    cell = asyncio.ensure_future(kernel.run(
+        "%%tabbi\ntalk slowly", on_output=lambda r: "tick" in r.stdout and streaming.set()))
+    await asyncio.wait_for(streaming.wait(), 120)
+    await kernel.manager.interrupt_kernel(kernel.id)
+    done = await cell
+    assert done.status == "ok", done  # the abort is handled: no KeyboardInterrupt traceback
+    assert "[tabbi] the turn was aborted" in done.stdout
+    events = (await api.events(sid))["events"]
+    finished = [e for e in events if e["type"] == "turn.finished"]
+    assert finished[-1]["data"]["outcome"] == "aborted"
+    after = await kernel.run("%tabbi ask are you there")
+    assert "after" in after.stdout
+
+
+async def test_errors_are_readable_without_tracebacks(kernel, llm, source_repo):
+    await kernel.run("%load_ext tabbi_kernel")
+    for code, message in [
+        ("%tabbi start /no/such/repo", "no such directory: /no/such/repo"),
+        ("%tabbi nonsense", "unknown command 'nonsense'"),
+        ("%tabbi status", "no current session"),
+        ("%tabbi use ses-000000000000", "no session ses-000000000000"),
+        ("%tabbi start", "the following arguments are required: repo"),
+        ("%tabbi login", "come with the GitHub integration"),
+    ]:
+        done = await kernel.run(code)
+        # One red line (IPython's UsageError): the message, no traceback of tabbi's internals.
+        assert done.status == "error", (code, done)
+        assert done.stderr.startswith("UsageError: ") and message in done.stderr, (code, done.stderr)
+        assert "Traceback" not in done.text and "tabbi_kernel" not in done.text
+    helped = await kernel.run("%tabbi --help")
+    for command in ("start REPO", "%%tabbi", "diff", "insert", "panel", "abort", "delete"):
+        assert command in helped.stdout
+
+
+async def test_python_api_mirrors_the_magics(kernel, llm, source_repo):
+    llm.enqueue(Reply(text="api answer", tools=[write("api.py", "X = 1\n")]), Reply(text="ok"))
+    done = await kernel.run(
+        "import tabbi_kernel\n"
+        "client = tabbi_kernel.connect()\n"
+        f"session = client.start({str(source_repo)!r})\n"
+        "session.wait_until_running()\n"
+        "result = session.ask('make api.py')\n"
+        "print(result.outcome, [t['tool'] for t in result.tools], repr(result.text))\n"
+        "print(sorted(f['path'] for f in session.diff()['files']))\n"
+        "print(session.read_file('api.py'), end='')\n"
+        "print(len(session.all_events()) == session.refresh()['last_seq'])\n"
+    )
+    assert done.status == "ok", done
+    lines = done.stdout.splitlines()
+    assert lines[0] == "completed ['write'] 'api answerok'"
+    assert lines[1] == "['api.py']"
+    assert lines[2] == "X = 1"
+    assert lines[3] == "True"
+
+
+async def test_panel_state_after_a_turn(kernel, llm, source_repo):
+    sid = await start(kernel, source_repo)
+    shown = await kernel.run("%tabbi panel")
+    model_id = shown.displays[0]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    llm.enqueue(Reply(text="I'll write it.", tools=[write("w.py", "W = 2\n")]),
+                Reply(text="**Done**."))
+    await kernel.run(f"import tabbi_kernel; tabbi_kernel.connect().session({sid!r}).prompt('go')")
+
+    def turn_synced() -> bool:
+        state = kernel.widget_state(model_id)
+        messages = state.get("messages") or []
+        texts = [p.get("text", "") for m in messages for p in m["parts"]]
+        return not state.get("busy", True) and "**Done**." in texts
+
+    await kernel.drain_comms(turn_synced, timeout=120)
+    state = kernel.widget_state(model_id)
+    assert state["state"] == "running" and state["session_id"] == sid
+    assert [m["role"] for m in state["messages"]][:2] == ["user", "assistant"]
+    tools = [p for m in state["messages"] for p in m["parts"] if p["type"] == "tool"]
+    assert [(t["tool"], t["status"]) for t in tools] == [("write", "completed")]
+    assert tools[0]["input"]["filePath"] == "w.py"
+    assert state["permissions"] == []
