@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import BareOpenCode, JupyterServer, ScriptedLLM, machine, percentile, sample_repo
+from harness import BareOpenCode, JupyterProcess, ScriptedLLM, machine, percentile, sample_repo
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -38,16 +38,16 @@ def latencies(llm: ScriptedLLM, received: list[tuple[float, str]]) -> list[float
     return out
 
 
-async def through_tabbi(server: JupyterServer, llm: ScriptedLLM, repo: Path, chunks: int) -> list[float]:
-    sid = server.call("POST", "/tabbi/api/sessions", {"repo": str(repo)})["id"]
+async def through_tabbi(server: JupyterProcess, llm: ScriptedLLM, repo: Path, chunks: int) -> list[float]:
+    sid = server.call("POST", "tabbi/api/sessions", {"repo": str(repo)})["id"]
     server.wait_event(sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "running")
-    server.call("POST", f"/tabbi/api/sessions/{sid}/prompt", {"text": "warm up"})
+    server.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "warm up"})
     last = server.wait_event(sid, lambda e: e["type"] == "turn.finished")["seq"]
     ws = await websocket_connect(HTTPRequest(
         f"ws://127.0.0.1:{server.port}/tabbi/api/sessions/{sid}/stream?after={last}",
         headers={"Authorization": f"token {server.token}"}))
     script(llm, chunks)
-    server.call("POST", f"/tabbi/api/sessions/{sid}/prompt", {"text": "stream"})
+    server.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "stream"})
     received = []
     while True:
         event = json.loads(await asyncio.wait_for(ws.read_message(), 60))
@@ -56,7 +56,7 @@ async def through_tabbi(server: JupyterServer, llm: ScriptedLLM, repo: Path, chu
         if event["type"] == "turn.finished":
             break
     ws.close()
-    server.call("DELETE", f"/tabbi/api/sessions/{sid}")
+    server.call("DELETE", f"tabbi/api/sessions/{sid}")
     return latencies(llm, received)
 
 
@@ -102,7 +102,7 @@ async def main(chunks: int) -> None:
     repo = sample_repo(work)
     try:
         baseline = await direct(llm, repo, chunks)
-        server = JupyterServer(llm, work / "server")
+        server = JupyterProcess(llm.url, work / "server")
         try:
             tabbi = await through_tabbi(server, llm, repo, chunks)
         finally:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import BareOpenCode, JupyterServer, ScriptedLLM, machine, sample_repo, summary
+from harness import BareOpenCode, JupyterProcess, ScriptedLLM, machine, sample_repo, summary
 
 
 def main(n: int = 5) -> None:
@@ -24,16 +24,16 @@ def main(n: int = 5) -> None:
         oc = BareOpenCode(llm, repo)
         bare.append(oc.wait_healthy())
         oc.stop()
-    server = JupyterServer(llm, work / "server")
+    server = JupyterProcess(llm.url, work / "server")
     tabbi: list[float] = []
     try:
         for _ in range(n):
             started = time.monotonic()
-            sid = server.call("POST", "/tabbi/api/sessions", {"repo": str(repo)})["id"]
+            sid = server.call("POST", "tabbi/api/sessions", {"repo": str(repo)})["id"]
             server.wait_event(sid, lambda e: e["type"] == "session.status"
                               and e["data"]["state"] in ("running", "error"))
             tabbi.append(time.monotonic() - started)
-            server.call("DELETE", f"/tabbi/api/sessions/{sid}")
+            server.call("DELETE", f"tabbi/api/sessions/{sid}")
     finally:
         server.stop()
         llm.stop()

@@ -9,8 +9,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,12 +27,9 @@ import bootstrap  # noqa: E402  (the in-sandbox bootstrap, used here for its env
 from tabbi_extension.model_config import ModelSettings, build  # noqa: E402
 from tabbi_sandbox.binary import find_opencode  # noqa: E402
 from tests.support.llm import ScriptedLLM  # noqa: E402
+from tests.support.server import JupyterProcess, free_port  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["BareOpenCode", "JupyterProcess", "ScriptedLLM", "machine", "percentile", "sample_repo", "summary"]
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -55,69 +50,6 @@ def percentile(values: list[float], q: float) -> float:
 def summary(values: list[float]) -> str:
     return (f"median {statistics.median(values) * 1000:.1f} ms, "
             f"p99 {percentile(values, 99) * 1000:.1f} ms (n={len(values)})")
-
-
-class JupyterServer:
-    """``jupyter server`` with tabbi on, in its own process, as people run it."""
-
-    def __init__(self, llm: ScriptedLLM, workdir: Path):
-        self.port = free_port()
-        self.token = secrets.token_hex(16)
-        self.workdir = workdir
-        env = {**os.environ, "HOME": str(workdir / "home"), "JUPYTER_RUNTIME_DIR": str(workdir / "rt")}
-        (workdir / "home").mkdir(parents=True, exist_ok=True)
-        self.log = open(workdir / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={self.port}",
-             "--ServerApp.ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={workdir}", "--ServerApp.jpserver_extensions=tabbi_extension=True",
-             f"--TabbiExtension.data_dir={workdir / 'data'}", f"--TabbiExtension.llm_base_url={llm.url}",
-             "--TabbiExtension.model=scripted"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        wait_until(lambda: self._up(), 60, "jupyter server")
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"jupyter server exited; see {self.workdir / 'server.log'}")
-        try:
-            self.call("GET", "/tabbi/api/health", timeout=2)
-            return True
-        except OSError:
-            return False
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
-        request = urllib.request.Request(
-            self.base + path, method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-        return json.loads(raw) if raw else None
-
-    def wait_event(self, sid: str, predicate, after: int = 0, timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            page = self.call("GET", f"/tabbi/api/sessions/{sid}/events?after={after}&wait=10", timeout=20)
-            for event in page["events"]:
-                after = event["seq"]
-                if predicate(event):
-                    return event
-        raise TimeoutError("event not seen")
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
 
 
 class BareOpenCode:

@@ -214,8 +214,8 @@ function render({ model, el: root }) {
     status.replaceChildren(
       el("span", { class: "tb-dot", style: `background:${color}`, "data-state": state }),
       el("span", { class: "tb-state" }, word + phase + busy),
-      el("span", { class: "tb-repo" }, `${model.get("repo")} · ${model.get("branch")}`),
-      model.get("connected") ? null : el("span", { class: "tb-offline" }, "reconnecting…"));
+      el("span", { class: "tb-repo" }, `${model.get("repo")} · ${model.get("branch")}`));
+    if (!model.get("connected")) status.append(el("span", { class: "tb-offline" }, "reconnecting…"));
     if (state === "error" && model.get("error")) status.append(el("div", { class: "tb-error" }, model.get("error")));
     abort.disabled = !model.get("busy");
     pause.textContent = state === "paused" ? "Resume" : "Pause";

@@ -328,3 +328,25 @@ async def test_permission_asked_and_answered_through_the_api(api, llm, source_re
     events = await api.wait_turn(sid, after=asked[-1]["seq"])
     assert any(e["type"] == "permission.replied" and e["data"]["reply"] == "once" for e in events)
     assert (workspace(sid) / "asked.txt").read_text() == "yes\n"
+
+
+async def test_diff_and_file_endpoints_stay_inside_the_workspace(api, llm, source_repo, workspace):
+    sid = await running_session(api, source_repo)
+    llm.enqueue(Reply(tools=[write("new.py", "N = 1\n"), edit("calc.py", "a + b", "b + a")]),
+                Reply(tools=[bash("ln -s /etc/hostname escape.txt")]),
+                Reply(text="done"))
+    await api.prompt(sid, "change things")
+    await api.wait_turn(sid)
+    diff = await api.ok("GET", f"tabbi/api/sessions/{sid}/diff")
+    by_path = {f["path"]: f for f in diff["files"]}
+    assert by_path["calc.py"]["status"] == "modified" and by_path["calc.py"]["additions"] == 1
+    assert by_path["new.py"]["status"] == "added" and "+N = 1" in diff["diff"]
+    got = await api.ok("GET", f"tabbi/api/sessions/{sid}/file", params={"path": "new.py"})
+    assert got["content"] == "N = 1\n"
+    # Threat: a path or a symlink planted by the agent that makes the server read outside the repo.
+    for path, message in [("../../etc/passwd", "without '..'"), ("/etc/passwd", "relative"),
+                          ("escape.txt", "outside the repository")]:
+        code, answer = await api.call("GET", f"tabbi/api/sessions/{sid}/file", params={"path": path})
+        assert code == 400 and message in answer["message"], (path, answer)
+    code, answer = await api.call("GET", f"tabbi/api/sessions/{sid}/file", params={"path": "nope.py"})
+    assert code == 404 and "no such file" in answer["message"]

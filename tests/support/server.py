@@ -1,0 +1,100 @@
+"""A real Jupyter process (``jupyter server`` or ``jupyter lab``) with tabbi on, as people run it,
+for the browser test, the notebook test and the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class JupyterProcess:
+    def __init__(self, llm_url: str, workdir: Path, app: str = "server", extra: list[str] | None = None,
+                 env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.workdir = workdir
+        home = workdir / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "HOME": str(home),
+            "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"),
+            "JUPYTER_CONFIG_DIR": str(workdir / "config"),
+            **(env or {}),
+        }
+        module = "jupyterlab" if app == "lab" else "jupyter_server"
+        self.log_path = workdir / f"{app}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--no-browser", f"--port={self.port}", "--ServerApp.ip=127.0.0.1",
+             "--allow-root", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={workdir}",
+             "--ServerApp.jpserver_extensions=tabbi_extension=True",
+             f"--TabbiExtension.data_dir={workdir / 'tabbi-data'}",
+             f"--TabbiExtension.llm_base_url={llm_url}",
+             "--TabbiExtension.model=scripted", *(extra or [])],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while not self._up():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jupyter did not start; see {self.log_path}")
+            time.sleep(0.1)  # polling a subprocess's readiness, bounded by the deadline
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"jupyter exited; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+        try:
+            self.call("GET", "tabbi/api/health", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+        request = urllib.request.Request(
+            self.url + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    def wait_event(self, sid: str, predicate, after: int = 0, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            page = self.call("GET", f"tabbi/api/sessions/{sid}/events?after={after}&wait=10", timeout=20)
+            for event in page["events"]:
+                after = event["seq"]
+                if predicate(event):
+                    return event
+        raise TimeoutError("event not seen")
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()

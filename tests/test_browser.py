@@ -1,0 +1,92 @@
+"""JupyterLab in headless Chromium (Debian's, driven by Playwright): a person opens a notebook,
+starts a session, and chats in the panel. A screenshot is saved to ``test-artifacts/``.
+
+Everything is real but the model: ``jupyter lab`` with tabbi, a real kernel, real OpenCode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tests.support.llm import Reply, write
+from tests.support.server import JupyterProcess
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+pytestmark = pytest.mark.timeout(300)
+
+
+THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
+
+
+@pytest.fixture(params=sorted(THEMES))
+def theme(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def lab(tmp_path, llm, theme):
+    config = tmp_path / "lab" / "config" / "labconfig"
+    config.mkdir(parents=True)
+    # The announcements pop-up would cover the page.
+    (config / "page_config.json").write_text(json.dumps(
+        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    settings = tmp_path / "lab" / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "themes.jupyterlab-settings").write_text(json.dumps({"theme": THEMES[theme]}))
+    server = JupyterProcess(llm.url, tmp_path / "lab", app="lab",
+                            env={"JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab" / "settings")})
+    yield server
+    server.stop()
+
+
+def test_panel_chat_in_jupyterlab(lab, llm, source_repo, theme):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert CHROMIUM.exists(), "Debian's chromium is part of the set-up (scripts/setup.sh)"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        f"%load_ext tabbi_kernel\n%tabbi start {source_repo}\n%tabbi panel")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(notebook, lab.workdir / "chat.ipynb")
+    llm.enqueue(Reply(text="I'll create hello.py.", tools=[write("hello.py", "print('hi')\n")]),
+                Reply(text="Created **hello.py** for you.", chunks=5))
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        try:
+            page.goto(f"{lab.url}lab/tree/chat.ipynb?token={lab.token}")
+            # The kernel is connected and idle once the status bar says so.
+            expect(page.locator(".jp-StatusBar-TextItem", has_text="| Idle")).to_be_visible(timeout=90_000)
+            page.locator(".jp-Cell .jp-InputArea-editor").first.click()
+            page.keyboard.press("Shift+Enter")
+            expect(page.locator(".jp-Cell .jp-OutputArea-output").first).to_contain_text(
+                "[tabbi] session", timeout=60_000)
+
+            panel = page.locator(".tabbi-panel")
+            expect(panel.locator(".tb-dot[data-state='running']")).to_be_visible(timeout=120_000)
+            box = panel.locator("textarea.tb-input")
+            box.click()
+            box.fill("create hello.py")
+            box.press("Enter")
+
+            expect(panel.locator(".tb-tool.tb-tool-completed")).to_contain_text("write", timeout=120_000)
+            expect(panel.locator(".tb-assistant strong")).to_have_text("hello.py", timeout=60_000)
+            expect(panel.locator(".tb-user")).to_have_text("create hello.py")
+            expect(box).to_have_value("")
+            ARTIFACTS.mkdir(exist_ok=True)
+            panel.screenshot(path=str(ARTIFACTS / f"panel-jupyterlab-{theme}.png"))
+            page.screenshot(path=str(ARTIFACTS / f"jupyterlab-{theme}.png"))
+        except Exception:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / f"jupyterlab-{theme}-failure.png"))
+            raise
+        finally:
+            browser.close()
+    assert (ARTIFACTS / f"panel-jupyterlab-{theme}.png").stat().st_size > 10_000
