@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything tabbi needs on a fresh Debian machine of this kind, idempotent:
-# system packages (git, bubblewrap, ripgrep), a virtualenv with tabbi and its test tools, the
+# system packages (git, bubblewrap, ripgrep; chromium for the browser tests), a virtualenv with tabbi and its test tools, the
 # server extension enabled in that virtualenv, and OpenCode pinned from npm into ./node_modules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ command -v git >/dev/null || need+=(git)
 command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v rg >/dev/null || need+=(ripgrep)
 command -v npm >/dev/null || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${need[*]}"

@@ -1,4 +1,4 @@
-"""JupyterLab in headless Chromium (Debian's, driven by Playwright): a person opens a notebook,
+"""JupyterLab and Notebook 7 in headless Chromium (Debian's, driven by Playwright): a person opens a notebook,
 starts a session, and chats in the panel. A screenshot is saved to ``test-artifacts/``.
 
 Everything is real but the model: ``jupyter lab`` with tabbi, a real kernel, real OpenCode.
@@ -21,15 +21,19 @@ pytestmark = pytest.mark.timeout(300)
 
 
 THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
+#: (front end, theme): JupyterLab in both themes, and Notebook 7.
+VARIANTS = [("lab", "light"), ("lab", "dark"), ("notebook", "light")]
+PAGES = {"lab": "lab/tree/chat.ipynb", "notebook": "notebooks/chat.ipynb"}
 
 
-@pytest.fixture(params=sorted(THEMES))
-def theme(request) -> str:
+@pytest.fixture(params=VARIANTS, ids=["-".join(v) for v in VARIANTS])
+def variant(request) -> tuple[str, str]:
     return request.param
 
 
 @pytest.fixture
-def lab(tmp_path, llm, theme):
+def lab(tmp_path, llm, variant):
+    ui, theme = variant
     config = tmp_path / "lab" / "config" / "labconfig"
     config.mkdir(parents=True)
     # The announcements pop-up would cover the page.
@@ -38,13 +42,15 @@ def lab(tmp_path, llm, theme):
     settings = tmp_path / "lab" / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "themes.jupyterlab-settings").write_text(json.dumps({"theme": THEMES[theme]}))
-    server = JupyterProcess(llm.url, tmp_path / "lab", app="lab",
+    server = JupyterProcess(llm.url, tmp_path / "lab", app=ui,
                             env={"JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab" / "settings")})
     yield server
     server.stop()
 
 
-def test_panel_chat_in_jupyterlab(lab, llm, source_repo, theme):
+def test_panel_chat_in_the_browser(lab, llm, source_repo, variant):
+    ui, theme = variant
+    name = f"{ui}-{theme}"
     from playwright.sync_api import expect, sync_playwright
 
     assert CHROMIUM.exists(), "Debian's chromium is part of the set-up (scripts/setup.sh)"
@@ -61,9 +67,8 @@ def test_panel_chat_in_jupyterlab(lab, llm, source_repo, theme):
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         try:
-            page.goto(f"{lab.url}lab/tree/chat.ipynb?token={lab.token}")
-            # The kernel is connected and idle once the status bar says so.
-            expect(page.locator(".jp-StatusBar-TextItem", has_text="| Idle")).to_be_visible(timeout=90_000)
+            page.goto(f"{lab.url}{PAGES[ui]}?token={lab.token}")
+            lab.wait_kernel_connected()
             page.locator(".jp-Cell .jp-InputArea-editor").first.click()
             page.keyboard.press("Shift+Enter")
             expect(page.locator(".jp-Cell .jp-OutputArea-output").first).to_contain_text(
@@ -81,12 +86,12 @@ def test_panel_chat_in_jupyterlab(lab, llm, source_repo, theme):
             expect(panel.locator(".tb-user")).to_have_text("create hello.py")
             expect(box).to_have_value("")
             ARTIFACTS.mkdir(exist_ok=True)
-            panel.screenshot(path=str(ARTIFACTS / f"panel-jupyterlab-{theme}.png"))
-            page.screenshot(path=str(ARTIFACTS / f"jupyterlab-{theme}.png"))
+            panel.screenshot(path=str(ARTIFACTS / f"panel-{name}.png"))
+            page.screenshot(path=str(ARTIFACTS / f"page-{name}.png"))
         except Exception:
             ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / f"jupyterlab-{theme}-failure.png"))
+            page.screenshot(path=str(ARTIFACTS / f"page-{name}-failure.png"))
             raise
         finally:
             browser.close()
-    assert (ARTIFACTS / f"panel-jupyterlab-{theme}.png").stat().st_size > 10_000
+    assert (ARTIFACTS / f"panel-{name}.png").stat().st_size > 10_000

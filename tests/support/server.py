@@ -38,7 +38,7 @@ class JupyterProcess:
             "JUPYTER_CONFIG_DIR": str(workdir / "config"),
             **(env or {}),
         }
-        module = "jupyterlab" if app == "lab" else "jupyter_server"
+        module = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}[app]
         self.log_path = workdir / f"{app}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
@@ -78,6 +78,16 @@ class JupyterProcess:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
         return json.loads(raw) if raw else None
+
+    def wait_kernel_connected(self, timeout: float = 90) -> None:
+        """Until a kernel is idle with a front end connected to it (a browser can run cells)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            kernels = self.call("GET", "api/kernels")
+            if any(k["execution_state"] == "idle" and k["connections"] > 0 for k in kernels):
+                return
+            time.sleep(0.2)  # polling the server's own state, bounded by the deadline
+        raise TimeoutError("no kernel with a connected front end")
 
     def wait_event(self, sid: str, predicate, after: int = 0, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
