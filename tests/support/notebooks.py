@@ -24,7 +24,7 @@ def script_quickstart(llm: ScriptedLLM) -> None:
     )
 
 
-def server_env(server) -> dict[str, str]:  # noqa: ANN001 - a JupyterProcess
+def server_env(server) -> dict[str, str]:
     """How a kernel not started by that server finds it (the explicit route of discovery)."""
     return {"TABBI_SERVER_URL": server.url, "TABBI_SERVER_TOKEN": server.token}
 
