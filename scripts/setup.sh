@@ -34,7 +34,9 @@ mkdir -p .venv/etc/jupyter/jupyter_server_config.d
 cp jupyter-config/jupyter_server_config.d/tabbi.json .venv/etc/jupyter/jupyter_server_config.d/
 
 if [ "$(node_modules/.bin/opencode --version 2>/dev/null || true)" != "$(node -p 'require("./package.json").dependencies["opencode-ai"]')" ]; then
-  echo "setup: npm ci (OpenCode, pinned)"
-  npm ci --no-audit --no-fund --loglevel=error
+  # `npm install` (not `npm ci`): npm leaves the other platforms' optional binaries out of the
+  # lock file, and `npm ci` then refuses it. package.json pins the exact version.
+  echo "setup: npm install (OpenCode, pinned)"
+  npm install --no-audit --no-fund --loglevel=error
 fi
 echo "setup: ready (OpenCode $(node_modules/.bin/opencode --version))"

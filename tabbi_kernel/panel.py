@@ -64,6 +64,7 @@ class ChatPanel(anywidget.AnyWidget):
         self._session = session
         self._conversation = Conversation()
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._ws: Any = None  # the live connection, while there is one
         self.on_msg(self._on_frontend_message)
         self._task = asyncio.ensure_future(self._follow())
 
@@ -83,7 +84,7 @@ class ChatPanel(anywidget.AnyWidget):
         while True:
             url = f"{base}tabbi/api/sessions/{self.session_id}/stream?after={self._conversation.last_seq}"
             try:
-                ws = await websocket_connect(
+                self._ws = ws = await websocket_connect(
                     HTTPRequest(url, headers={"Authorization": f"token {client.token}"},
                                 connect_timeout=20, request_timeout=20)
                 )
@@ -91,7 +92,7 @@ class ChatPanel(anywidget.AnyWidget):
                 while (message := await ws.read_message()) is not None:
                     self._conversation.apply(json.loads(message))
                     self._schedule_flush()
-                self.connected = False
+                self.connected, self._ws = False, None
                 ws.close()
             except asyncio.CancelledError:
                 raise

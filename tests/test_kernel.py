@@ -145,3 +145,37 @@ async def test_panel_state_after_a_turn(kernel, llm, source_repo):
     assert [(t["tool"], t["status"]) for t in tools] == [("write", "completed")]
     assert tools[0]["input"]["filePath"] == "w.py"
     assert state["permissions"] == []
+
+
+async def test_two_panels_stay_in_sync_and_a_reconnecting_panel_catches_up(kernel, llm, source_repo,
+                                                                          api):
+    sid = await start(kernel, source_repo)
+    first = (await kernel.run("import tabbi_kernel\np1 = tabbi_kernel.connect().session(%r)\n"
+                              "from tabbi_kernel.panel import ChatPanel\n"
+                              "a = ChatPanel(p1); b = ChatPanel(p1); display(a); display(b)" % sid))
+    ids = [d["application/vnd.jupyter.widget-view+json"]["model_id"] for d in first.displays]
+    llm.enqueue(Reply(text="turn one"), Reply(text="turn two"))
+    await kernel.run("p1.prompt('one')")
+
+    def both_at(n_turns: int):
+        def check() -> bool:
+            for model_id in ids:
+                state = kernel.widget_state(model_id)
+                texts = [p.get("text") for m in state.get("messages", []) for p in m["parts"]]
+                if texts.count("turn one") + texts.count("turn two") < n_turns or state.get("busy"):
+                    return False
+            return True
+        return check
+
+    await kernel.drain_comms(both_at(1), timeout=120)
+    # Drop panel b's connection (as a network blip would); it must resume from its last seq.
+    dropped = await kernel.run("b._ws.close()")
+    assert dropped.status == "ok", dropped
+    await kernel.run("p1.prompt('two')")
+    await kernel.drain_comms(both_at(2), timeout=120)
+    state_a, state_b = kernel.widget_state(ids[0]), kernel.widget_state(ids[1])
+    assert state_a["messages"] == state_b["messages"]
+    last = (await api.events(sid))["events"][-1]["seq"]
+    assert state_a["last_seq"] == state_b["last_seq"] == last
+    user_texts = [p["text"] for m in state_b["messages"] if m["role"] == "user" for p in m["parts"]]
+    assert user_texts == ["one", "two"]  # nothing lost, nothing doubled across the reconnect

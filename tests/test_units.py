@@ -121,3 +121,21 @@ def test_isolation_falls_back_to_a_plain_subprocess_and_says_so_once(monkeypatch
             isolation.choose("bwrap")
     finally:
         isolation.bwrap_works.cache_clear()
+
+
+def test_importing_the_kernel_side_stays_light():
+    """Threat to the notebook experience: a heavy import chain in every kernel. Loading the magics
+    must not pull in the server, the store, cloud SDKs or the widget stack."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tabbi_kernel\n"
+        "from IPython.testing.globalipapp import get_ipython\n"
+        "tabbi_kernel.load_ipython_extension(get_ipython())\n"
+        "heavy = ['modal', 'authlib', 'tabbi_extension', 'tabbi_sandbox', 'jupyter_server',\n"
+        "         'anywidget', 'httpx', 'convex']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
