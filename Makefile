@@ -15,5 +15,6 @@ test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 bench: setup
-	.venv/bin/python bench/bench_start.py
-	.venv/bin/python bench/bench_latency.py
+	cd bench && ../.venv/bin/python bench_start.py
+	cd bench && ../.venv/bin/python bench_latency.py
+	cd bench && ../.venv/bin/python bench_import.py

@@ -58,8 +58,10 @@ def test_panel_chat_in_the_browser(lab, llm, source_repo, variant):
         f"%load_ext tabbi_kernel\n%tabbi start {source_repo}\n%tabbi panel")],
         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(notebook, lab.workdir / "chat.ipynb")
+    # The reply carries markup a hostile model or repository could produce: it must show as text.
+    hostile = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
     llm.enqueue(Reply(text="I'll create hello.py.", tools=[write("hello.py", "print('hi')\n")]),
-                Reply(text="Created **hello.py** for you.", chunks=5))
+                Reply(text=f"Created **hello.py** for you. {hostile}", chunks=5))
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
@@ -85,6 +87,10 @@ def test_panel_chat_in_the_browser(lab, llm, source_repo, variant):
             expect(panel.locator(".tb-assistant strong")).to_have_text("hello.py", timeout=60_000)
             expect(panel.locator(".tb-user")).to_have_text("create hello.py")
             expect(box).to_have_value("")
+            # Threat: script injection through the model's text. It is shown, never run.
+            expect(panel.locator(".tb-assistant").last).to_contain_text("<script>window.__pwned=2</script>")
+            assert panel.locator(".tb-assistant img, .tb-assistant script").count() == 0
+            assert page.evaluate("window.__pwned") is None
             ARTIFACTS.mkdir(exist_ok=True)
             panel.screenshot(path=str(ARTIFACTS / f"panel-{name}.png"))
             page.screenshot(path=str(ARTIFACTS / f"page-{name}.png"))

@@ -150,9 +150,9 @@ async def test_panel_state_after_a_turn(kernel, llm, source_repo):
 async def test_two_panels_stay_in_sync_and_a_reconnecting_panel_catches_up(kernel, llm, source_repo,
                                                                           api):
     sid = await start(kernel, source_repo)
-    first = (await kernel.run("import tabbi_kernel\np1 = tabbi_kernel.connect().session(%r)\n"
-                              "from tabbi_kernel.panel import ChatPanel\n"
-                              "a = ChatPanel(p1); b = ChatPanel(p1); display(a); display(b)" % sid))
+    first = await kernel.run(f"import tabbi_kernel\np1 = tabbi_kernel.connect().session({sid!r})\n"
+                             "from tabbi_kernel.panel import ChatPanel\n"
+                             "a = ChatPanel(p1); b = ChatPanel(p1); display(a); display(b)")
     ids = [d["application/vnd.jupyter.widget-view+json"]["model_id"] for d in first.displays]
     llm.enqueue(Reply(text="turn one"), Reply(text="turn two"))
     await kernel.run("p1.prompt('one')")
@@ -179,3 +179,27 @@ async def test_two_panels_stay_in_sync_and_a_reconnecting_panel_catches_up(kerne
     assert state_a["last_seq"] == state_b["last_seq"] == last
     user_texts = [p["text"] for m in state_b["messages"] if m["role"] == "user" for p in m["parts"]]
     assert user_texts == ["one", "two"]  # nothing lost, nothing doubled across the reconnect
+
+
+@pytest.mark.tabbi(permissions={"edit": "ask", "bash": "allow"})
+async def test_panel_answers_a_permission_request_through_the_server(kernel, llm, source_repo, api):
+    sid = await start(kernel, source_repo)
+    shown = await kernel.run("%tabbi panel")
+    model_id = shown.displays[0]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    llm.enqueue(Reply(tools=[write("perm.py", "P = 1\n")]), Reply(text="written after approval"))
+    queued = await kernel.run("%%tabbi --no-wait\nwrite perm.py")
+    assert "queued" in queued.stdout  # returned at once; the turn goes on in the panel
+    await kernel.drain_comms(lambda: bool(kernel.widget_state(model_id).get("permissions")), timeout=120)
+    request = kernel.widget_state(model_id)["permissions"][0]
+    assert request["permission"] == "edit" and "perm.py" in request["metadata"]["diff"]
+
+    # What the panel's "Allow once" button sends, through the real widget comm.
+    kernel.client.session.send(kernel.client.shell_channel.socket, "comm_msg", {
+        "comm_id": model_id,
+        "data": {"method": "custom", "content": {"type": "permission",
+                                                 "id": request["permission_id"], "reply": "once"}},
+    })
+    events = await api.wait_turn(sid)
+    assert any(e["type"] == "permission.replied" and e["data"]["reply"] == "once" for e in events)
+    assert events[-1]["data"]["outcome"] == "completed"
+    await kernel.drain_comms(lambda: kernel.widget_state(model_id).get("permissions") == [], timeout=60)
