@@ -26,7 +26,7 @@ from tabbi_sandbox.provider import Sandbox, SandboxError, SandboxProvider, Sandb
 from . import model_config, states, workspace
 from .normalize import EventNormalizer, Normalized, Signals, error_message
 from .opencode import OpenCodeClient, OpenCodeError
-from .store import Event, Prompt, SessionRecord, Store, StoreError
+from .store import Event, Prompt, SessionRecord, Snapshot, Store, StoreError
 from .validation import parse_repo
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,12 @@ class AgentSettings:
     #: Retries of a failing model call OpenCode may make before tabbi ends the turn.
     model_retries: int = 3
     store_retries: int = 3
+    #: Snapshots kept per session (the newest ones).
+    snapshots_keep: int = 3
+    #: Seconds without activity after which a running session pauses itself (0: never).
+    idle_timeout: float = 600.0
+    #: Seconds a sandbox may run before it is paused (after its current turn; 0: no limit).
+    max_lifetime: float = 8 * 3600.0
 
 
 @dataclass
@@ -85,6 +91,11 @@ class SessionAgent:
         self._normalizer: EventNormalizer | None = None
         self._model_ref: dict[str, str] | None = None
         self._tasks: dict[str, asyncio.Task] = {}
+        self._snapshot_lock = asyncio.Lock()
+        self._snapshot_wanted = False
+        self._pausing = False
+        self._last_activity = time.monotonic()
+        self._running_since = time.monotonic()
 
     @property
     def id(self) -> str:
@@ -172,7 +183,9 @@ class SessionAgent:
                 read_only_paths=[repo.local_path] if repo.local_path else [],
             )
             self._model_ref = setup.model_ref
-            self._sandbox = await self.provider.create(spec, self._on_progress)
+            latest = await self.store.list_snapshots(self.id)
+            restore = latest[0].ref if latest else None
+            self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
             await self.store.update_session(self.id, sandbox_state=self._sandbox.get_state())
             self._client = OpenCodeClient(self._sandbox.endpoint())
             oc_id = self.record.opencode_session_id
@@ -187,7 +200,9 @@ class SessionAgent:
                 await asyncio.wait_for(connected.wait(), self.settings.connect_timeout)
             except asyncio.TimeoutError:
                 raise OpenCodeError("OpenCode's event stream did not connect") from None
+            self._running_since = self._last_activity = time.monotonic()
             await self._set_state(states.RUNNING, phase="ready")
+            self._spawn("watch", self._watch_limits())
             self._wake.set()
         except asyncio.CancelledError:
             raise
@@ -216,12 +231,13 @@ class SessionAgent:
 
     async def _release_sandbox(self) -> None:
         current = asyncio.current_task()
-        for name in ("feed", "boot"):
+        for name in ("feed", "boot", "watch", "snapshot"):
             task = self._tasks.get(name)
-            if task is not None and task is not current and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            if task is None or task is current or task.done():
+                continue
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -237,10 +253,22 @@ class SessionAgent:
         for prompt in pending:
             if prompt.status == "running":
                 self._turn = Turn(prompt.id)
-        await self._fault(
-            "The server restarted and the sandbox stopped with it. "
-            "Send a prompt to start it again; the workspace is kept."
-        )
+        if await self.provider.load_state(self.record.sandbox_state) is not None:
+            log.info("tabbi: session %s: sandbox still alive, but re-attaching is not supported "
+                     "by this provider; restarting it", self.id)
+        snapshots = await self.store.list_snapshots(self.id)
+        if snapshots:
+            message = ("The server restarted and the sandbox stopped with it; the session is paused "
+                       "and resumes from its files (or its last snapshot) with the next prompt.")
+            await self._emit("error", {"name": "ServerRestarted", "message": message})
+            await self._finish_turn("error", message, report=False)
+            await self._set_state(states.PAUSED, reason="server_restart",
+                                  snapshot_id=snapshots[0].id)
+        else:
+            await self._fault(
+                "The server restarted and the sandbox stopped with it. "
+                "Send a prompt to start it again; the workspace is kept."
+            )
         if any(p.status == "queued" for p in pending):
             await self.start()
 
@@ -260,6 +288,8 @@ class SessionAgent:
             self.record.state = states.DELETED
             await self.shutdown()
             await self.provider.destroy(self.id)
+            for snapshot in await self.store.list_snapshots(self.id):
+                await self.provider.delete_snapshot(snapshot.ref)
             await self.store.delete_session(self.id)
 
     # -- prompts and turns --------------------------------------------------------------------
@@ -273,6 +303,7 @@ class SessionAgent:
             status="queued",
             created_at=time.time(),
         )
+        self._last_activity = time.monotonic()
         await self._retry_store(lambda: self.store.enqueue_prompt(prompt))
         await self._emit(
             "prompt.queued", {"prompt_id": prompt.id, "text": text, "position": prompt.position}
@@ -287,7 +318,7 @@ class SessionAgent:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.state == states.RUNNING and self._turn is None:
+            while self.state == states.RUNNING and self._turn is None and not self._pausing:
                 queued = [p for p in await self.store.pending_prompts(self.id) if p.status == "queued"]
                 if not queued:
                     break
@@ -330,6 +361,9 @@ class SessionAgent:
             )
         )
         await self._emit("turn.finished", data)
+        self._last_activity = time.monotonic()
+        if self.state == states.RUNNING and self._sandbox is not None:
+            self._request_snapshot()
         self._wake.set()
 
     async def abort(self) -> None:
@@ -350,6 +384,99 @@ class SessionAgent:
             await self._client.reply_permission(permission_id, reply)
         except OpenCodeError as exc:
             raise AgentError(str(exc), 502) from exc
+
+    # -- snapshots, pause and resume -------------------------------------------------------------
+    def _request_snapshot(self) -> None:
+        """Snapshot in the background after a turn; the next prompt is not held up. Requests that
+        arrive while one runs fold into one more run."""
+        self._snapshot_wanted = True
+        task = self._tasks.get("snapshot")
+        if task is None or task.done():
+            self._spawn("snapshot", self._snapshot_loop())
+
+    async def _snapshot_loop(self) -> None:
+        while self._snapshot_wanted and self.state == states.RUNNING:
+            self._snapshot_wanted = False
+            await self._snapshot("turn")
+
+    async def _snapshot(self, reason: str) -> Snapshot | None:
+        """Save the running sandbox. A failure is reported as an event and leaves the sandbox
+        running; the next turn tries again. Older snapshots go only after a newer one is stored."""
+        async with self._snapshot_lock:
+            sandbox = self._sandbox
+            if sandbox is None:
+                return None
+            name = f"{int(time.time() * 1000)}-{secrets.token_hex(3)}"
+            started = time.monotonic()
+            try:
+                ref, size = await self.provider.snapshot(sandbox, name)
+            except Exception as exc:  # any failure: report, keep running, retry next turn
+                log.warning("tabbi: snapshot of %s failed", self.id, exc_info=True)
+                await self._emit("snapshot.failed", {
+                    "reason": reason, "message": _readable(exc, "The snapshot failed")})
+                return None
+            snapshot = Snapshot(self.id, name, ref, size, time.time())
+            await self._retry_store(lambda: self.store.add_snapshot(snapshot))
+            await self._emit("snapshot.saved", {
+                "snapshot_id": name, "size": size, "reason": reason,
+                "seconds": round(time.monotonic() - started, 3)})
+            for old in (await self.store.list_snapshots(self.id))[self.settings.snapshots_keep:]:
+                await self.provider.delete_snapshot(old.ref)
+                await self.store.delete_snapshot(self.id, old.id)
+            return snapshot
+
+    async def pause(self, reason: str = "requested") -> None:
+        """Snapshot, then stop the sandbox. Never during a turn; a failed snapshot keeps it running."""
+        async with self._lifecycle:
+            if self.state == states.PAUSED:
+                return
+            if self.state != states.RUNNING:
+                raise AgentError(f"the session is {self.state}; only a running session can pause")
+            if self._turn is not None:
+                raise AgentError("a turn is running: abort it or let it finish, then pause")
+            self._pausing = True
+            try:
+                snapshot = await self._snapshot(reason)
+                if snapshot is None:
+                    raise AgentError("the snapshot failed, so the session keeps running", 500)
+                await self._release_sandbox()
+                await self.provider.destroy(self.id)
+                await self._set_state(states.PAUSED, reason=reason, snapshot_id=snapshot.id)
+            finally:
+                self._pausing = False
+        if await self._queued():
+            await self.start()  # a prompt arrived while pausing: it resumes the session
+
+    async def resume(self) -> None:
+        if self.state in (states.PAUSED, states.ERROR, states.IDLE):
+            await self.start()
+        elif self.state not in states.LIVE:
+            raise AgentError(f"the session is {self.state}")
+
+    async def _queued(self) -> bool:
+        return any(p.status == "queued" for p in await self.store.pending_prompts(self.id))
+
+    async def _watch_limits(self) -> None:
+        """Pause after ``idle_timeout`` without activity, and once ``max_lifetime`` is reached
+        (after the running turn: a turn in progress is never cut)."""
+        idle, lifetime = self.settings.idle_timeout, self.settings.max_lifetime
+        if not idle and not lifetime:
+            return
+        while self.state == states.RUNNING:
+            now = time.monotonic()
+            deadlines = []
+            if idle:
+                deadlines.append((self._last_activity + idle, "idle"))
+            if lifetime:
+                deadlines.append((self._running_since + lifetime, "max_lifetime"))
+            due, reason = min(deadlines)
+            quiet = self._turn is None and not self._pausing
+            if now >= due and quiet and not await self._queued():
+                with contextlib.suppress(AgentError):
+                    await self.pause(reason)
+                return
+            # A timer, not synchronization: wake at the next deadline (or soon, if a turn runs).
+            await asyncio.sleep(max(0.05, due - now) if now < due else 0.5)
 
     # -- the workspace ------------------------------------------------------------------------
     def _running_sandbox(self) -> Sandbox:

@@ -121,6 +121,15 @@ class TabbiExtension(ExtensionApp):
         help="How often OpenCode may retry a failing model call before tabbi ends the turn "
         "with an error (OpenCode alone would retry without end).",
     ).tag(config=True)
+    idle_timeout = Float(
+        600.0, help="Seconds without activity after which a running session pauses (0: never)."
+    ).tag(config=True)
+    max_lifetime = Float(
+        8 * 3600.0,
+        help="Seconds a sandbox may run before it is paused; a running turn is finished first "
+        "(0: no limit).",
+    ).tag(config=True)
+    snapshots_keep = Int(3, help="Snapshots kept per session (the newest).").tag(config=True)
     max_prompt_chars = Int(100_000, help="Longest prompt accepted, in characters.").tag(config=True)
     github_url = Unicode(
         "https://github.com", help="GitHub's web URL (GitHub Enterprise: https://HOST)."
@@ -161,6 +170,9 @@ class TabbiExtension(ExtensionApp):
             github_url=self.github_url,
             turn_timeout=self.turn_timeout,
             model_retries=self.model_retries,
+            idle_timeout=self.idle_timeout,
+            max_lifetime=self.max_lifetime,
+            snapshots_keep=self.snapshots_keep,
         )
         self.manager = SessionManager(self.store, self.provider, settings)
         self._ready_lock = asyncio.Lock()
@@ -184,6 +196,7 @@ class TabbiExtension(ExtensionApp):
         options: dict[str, Any] = dict(self.sandbox_provider_options)
         if issubclass(self.sandbox_provider_class, LocalProvider):
             options.setdefault("root", data / "sandboxes")
+            options.setdefault("snapshot_root", data / "snapshots")
             options.setdefault("isolation_mode", self.isolation)
             options.setdefault("opencode_bin", self.opencode_bin)
             options.setdefault("start_timeout", self.start_timeout)

@@ -174,6 +174,24 @@ class AbortHandler(TabbiHandler):
         self.write_json({"aborted": True})
 
 
+class PauseHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, session_id: str) -> None:
+        agent = await self.session(session_id)
+        await agent.pause()
+        self.write_json(agent.describe())
+
+
+class ResumeHandler(TabbiHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, session_id: str) -> None:
+        agent = await self.session(session_id)
+        await agent.resume()
+        self.write_json(agent.describe(), 202)
+
+
 class PermissionHandler(TabbiHandler):
     @web.authenticated
     @authorized
@@ -329,6 +347,8 @@ def routes() -> list[tuple[str, type]]:
         (prefix + f"/sessions/{SESSION_ID}", SessionHandler),
         (prefix + f"/sessions/{SESSION_ID}/prompt", PromptHandler),
         (prefix + f"/sessions/{SESSION_ID}/abort", AbortHandler),
+        (prefix + f"/sessions/{SESSION_ID}/pause", PauseHandler),
+        (prefix + f"/sessions/{SESSION_ID}/resume", ResumeHandler),
         (prefix + f"/sessions/{SESSION_ID}/messages", MessagesHandler),
         (prefix + f"/sessions/{SESSION_ID}/diff", DiffHandler),
         (prefix + f"/sessions/{SESSION_ID}/file", FileHandler),

@@ -16,6 +16,8 @@ OpenCode versions and carry paths and internals. They see these types, each with
 ``agent.status``       ``{status: busy|idle|retry, message?, attempt?}``
 ``error``              ``{name, message}`` (model errors, tool-independent agent errors, faults)
 ``turn.finished``      ``{prompt_id, outcome: completed|aborted|error, error?}``
+``snapshot.saved``     ``{snapshot_id, size, reason, seconds}`` (emitted by the agent, not OpenCode)
+``snapshot.failed``    ``{reason, message}``: the sandbox keeps running; the next turn retries
 =====================  ===========================================================================
 
 The normalizer is pure bookkeeping (no I/O), so it is unit-tested against recorded payloads.

@@ -1,8 +1,9 @@
 """The session state machine, in one place.
 
 ``idle -> starting -> running <-> paused``; ``error`` is reachable from every state and a session
-leaves it by starting again (a prompt to an errored session restarts its sandbox). ``deleted`` is
-final. Anything else is a bug, and ``check_transition`` says so.
+leaves it by starting again (a prompt to an errored session restarts its sandbox). ``starting ->
+paused`` happens when a server restart finds a session that was starting and has a snapshot.
+``deleted`` is final. Anything else is a bug, and ``check_transition`` says so.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ IDLE, STARTING, RUNNING, PAUSED, ERROR, DELETED = (
 
 TRANSITIONS: dict[str, set[str]] = {
     IDLE: {STARTING, ERROR, DELETED},
-    STARTING: {RUNNING, ERROR, DELETED},
+    STARTING: {RUNNING, PAUSED, ERROR, DELETED},
     RUNNING: {PAUSED, ERROR, DELETED},
     PAUSED: {STARTING, ERROR, DELETED},
     ERROR: {STARTING, ERROR, DELETED},

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import isolation, processes
+from . import isolation, processes, snapshots
 from .binary import find_opencode
 from .provider import (
     BOOTSTRAP_SCRIPT,
@@ -230,12 +230,14 @@ class LocalProvider(SandboxProvider):
         self,
         root: str | os.PathLike,
         *,
+        snapshot_root: str | os.PathLike | None = None,
         isolation_mode: str = "auto",
         opencode_bin: str | None = None,
         start_timeout: float = 90,
         stop_grace: float = 5,
     ):
         self.root = Path(root)
+        self.snapshot_root = Path(snapshot_root) if snapshot_root else self.root.parent / "snapshots"
         self.isolation_mode = isolation_mode
         self.opencode_bin = opencode_bin
         self.start_timeout = start_timeout
@@ -246,12 +248,20 @@ class LocalProvider(SandboxProvider):
             raise SandboxError(f"invalid sandbox id {sandbox_id!r}")
         return self.root / sandbox_id
 
-    async def create(self, spec: SandboxSpec, progress: ProgressCallback) -> LocalSandbox:
+    async def create(
+        self, spec: SandboxSpec, progress: ProgressCallback, restore: dict[str, Any] | None = None
+    ) -> LocalSandbox:
         opencode_bin = find_opencode(self.opencode_bin)
         confined = await asyncio.to_thread(isolation.choose, self.isolation_mode)
         root = self.sandbox_root(spec.sandbox_id)
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
+        if restore is not None and not (root / snapshots.WORKSPACE).exists():
+            await progress({"phase": "restoring"})
+            try:
+                await asyncio.to_thread(snapshots.restore_archive, self._archive(restore), root)
+            except snapshots.SnapshotError as exc:
+                raise SandboxError(str(exc)) from exc
         sandbox = LocalSandbox(self, spec.sandbox_id, root, confined)
         await sandbox.start(spec, progress, opencode_bin)
         return sandbox
@@ -259,6 +269,28 @@ class LocalProvider(SandboxProvider):
     async def destroy(self, sandbox_id: str) -> None:
         processes.kill_all(sandbox_id)
         await asyncio.to_thread(shutil.rmtree, self.sandbox_root(sandbox_id), True)
+
+    # -- snapshots: compressed archives under snapshot_root/<sandbox id>/ -------------------------
+    async def snapshot(self, sandbox: Sandbox, name: str) -> tuple[dict[str, Any], int]:
+        assert isinstance(sandbox, LocalSandbox)
+        if not name.replace("-", "").isalnum():
+            raise SandboxError(f"invalid snapshot name {name!r}")
+        destination = self.snapshot_root / sandbox.id / f"{name}.tar.gz"
+        try:
+            size = await asyncio.to_thread(snapshots.make_archive, sandbox.root, destination)
+        except snapshots.SnapshotError as exc:
+            raise SandboxError(str(exc)) from exc
+        return {"provider": self.name, "sandbox_id": sandbox.id, "name": name}, size
+
+    def _archive(self, ref: dict[str, Any]) -> Path:
+        sandbox_id, name = str(ref.get("sandbox_id", "")), str(ref.get("name", ""))
+        if not name.replace("-", "").isalnum():
+            raise SandboxError(f"invalid snapshot reference {ref!r}")
+        return self.snapshot_root / self.sandbox_root(sandbox_id).name / f"{name}.tar.gz"
+
+    async def delete_snapshot(self, ref: dict[str, Any]) -> None:
+        archive = self._archive(ref)
+        await asyncio.to_thread(archive.unlink, True)
 
     def check(self) -> dict[str, Any]:
         ok, why = isolation.bwrap_works()

@@ -96,15 +96,28 @@ class SandboxProvider(abc.ABC):
     name: str = "abstract"
 
     @abc.abstractmethod
-    async def create(self, spec: SandboxSpec, progress: ProgressCallback) -> Sandbox:
-        """Start a sandbox, run the bootstrap, and return once OpenCode is healthy."""
+    async def create(
+        self, spec: SandboxSpec, progress: ProgressCallback, restore: dict[str, Any] | None = None
+    ) -> Sandbox:
+        """Start a sandbox, run the bootstrap, and return once OpenCode is healthy.
+
+        With ``restore`` (a snapshot's ref), the sandbox starts from that snapshot unless its own
+        files still exist (they are newer)."""
 
     async def load_state(self, state: dict[str, Any]) -> Sandbox | None:
         """Re-attach to a sandbox described by ``get_state``; None when it is gone."""
         return None
 
+    @abc.abstractmethod
+    async def snapshot(self, sandbox: Sandbox, name: str) -> tuple[dict[str, Any], int]:
+        """Save the sandbox's workspace and agent data; return ``(ref, size in bytes)``. The ref
+        is JSON (stored with the session) and holds no secret. Raises ``SandboxError``."""
+
+    @abc.abstractmethod
+    async def delete_snapshot(self, ref: dict[str, Any]) -> None: ...
+
     async def destroy(self, sandbox_id: str) -> None:
-        """Remove everything the sandbox left behind (workspace, home)."""
+        """Remove everything the sandbox left behind (workspace, home); snapshots stay."""
 
     def check(self) -> dict[str, Any]:
         """Health details for ``GET /tabbi/api/health``: ``{"usable": bool, ...}``."""

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .client import Client, NotSupported, Session, TabbiError, TurnResult, connect
+from .client import Client, Session, TabbiError, TurnResult, connect
 from .discovery import ServerInfo, ServerNotFound, find_server
 
 __version__ = "0.1.0"
 __all__ = [
     "Client",
-    "NotSupported",
     "ServerInfo",
     "ServerNotFound",
     "Session",

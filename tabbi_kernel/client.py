@@ -8,7 +8,10 @@ foreground; the chat panel streams them over the WebSocket in a background task 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,10 +28,6 @@ class TabbiError(Exception):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
-
-
-class NotSupported(TabbiError):
-    pass
 
 
 @dataclass
@@ -151,14 +150,28 @@ class Session:
 
     def wait_until_running(self, on_event: Callable[[Event], None] | None = None,
                            timeout: float = 300) -> dict[str, Any]:
-        """Block until the sandbox is up; ``on_event`` sees each status change. Raises on error."""
-        for event in self.follow(0, until=_settled, timeout=timeout):
-            if on_event is not None and event["type"] == "session.status":
-                on_event(event)
+        """Block until the sandbox is up; ``on_event`` sees each status change. Raises on error.
+
+        Status changes are read from just before the last known one (the answer of ``start`` or
+        ``resume``), so every phase of this start is shown and none of an earlier one counts."""
+        after = max(self.info.get("last_seq", 0) - 1, 0)
+        settled = False
+        for event in self.events(after):
+            after = event["seq"]
+            settled = self._status(event, on_event) or settled
+        if not settled and self.refresh()["state"] not in ("running", "error"):
+            for event in self.follow(after, until=_settled, timeout=timeout):
+                self._status(event, on_event)
         info = self.refresh()
         if info["state"] == "error":
             raise TabbiError(info.get("error") or "the session failed to start")
         return info
+
+    @staticmethod
+    def _status(event: Event, on_event: Callable[[Event], None] | None) -> bool:
+        if event["type"] == "session.status" and on_event is not None:
+            on_event(event)
+        return _settled(event)
 
     # -- prompts --------------------------------------------------------------------------------
     def prompt(self, text: str) -> str:
@@ -167,29 +180,31 @@ class Session:
 
     def ask(self, text: str, on_event: Callable[[Event], None] | None = None,
             timeout: float | None = None) -> TurnResult:
-        """Send a prompt and follow its turn to the end. Interrupting (the kernel's stop button)
-        aborts the turn and returns its result with outcome "aborted"."""
+        """Send a prompt and follow its turn to the end.
+
+        Interrupting (the kernel's stop button, SIGINT) aborts the turn; the result then has
+        outcome "aborted". The interrupt only sets a flag that the loop checks between reads (at
+        least every second), so it never lands in the middle of printing or a request."""
         after = self.refresh().get("last_seq", 0)
         prompt_id = self.prompt(text)
         result = TurnResult(prompt_id)
-        is_end = _turn_end(prompt_id)
-        mine = _own_turn(prompt_id)
-        last = after
-        try:
-            for event in self.follow(after, until=is_end, timeout=timeout):
-                last = event["seq"]
-                if mine(event):
-                    _collect(result, event)
-                    if on_event is not None:
-                        on_event(event)
-        except KeyboardInterrupt:
-            self.abort(quiet=True)
-            for event in self.follow(last, until=is_end, timeout=30):
-                if mine(event):
-                    _collect(result, event)
-                    if on_event is not None:
-                        on_event(event)
-        return result
+        is_end, mine = _turn_end(prompt_id), _own_turn(prompt_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with _interrupt_flag() as interrupted:
+            aborted = False
+            while deadline is None or time.monotonic() < deadline:
+                if interrupted() and not aborted:
+                    self.abort(quiet=True)
+                    aborted = True
+                for event in self.events(after, wait=1):
+                    after = event["seq"]
+                    if mine(event):
+                        _collect(result, event)
+                        if on_event is not None:
+                            on_event(event)
+                    if is_end(event):
+                        return result
+        raise TabbiError(f"the turn did not end within {timeout} s")
 
     def abort(self, quiet: bool = False) -> None:
         try:
@@ -213,14 +228,20 @@ class Session:
     def delete(self) -> None:
         self.client.request("DELETE", self._path())
 
-    def pause(self) -> None:
-        raise NotSupported("pause is not supported yet (it comes with snapshots); the session keeps running")
+    def pause(self) -> dict[str, Any]:
+        """Snapshot the sandbox, then stop it. A prompt (or ``resume``) brings it back with the
+        same conversation and workspace."""
+        self.info = self.client.request("POST", self._path("pause"), timeout=300)
+        return self.info
 
-    def resume(self) -> None:
-        raise NotSupported("resume is not supported yet (it comes with snapshots)")
+    def resume(self) -> dict[str, Any]:
+        """Start the sandbox again from its last snapshot; returns at once (it starts in the
+        background, see ``wait_until_running``)."""
+        self.info = self.client.request("POST", self._path("resume"))
+        return self.info
 
-    def stop(self) -> None:
-        raise NotSupported("stop is not supported yet (it comes with snapshots); use delete to end it")
+    #: Stopping keeps the work: the same as pausing.
+    stop = pause
 
 
 def connect(url: str | None = None, token: str | None = None) -> Client:
@@ -228,6 +249,26 @@ def connect(url: str | None = None, token: str | None = None) -> Client:
     if url:
         return Client(url, token or "")
     return Client.from_server(find_server())
+
+
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[Callable[[], bool]]:
+    """While active, SIGINT sets a flag instead of raising KeyboardInterrupt (main thread only;
+    elsewhere signals cannot be caught and the flag stays false)."""
+    hit = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal hit
+        hit = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: hit
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _server_message(exc: Any) -> str:

@@ -16,7 +16,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
 from . import render
-from .client import Client, Event, NotSupported, Session, TabbiError, connect
+from .client import Client, Event, Session, TabbiError, connect
 from .conversation import Conversation
 from .discovery import ServerNotFound
 from .snippets import cell_source, turn_snippets
@@ -40,8 +40,9 @@ HELP = """\
   %tabbi diff                The branch's changes against where it started.
   %tabbi insert              The Python code of the last turn -> one new cell below (percent
                              format: split it at the '# %%' markers with Ctrl+Shift+-).
-  %tabbi delete              End the current session: its sandbox and workspace are removed.
-  %tabbi pause | resume | stop    (not supported yet: they come with snapshots)
+  %tabbi pause | stop        Snapshot the session, then stop its sandbox (not during a turn).
+  %tabbi resume              Start it again from the snapshot; a prompt resumes it too.
+  %tabbi delete              End the current session: sandbox, workspace and snapshots are removed.
 
   %tabbi whoami | models     Who you are to the server; the configured model.
   %tabbi login | logout | repos | push    (come with the GitHub integration)
@@ -115,6 +116,7 @@ def describe_phase(data: dict[str, Any]) -> str:
         "reusing_workspace": "reusing the workspace",
         "branch": f"working on branch {data.get('branch')}",
         "starting_agent": "starting the agent",
+        "restoring": "restoring the last snapshot",
         "ready": "ready",
     }.get(phase or "", phase or "starting")
 
@@ -219,20 +221,21 @@ class TabbiMagics(Magics):
         print(f"[tabbi] deleted {session.id}")
 
     def cmd_pause(self, argv: list[str]) -> None:
-        self._unsupported(self.session().pause)
+        session = self.session(argv[0] if argv else None)
+        print("[tabbi] saving a snapshot, then stopping the sandbox...")
+        session.pause()
+        print(f"[tabbi] {session.id} is paused; a prompt or %tabbi resume brings it back")
+
+    cmd_stop = cmd_pause
 
     def cmd_resume(self, argv: list[str]) -> None:
-        self._unsupported(self.session().resume)
-
-    def cmd_stop(self, argv: list[str]) -> None:
-        self._unsupported(self.session().stop)
-
-    @staticmethod
-    def _unsupported(action: Callable[[], None]) -> None:
-        try:
-            action()
-        except NotSupported as exc:
-            print(f"[tabbi] {exc}")
+        session = self.session(argv[0] if argv else None)
+        session.resume()
+        info = session.wait_until_running(
+            on_event=lambda e: print(f"[tabbi] {describe_phase(e['data'])}")
+            if e["data"].get("state") == "starting" else None
+        )
+        print(f"[tabbi] {info['id']} is running again on branch {info['work_branch']}")
 
     # -- prompts --------------------------------------------------------------------------------
     def _prompt_cell(self, line: str, cell: str) -> None:

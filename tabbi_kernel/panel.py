@@ -22,7 +22,7 @@ import anywidget
 import traitlets
 
 from . import render
-from .client import NotSupported, Session, TabbiError
+from .client import Session, TabbiError
 from .conversation import Conversation
 from .snippets import cell_source, turn_snippets
 
@@ -142,8 +142,6 @@ class ChatPanel(anywidget.AnyWidget):
                 self.diff_html = render.diff(self._session.diff())["text/html"]
             elif action == "insert":
                 self._show_code()
-        except NotSupported as exc:
-            self.notice = str(exc)
         except TabbiError as exc:
             self.notice = f"Error: {exc}"
 

@@ -350,3 +350,11 @@ async def test_diff_and_file_endpoints_stay_inside_the_workspace(api, llm, sourc
         assert code == 400 and message in answer["message"], (path, answer)
     code, answer = await api.call("GET", f"tabbi/api/sessions/{sid}/file", params={"path": "nope.py"})
     assert code == 404 and "no such file" in answer["message"]
+
+
+async def test_server_shutdown_during_start_is_prompt_and_leaves_no_process(api, source_repo,
+                                                                           tabbi_app):
+    session = await api.create(str(source_repo))
+    await api.wait_for(session["id"], lambda e: e["data"].get("phase") == "starting_agent")
+    await asyncio.wait_for(tabbi_app.manager.shutdown(), 30)
+    assert processes.sandbox_pids(session["id"]) == []

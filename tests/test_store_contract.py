@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tabbi_extension.store import Event, Prompt, SessionRecord, SQLiteStore, StoreError
+from tabbi_extension.store import Event, Prompt, SessionRecord, Snapshot, SQLiteStore, StoreError
 
 
 async def make_sqlite(tmp_path):
@@ -120,6 +120,18 @@ async def test_users_and_tokens(store):
     assert await store.get_token("alice", "github") is None
 
 
+async def test_snapshots_newest_first_and_deleted_with_the_session(store):
+    await store.create_session(record("ses-1"))
+    for n in range(3):
+        await store.add_snapshot(Snapshot("ses-1", f"snap{n}", {"path": f"/s/{n}"}, 10 * n, 100.0 + n))
+    assert [s.id for s in await store.list_snapshots("ses-1")] == ["snap2", "snap1", "snap0"]
+    assert (await store.list_snapshots("ses-1"))[0].ref == {"path": "/s/2"}
+    await store.delete_snapshot("ses-1", "snap1")
+    assert [s.id for s in await store.list_snapshots("ses-1")] == ["snap2", "snap0"]
+    await store.delete_session("ses-1")
+    assert await store.list_snapshots("ses-1") == []
+
+
 async def test_ping(store):
     assert await store.ping() is True
 
@@ -136,7 +148,7 @@ async def test_sqlite_schema_is_versioned_wal_and_private(tmp_path):
     assert (await again.get_session("ses-1")).owner == "alice"
     await again.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
     assert path.stat().st_mode & 0o077 == 0

@@ -1,6 +1,6 @@
 """Persistence behind one interface (``Store``); SQLite is the default backend."""
 
-from .base import Event, Prompt, SessionRecord, Store, StoreError
+from .base import Event, Prompt, SessionRecord, Snapshot, Store, StoreError
 from .sqlite import SQLiteStore
 
-__all__ = ["Event", "Prompt", "SQLiteStore", "SessionRecord", "Store", "StoreError"]
+__all__ = ["Event", "Prompt", "SQLiteStore", "SessionRecord", "Snapshot", "Store", "StoreError"]

@@ -75,6 +75,18 @@ class Prompt:
     position: int = 0
 
 
+@dataclass
+class Snapshot:
+    """A saved sandbox state. ``ref`` is the provider's JSON description (an archive path, a
+    Modal image id); newest first when listed."""
+
+    session_id: str
+    id: str
+    ref: dict[str, Any]
+    size: int
+    created_at: float
+
+
 SESSION_FIELDS = {
     "state",
     "base_commit",
@@ -162,6 +174,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_messages(self, session_id: str) -> list[dict[str, Any]]:
         """Messages in creation order, each ``{"id", "role", "info", "parts": [...]}``."""
+
+    # snapshots ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    @abc.abstractmethod
+    async def list_snapshots(self, session_id: str) -> list[Snapshot]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    async def delete_snapshot(self, session_id: str, snapshot_id: str) -> None: ...
 
     # tokens (already encrypted by the caller) ------------------------------------------------
     @abc.abstractmethod

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .base import SESSION_FIELDS, Event, Prompt, SessionRecord, Store, StoreError
+from .base import SESSION_FIELDS, Event, Prompt, SessionRecord, Snapshot, Store, StoreError
 
 T = TypeVar("T")
 
@@ -83,6 +83,17 @@ MIGRATIONS: list[str] = [
         ciphertext BLOB NOT NULL,
         updated_at REAL NOT NULL,
         PRIMARY KEY (username, provider)
+    );
+    """,
+    # 2: snapshots of a session's sandbox (workspace + agent data), newest kept.
+    """
+    CREATE TABLE snapshots (
+        session_id TEXT NOT NULL,
+        id TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (session_id, id)
     );
     """,
 ]
@@ -218,7 +229,7 @@ class SQLiteStore(Store):
 
     async def delete_session(self, session_id: str) -> None:
         def delete(c: sqlite3.Connection) -> None:
-            for table in ("events", "prompts", "messages", "parts"):
+            for table in ("events", "prompts", "messages", "parts", "snapshots"):
                 c.execute(f"DELETE FROM {table} WHERE session_id=?", (session_id,))
             c.execute("DELETE FROM sessions WHERE id=?", (session_id,))
 
@@ -325,6 +336,33 @@ class SQLiteStore(Store):
             return messages
 
         return await self._run(query)
+
+    # snapshots ------------------------------------------------------------------------------
+    async def add_snapshot(self, snapshot: Snapshot) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?)",
+                (snapshot.session_id, snapshot.id, json.dumps(snapshot.ref), snapshot.size,
+                 snapshot.created_at),
+            )
+        )
+
+    async def list_snapshots(self, session_id: str) -> list[Snapshot]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT session_id, id, ref, size, created_at FROM snapshots WHERE session_id=? "
+                "ORDER BY created_at DESC, rowid DESC",
+                (session_id,),
+            ).fetchall()
+        )
+        return [Snapshot(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+
+    async def delete_snapshot(self, session_id: str, snapshot_id: str) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "DELETE FROM snapshots WHERE session_id=? AND id=?", (session_id, snapshot_id)
+            )
+        )
 
     # tokens ---------------------------------------------------------------------------------
     async def put_token(self, username: str, provider: str, ciphertext: bytes) -> None:

@@ -40,7 +40,7 @@ class JupyterProcess:
         }
         module = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}[app]
         self.log_path = workdir / f"{app}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--no-browser", f"--port={self.port}", "--ServerApp.ip=127.0.0.1",
              "--allow-root", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={workdir}",
@@ -98,6 +98,12 @@ class JupyterProcess:
                 if predicate(event):
                     return event
         raise TimeoutError("event not seen")
+
+    def kill(self) -> None:
+        """SIGKILL the server process alone, as a crash would."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
