@@ -18,3 +18,5 @@ bench: setup
 	cd bench && ../.venv/bin/python bench_start.py
 	cd bench && ../.venv/bin/python bench_latency.py
 	cd bench && ../.venv/bin/python bench_import.py
+	cd bench && ../.venv/bin/python bench_lifecycle.py
+	cd bench && ../.venv/bin/python bench_load.py

@@ -203,3 +203,15 @@ async def test_panel_answers_a_permission_request_through_the_server(kernel, llm
     assert any(e["type"] == "permission.replied" and e["data"]["reply"] == "once" for e in events)
     assert events[-1]["data"]["outcome"] == "completed"
     await kernel.drain_comms(lambda: kernel.widget_state(model_id).get("permissions") == [], timeout=60)
+
+
+async def test_pause_and_resume_from_the_magics(kernel, llm, source_repo):
+    sid = await start(kernel, source_repo)
+    await kernel.run("%tabbi ask hello")
+    paused = await kernel.run("%tabbi pause")
+    assert paused.status == "ok", paused
+    assert f"{sid} is paused" in paused.stdout
+    assert f"{sid}: paused" in (await kernel.run("%tabbi status")).stdout
+    resumed = await kernel.run("%tabbi resume")
+    assert resumed.status == "ok", resumed
+    assert "restoring the last snapshot" in resumed.stdout and "running again" in resumed.stdout
