@@ -65,6 +65,9 @@ class Turn:
     outcome: str = "completed"
     error: str | None = None
     watchdog: asyncio.Task | None = None
+    #: OpenCode created this turn's user message. Until then an idle signal belongs to the turn
+    #: before (OpenCode can report idle more than once, late, after an abort).
+    acknowledged: bool = False
 
 
 class SessionAgent:
@@ -91,6 +94,7 @@ class SessionAgent:
         self._normalizer: EventNormalizer | None = None
         self._model_ref: dict[str, str] | None = None
         self._tasks: dict[str, asyncio.Task] = {}
+        self._user_messages: set[str] = set()
         self._snapshot_lock = asyncio.Lock()
         self._snapshot_wanted = False
         self._pausing = False
@@ -547,6 +551,10 @@ class SessionAgent:
     async def _apply(self, events: list[Normalized], signals: Signals) -> None:
         if signals.message is not None:
             message_id, role, info = signals.message
+            if role == "user" and message_id not in self._user_messages:
+                self._user_messages.add(message_id)
+                if self._turn is not None:
+                    self._turn.acknowledged = True
             await self._retry_store(lambda: self.store.upsert_message(self.id, message_id, role, info))
         if signals.part is not None:
             message_id, part_id, part = signals.part
@@ -557,7 +565,9 @@ class SessionAgent:
                 await self._on_retry(event.data)
         if signals.error is not None:
             await self._on_agent_error(signals.error)
-        if signals.idle and self._turn is not None:
+        if signals.idle and self._turn is not None and (
+            self._turn.acknowledged or self._turn.outcome == "aborted"
+        ):
             await self._finish_turn(self._turn.outcome, self._turn.error)
 
     async def _on_retry(self, status: dict[str, Any]) -> None:
