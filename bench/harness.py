@@ -16,7 +16,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,18 +27,9 @@ from tabbi_extension.model_config import ModelSettings, build  # noqa: E402
 from tabbi_sandbox.binary import find_opencode  # noqa: E402
 from tests.support.llm import ScriptedLLM  # noqa: E402
 from tests.support.server import JupyterProcess, free_port  # noqa: E402
+from tests.support.waiting import poll_until  # noqa: E402
 
 __all__ = ["BareOpenCode", "JupyterProcess", "ScriptedLLM", "machine", "percentile", "sample_repo", "summary"]
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not ready within {timeout} s")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,7 +76,7 @@ class BareOpenCode:
             except OSError:
                 return False
 
-        wait_until(healthy, 60, "opencode")
+        poll_until(healthy, 60, "opencode healthy", interval=0.02)
         return time.monotonic() - self.started
 
     def stop(self) -> None:

@@ -10,13 +10,13 @@ import gzip
 import os
 import signal
 import tarfile
-import time
 
 import pytest
 
 from tabbi_sandbox import processes
 from tests.conftest import git
 from tests.support.llm import Reply, write
+from tests.support.waiting import poll_until
 from tests.test_sessions import opencode_pids, running_session
 
 pytestmark = pytest.mark.timeout(300)
@@ -184,10 +184,7 @@ def test_server_killed_mid_turn_then_restarted(tmp_path, llm, source_repo):
     finally:
         first.kill()
     # The sandbox dies with its server (no orphan OpenCode is left behind).
-    deadline = time.monotonic() + 30
-    while oc_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.1)  # polling process exit, bounded by the deadline
-    assert oc_pids(sid) == []
+    poll_until(lambda: not oc_pids(sid), 30, "the sandbox dying with its server")
 
     second = JupyterProcess(llm.url, tmp_path / "srv")
     try:

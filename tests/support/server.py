@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.support.waiting import poll_until
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -50,11 +52,7 @@ class JupyterProcess:
              "--TabbiExtension.model=scripted", *(extra or [])],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        deadline = time.monotonic() + 90
-        while not self._up():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"jupyter did not start; see {self.log_path}")
-            time.sleep(0.1)  # polling a subprocess's readiness, bounded by the deadline
+        poll_until(self._up, 90, f"jupyter answering (see {self.log_path})")
 
     @property
     def url(self) -> str:
@@ -81,13 +79,9 @@ class JupyterProcess:
 
     def wait_kernel_connected(self, timeout: float = 90) -> None:
         """Until a kernel is idle with a front end connected to it (a browser can run cells)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            kernels = self.call("GET", "api/kernels")
-            if any(k["execution_state"] == "idle" and k["connections"] > 0 for k in kernels):
-                return
-            time.sleep(0.2)  # polling the server's own state, bounded by the deadline
-        raise TimeoutError("no kernel with a connected front end")
+        poll_until(lambda: any(k["execution_state"] == "idle" and k["connections"] > 0
+                               for k in self.call("GET", "api/kernels")),
+                   timeout, "a kernel with a connected front end", interval=0.2)
 
     def wait_event(self, sid: str, predicate, after: int = 0, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
