@@ -24,7 +24,8 @@ from tabbi_sandbox.provider import SandboxProvider
 from . import handlers
 from .agent import AgentSettings
 from .manager import SessionManager
-from .model_config import DEFAULT_PERMISSIONS, PROVIDER_KEYS, ModelSettings
+from .model_config import DEFAULT_PERMISSIONS, PROVIDER_KEYS, ModelConfigError, ModelSettings
+from .model_config import build as build_model_config
 from .store import SQLiteStore, Store
 
 
@@ -239,12 +240,18 @@ class TabbiExtension(ExtensionApp):
             opencode = {"found": False, "detail": str(exc)}
         check = await asyncio.to_thread(self.provider.check) if self.provider else {}
         sandbox = {"provider": getattr(self.provider, "name", None), **check}
-        ok = store_ok and opencode["found"] and sandbox.get("usable", False)
+        model: dict[str, Any] = {"default": self.model, "custom_endpoint": bool(self.llm_base_url)}
+        try:
+            build_model_config(self.manager.settings.model if self.manager else ModelSettings())
+            model["configured"] = True
+        except ModelConfigError as exc:
+            model.update(configured=False, detail=str(exc))
+        ok = store_ok and opencode["found"] and sandbox.get("usable", False) and model["configured"]
         return {
             "status": "ok" if ok else "degraded",
             "store": {"reachable": store_ok, "backend": type(self.store).__name__},
             "opencode": opencode,
             "sandbox": sandbox,
-            "model": {"default": self.model, "custom_endpoint": bool(self.llm_base_url)},
+            "model": model,
             "checked_in_ms": round((time.monotonic() - started) * 1000, 1),
         }

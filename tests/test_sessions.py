@@ -283,6 +283,14 @@ async def test_health_reports_dependencies(api):
     assert health["store"]["reachable"] is True
     assert health["opencode"]["found"] is True
     assert health["sandbox"]["usable"] is True
+    assert health["model"]["configured"] is True
+
+
+@pytest.mark.tabbi(llm_base_url=None, model=None)
+async def test_health_says_what_is_missing(api):
+    health = await api.ok("GET", "tabbi/api/health")
+    assert health["status"] == "degraded"
+    assert health["model"]["configured"] is False and "TABBI_MODEL" in health["model"]["detail"]
 
 
 async def test_endpoints_require_authentication(jp_fetch):
