@@ -45,9 +45,10 @@ async def test_pause_then_a_prompt_resumes_the_same_conversation(api, llm, sourc
     assert snapshot_files(data_dir, sid)
 
     before = len(llm.agent_requests())
+    last = (await api.events(sid))["last_seq"]
     llm.enqueue(Reply(text="You asked me to write 42 into notes.txt."))
     await api.prompt(sid, "what did I ask you before?")  # a prompt resumes a paused session
-    events = await api.wait_turn(sid, after=(await api.events(sid))["events"][-1]["seq"] - 1)
+    events = await api.wait_turn(sid, after=last)
     assert events[-1]["data"]["outcome"] == "completed"
     statuses = [e["data"].get("phase") for e in (await api.events(sid))["events"]
                 if e["type"] == "session.status"]

@@ -79,8 +79,10 @@ async def test_prompt_writes_file_on_session_branch(api, llm, source_repo, works
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert events[-1]["type"] == "turn.finished"
     assert events[-1]["data"]["outcome"] == "completed"
+    # The log holds the same events (a background snapshot may already have logged one more).
     persisted = (await api.events(sid))["events"]
-    assert persisted == events
+    assert persisted[: len(events)] == events
+    assert {e["type"] for e in persisted[len(events):]} <= {"snapshot.saved"}
     tools = [e["data"] for e in events if e["type"] == "tool"]
     assert [t["status"] for t in tools] == ["pending", "running", "completed"]
     assert tools[-1]["tool"] == "write" and tools[-1]["input"]["filePath"].endswith("hello.py")
@@ -117,7 +119,7 @@ async def test_late_and_reconnecting_clients_get_exactly_the_events_after_their_
     late.close()
     assert replay == head + tail
     page = await api.events(sid, after=k)
-    assert page["events"] == tail
+    assert page["events"][: len(tail)] == tail
 
 
 async def test_prompt_while_starting_is_delivered_after_start_and_prompts_run_in_order(
