@@ -104,7 +104,7 @@ class LocalSandbox(Sandbox):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
         # Whatever escaped the process group (setsid, double fork) still carries the marker.
-        processes.kill_all(self.id)
+        await asyncio.to_thread(processes.kill_all, self.id)
         if self._reader is not None:
             self._reader.cancel()
         self._endpoint = None
@@ -267,7 +267,7 @@ class LocalProvider(SandboxProvider):
         return sandbox
 
     async def destroy(self, sandbox_id: str) -> None:
-        processes.kill_all(sandbox_id)
+        await asyncio.to_thread(processes.kill_all, sandbox_id)
         await asyncio.to_thread(shutil.rmtree, self.sandbox_root(sandbox_id), True)
 
     # -- snapshots: compressed archives under snapshot_root/<sandbox id>/ -------------------------
