@@ -42,6 +42,28 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+async def _spawn(argv: list[str], **options: Any) -> asyncio.subprocess.Process:
+    """Start a process as the leader of its own group, killed if the server dies.
+
+    Creation is shielded from cancellation: cancelling ``create_subprocess_exec`` midway can hang
+    forever in CPython 3.11 (it waits for an exit the child watcher never reports), which froze
+    server shutdown during a sandbox start. A cancelled caller still gets its cancellation, after
+    the new process group is killed.
+    """
+    creation = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            *argv, start_new_session=True, preexec_fn=_die_with_parent, **options
+        )
+    )
+    try:
+        return await asyncio.shield(creation)
+    except asyncio.CancelledError:
+        proc = await creation
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 class LocalSandbox(Sandbox):
     def __init__(self, provider: LocalProvider, sandbox_id: str, root: Path, confined: bool):
         self.provider = provider
@@ -73,15 +95,13 @@ class LocalSandbox(Sandbox):
 
     async def exec(self, argv: list[str], timeout: float = 60) -> ExecResult:
         cmd = self._confine(argv, cwd=str(self.workspace))
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
+        proc = await _spawn(
+            cmd,
             cwd=str(self.workspace),
             env=self._env(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -166,16 +186,15 @@ class LocalSandbox(Sandbox):
         }
         argv = [python, "-I", "-S", str(BOOTSTRAP_SCRIPT)]
         cwd = str(self.root)
-        self._proc = await asyncio.create_subprocess_exec(
-            *self._confine(argv, cwd=cwd),
-            cwd=cwd,
-            env=self._env(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=open(self.root / "bootstrap.log", "ab"),  # noqa: SIM115 - owned by the child
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        with open(self.root / "bootstrap.log", "ab") as log_file:
+            self._proc = await _spawn(
+                self._confine(argv, cwd=cwd),
+                cwd=cwd,
+                env=self._env(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+            )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(json.dumps(payload).encode())
         await self._proc.stdin.drain()

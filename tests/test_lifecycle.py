@@ -205,3 +205,17 @@ def test_server_killed_mid_turn_then_restarted(tmp_path, llm, source_repo):
     assert ("session.status", "paused") in kinds and ("session.status", "running") in kinds
     started = [e["data"]["text"] for e in after_crash if e["type"] == "turn.started"]
     assert started == ["the queued one"] and done["seq"] > 0
+
+
+@pytest.mark.tabbi(idle_timeout=2.0)
+@pytest.mark.timeout(120)
+async def test_server_stops_cleanly_while_a_sandbox_is_being_created(api, llm, source_repo):
+    """The test ends (and the server shuts down in teardown) just as the resumed sandbox's process
+    is being created. Cancelling process creation used to hang shutdown forever (CPython 3.11);
+    before the fix this failed in about half of the runs, as a teardown timeout."""
+    sid = await running_session(api, source_repo)
+    await api.prompt(sid, "hello")
+    await api.wait_for(
+        sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "paused", timeout=90)
+    resumed = await api.ok("POST", f"tabbi/api/sessions/{sid}/resume", expect=202)
+    await api.wait_for(sid, lambda e: e["data"].get("phase") == "restoring", after=resumed["last_seq"])
