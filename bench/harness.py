@@ -19,14 +19,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "sandbox"))
-
-import bootstrap  # noqa: E402  (the in-sandbox bootstrap, used here for its env and seeding)
 
 from tabbi_extension.model_config import ModelSettings, build  # noqa: E402
+from tabbi_sandbox import bootstrap  # noqa: E402  (the in-sandbox bootstrap: its env and seeding)
 from tabbi_sandbox.binary import find_opencode  # noqa: E402
 from tests.support.llm import ScriptedLLM  # noqa: E402
-from tests.support.server import JupyterProcess, free_port  # noqa: E402
+from tests.support.server import JupyterProcess  # noqa: E402
 from tests.support.waiting import poll_until  # noqa: E402
 
 __all__ = ["BareOpenCode", "JupyterProcess", "ScriptedLLM", "machine", "percentile", "sample_repo", "summary"]
@@ -47,14 +45,12 @@ class BareOpenCode:
 
     def __init__(self, llm: ScriptedLLM, workspace: Path):
         self.home = Path(tempfile.mkdtemp(prefix="bench-oc-home-"))
-        self.port = free_port()
+        self.port = bootstrap.free_port()
         self.password = secrets.token_urlsafe(16)
         setup = build(ModelSettings(model="scripted", llm_base_url=llm.url))
         self.model_ref = setup.model_ref
-        env = {**bootstrap.prepare_home(str(self.home)), **setup.env,
-               "OPENCODE_SERVER_PASSWORD": self.password,
-               "OPENCODE_CONFIG_CONTENT": json.dumps(setup.config),
-               "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1"}
+        env = bootstrap.opencode_env(bootstrap.prepare_home(str(self.home)), self.password,
+                                     setup.config, setup.env)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [find_opencode(), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],

@@ -113,6 +113,10 @@ class TabbiExtension(ExtensionApp):
         help="The store backend: SQLite (a file in data_dir) by default.",
     ).tag(config=True)
 
+    store_options = Dict(help="Keyword arguments for the store class (a Convex URL, ...).").tag(
+        config=True
+    )
+
     start_timeout = Float(90.0, help="Seconds a sandbox may take to become ready.").tag(config=True)
     turn_timeout = Float(1800.0, help="Seconds after which a running turn is aborted.").tag(
         config=True
@@ -189,9 +193,10 @@ class TabbiExtension(ExtensionApp):
         )
 
     def make_store(self, data: Path) -> Store:
-        if self.store_class is SQLiteStore:
-            return SQLiteStore(data / "tabbi.sqlite3")
-        return self.store_class(parent=self)  # type: ignore[call-arg]
+        options: dict[str, Any] = dict(self.store_options)
+        if issubclass(self.store_class, SQLiteStore):
+            options.setdefault("path", data / "tabbi.sqlite3")
+        return self.store_class(**options)
 
     def make_provider(self, data: Path) -> SandboxProvider:
         options: dict[str, Any] = dict(self.sandbox_provider_options)

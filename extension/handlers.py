@@ -174,22 +174,15 @@ class AbortHandler(TabbiHandler):
         self.write_json({"aborted": True})
 
 
-class PauseHandler(TabbiHandler):
+class LifecycleHandler(TabbiHandler):
+    """``POST .../pause`` (snapshot, then stop; 200) and ``POST .../resume`` (starts; 202)."""
+
     @web.authenticated
     @authorized
-    async def post(self, session_id: str) -> None:
+    async def post(self, session_id: str, action: str) -> None:
         agent = await self.session(session_id)
-        await agent.pause()
-        self.write_json(agent.describe())
-
-
-class ResumeHandler(TabbiHandler):
-    @web.authenticated
-    @authorized
-    async def post(self, session_id: str) -> None:
-        agent = await self.session(session_id)
-        await agent.resume()
-        self.write_json(agent.describe(), 202)
+        await getattr(agent, action)()
+        self.write_json(agent.describe(), 202 if action == "resume" else 200)
 
 
 class PermissionHandler(TabbiHandler):
@@ -347,8 +340,7 @@ def routes() -> list[tuple[str, type]]:
         (prefix + f"/sessions/{SESSION_ID}", SessionHandler),
         (prefix + f"/sessions/{SESSION_ID}/prompt", PromptHandler),
         (prefix + f"/sessions/{SESSION_ID}/abort", AbortHandler),
-        (prefix + f"/sessions/{SESSION_ID}/pause", PauseHandler),
-        (prefix + f"/sessions/{SESSION_ID}/resume", ResumeHandler),
+        (prefix + f"/sessions/{SESSION_ID}/(?P<action>pause|resume)", LifecycleHandler),
         (prefix + f"/sessions/{SESSION_ID}/messages", MessagesHandler),
         (prefix + f"/sessions/{SESSION_ID}/diff", DiffHandler),
         (prefix + f"/sessions/{SESSION_ID}/file", FileHandler),

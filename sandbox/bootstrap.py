@@ -156,22 +156,34 @@ def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: floa
     raise BootstrapError(f"OpenCode did not become healthy within {timeout:.0f} s")
 
 
+#: Switches that keep OpenCode offline and quiet: no model catalogue fetch, no updates, no sharing,
+#: no LSP downloads, no Claude Code or external skill discovery.
+OFFLINE_SWITCHES = {
+    "OPENCODE_DISABLE_MODELS_FETCH": "1",
+    "OPENCODE_DISABLE_AUTOUPDATE": "1",
+    "OPENCODE_DISABLE_SHARE": "1",
+    "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+    "OPENCODE_DISABLE_CLAUDE_CODE": "1",
+    "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1",
+}
+
+
+def opencode_env(env: dict[str, str], password: str, config: dict, secrets: dict[str, str]) -> dict[str, str]:
+    """OpenCode's environment: the sandbox home (``env``), its secrets, its config, offline."""
+    return {
+        **env,
+        **secrets,
+        "OPENCODE_SERVER_PASSWORD": password,
+        "OPENCODE_CONFIG_CONTENT": json.dumps(config),
+        **OFFLINE_SWITCHES,
+    }
+
+
 def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, int, str]:
     emit("starting_agent")
     port = int(spec.get("port") or free_port())
     oc = spec["opencode"]
-    oc_env = {
-        **env,
-        **oc.get("env", {}),
-        "OPENCODE_SERVER_PASSWORD": oc["password"],
-        "OPENCODE_CONFIG_CONTENT": json.dumps(oc["config"]),
-        "OPENCODE_DISABLE_MODELS_FETCH": "1",
-        "OPENCODE_DISABLE_AUTOUPDATE": "1",
-        "OPENCODE_DISABLE_SHARE": "1",
-        "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-        "OPENCODE_DISABLE_CLAUDE_CODE": "1",
-        "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1",
-    }
+    oc_env = opencode_env(env, oc["password"], oc["config"], oc.get("env", {}))
     if spec.get("marker"):
         oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
     with open(os.path.join(spec["home"], "opencode.log"), "ab") as log:

@@ -33,7 +33,6 @@ class Conversation:
     messages: list[dict[str, Any]] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     permissions: dict[str, dict[str, Any]] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
     _by_id: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def apply(self, event: Event) -> None:
@@ -122,6 +121,3 @@ class Conversation:
 
     def _on_permission_replied(self, data: dict, seq: int) -> None:
         self.permissions.pop(data.get("permission_id"), None)
-
-    def _on_error(self, data: dict, seq: int) -> None:
-        self.errors.append(data.get("message", ""))

@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tabbi_sandbox.bootstrap import free_port
 from tests.support.waiting import poll_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class JupyterProcess:
