@@ -17,9 +17,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tabbi_sandbox.provider import Sandbox, SandboxError, SandboxProvider, SandboxSpec
 
@@ -28,6 +28,12 @@ from .normalize import EventNormalizer, Normalized, Signals, error_message
 from .opencode import OpenCodeClient, OpenCodeError
 from .store import Event, Prompt, SessionRecord, Snapshot, Store, StoreError
 from .validation import parse_repo
+
+if TYPE_CHECKING:
+    from .github.accounts import GitAccess
+
+#: ``owner -> GitAccess | None``: the credential for a GitHub clone (None: not signed in).
+GitAccessLookup = Callable[[str], Awaitable["GitAccess | None"]]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +84,10 @@ class SessionAgent:
         store: Store,
         provider: SandboxProvider,
         settings: AgentSettings,
+        git_access: GitAccessLookup | None = None,
     ):
         self.record = record
+        self.git_access = git_access
         self.store = store
         self.provider = provider
         self.settings = settings
@@ -98,6 +106,8 @@ class SessionAgent:
         self._snapshot_lock = asyncio.Lock()
         self._snapshot_wanted = False
         self._pausing = False
+        #: What holds the workspace between turns (a push), or None.
+        self._holding: str | None = None
         self._last_activity = time.monotonic()
         self._running_since = time.monotonic()
 
@@ -139,6 +149,10 @@ class SessionAgent:
                 queue.put_nowait(event)
         return event
 
+    async def announce(self, type_: str, data: dict[str, Any]) -> Event:
+        """Add an event to the session's log on behalf of a service acting on it (a push)."""
+        return await self._emit(type_, data)
+
     async def _retry_store(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Store writes are retried with backoff; an event is never announced unless persisted."""
         delay = 0.05
@@ -176,6 +190,9 @@ class SessionAgent:
         try:
             setup = model_config.build(self.settings.model, self.record.model)
             repo = parse_repo(self.record.repo, self.settings.github_url)
+            access = None
+            if repo.kind == "github" and self.git_access is not None:
+                access = await self.git_access(self.record.owner)
             spec = SandboxSpec(
                 sandbox_id=self.id,
                 repo_url=repo.url,
@@ -185,11 +202,17 @@ class SessionAgent:
                 opencode_config=setup.config,
                 opencode_env=setup.env,
                 read_only_paths=[repo.local_path] if repo.local_path else [],
+                git_credential=access.credential if access else None,
             )
             self._model_ref = setup.model_ref
             latest = await self.store.list_snapshots(self.id)
             restore = latest[0].ref if latest else None
-            self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
+            try:
+                self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
+            except SandboxError as exc:
+                if repo.kind == "github" and access is None and "clone" in str(exc):
+                    raise SandboxError(f"{exc} (not signed in to GitHub: %tabbi login)") from None
+                raise
             await self.store.update_session(self.id, sandbox_state=self._sandbox.get_state())
             self._client = OpenCodeClient(self._sandbox.endpoint())
             oc_id = self.record.opencode_session_id
@@ -322,7 +345,8 @@ class SessionAgent:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.state == states.RUNNING and self._turn is None and not self._pausing:
+            while self.state == states.RUNNING and self._turn is None and not self._pausing \
+                    and self._holding is None:
                 queued = [p for p in await self.store.pending_prompts(self.id) if p.status == "queued"]
                 if not queued:
                     break
@@ -436,8 +460,8 @@ class SessionAgent:
                 return
             if self.state != states.RUNNING:
                 raise AgentError(f"the session is {self.state}; only a running session can pause")
-            if self._turn is not None:
-                raise AgentError("a turn is running: abort it or let it finish, then pause")
+            if self._turn is not None or self._holding is not None:
+                raise AgentError(f"{self._holding or 'a turn'} is running: let it finish, then pause")
             self._pausing = True
             try:
                 snapshot = await self._snapshot(reason)
@@ -474,7 +498,7 @@ class SessionAgent:
             if lifetime:
                 deadlines.append((self._running_since + lifetime, "max_lifetime"))
             due, reason = min(deadlines)
-            quiet = self._turn is None and not self._pausing
+            quiet = self._turn is None and not self._pausing and self._holding is None
             if now >= due and quiet and not await self._queued():
                 with contextlib.suppress(AgentError):
                     await self.pause(reason)
@@ -483,14 +507,30 @@ class SessionAgent:
             await asyncio.sleep(max(0.05, due - now) if now < due else 0.5)
 
     # -- the workspace ------------------------------------------------------------------------
-    def _running_sandbox(self) -> Sandbox:
+    @contextlib.asynccontextmanager
+    async def between_turns(self, what: str) -> AsyncIterator[Sandbox]:
+        """Hold the running workspace for ``what`` (a push): no turn starts and no pause happens
+        meanwhile; prompts that arrive wait in the queue."""
+        sandbox = self.running_sandbox()
+        if self._turn is not None:
+            raise AgentError(f"a turn is running: let it finish (or abort it), then {what}")
+        if self._holding is not None or self._pausing:
+            raise AgentError(f"the session is busy ({self._holding or 'pausing'}); try again shortly")
+        self._holding = what
+        try:
+            yield sandbox
+        finally:
+            self._holding = None
+            self._wake.set()
+
+    def running_sandbox(self) -> Sandbox:
         if self._sandbox is None or self.state != states.RUNNING:
             raise AgentError(f"the session is {self.state}; its workspace is readable while it runs")
         return self._sandbox
 
     async def diff(self) -> dict[str, Any]:
         """The branch's changes against the commit it started from, untracked files included."""
-        sandbox = self._running_sandbox()
+        sandbox = self.running_sandbox()
         try:
             return await workspace.diff(sandbox, self.record.base_commit or "HEAD")
         except workspace.WorkspaceError as exc:
@@ -498,7 +538,7 @@ class SessionAgent:
 
     async def read_file(self, path: str) -> str:
         try:
-            return await workspace.read_file(self._running_sandbox(), path)
+            return await workspace.read_file(self.running_sandbox(), path)
         except workspace.WorkspaceError as exc:
             raise AgentError(str(exc), 404) from exc
 

@@ -21,11 +21,16 @@ from tabbi_sandbox.binary import OpenCodeNotFound, find_opencode
 from tabbi_sandbox.local import LocalProvider
 from tabbi_sandbox.provider import SandboxProvider
 
-from . import handlers
+from . import encryption, handlers
 from .agent import AgentSettings
+from .github import GitHubAccounts, GitHubHosts
+from .github import handlers as github_handlers
+from .github.oauth import DEFAULT_SCOPE, OAuthApp
+from .handlers import is_single_user
 from .manager import SessionManager
 from .model_config import DEFAULT_PERMISSIONS, PROVIDER_KEYS, ModelConfigError, ModelSettings
 from .model_config import build as build_model_config
+from .push import Publisher
 from .store import SQLiteStore, Store
 
 
@@ -137,8 +142,71 @@ class TabbiExtension(ExtensionApp):
     snapshots_keep = Int(3, help="Snapshots kept per session (the newest).").tag(config=True)
     max_prompt_chars = Int(100_000, help="Longest prompt accepted, in characters.").tag(config=True)
     github_url = Unicode(
-        "https://github.com", help="GitHub's web URL (GitHub Enterprise: https://HOST)."
+        help="GitHub's web URL (GitHub Enterprise Server: https://HOST). Env: TABBI_GITHUB_URL."
     ).tag(config=True)
+
+    @default("github_url")
+    def _github_url_default(self) -> str:
+        return _env("TABBI_GITHUB_URL") or "https://github.com"
+
+    github_api_url = Unicode(
+        None,
+        allow_none=True,
+        help="GitHub's REST API URL. Unset: https://api.github.com for github.com, "
+        "github_url + '/api/v3' for GitHub Enterprise Server. Env: TABBI_GITHUB_API_URL.",
+    ).tag(config=True)
+
+    @default("github_api_url")
+    def _github_api_url_default(self) -> str | None:
+        return _env("TABBI_GITHUB_API_URL")
+
+    github_client_id = Unicode(
+        None,
+        allow_none=True,
+        help="Client id of the GitHub OAuth App or GitHub App people sign in with. "
+        "Env: TABBI_GITHUB_CLIENT_ID.",
+    ).tag(config=True)
+
+    @default("github_client_id")
+    def _github_client_id_default(self) -> str | None:
+        return _env("TABBI_GITHUB_CLIENT_ID")
+
+    github_client_secret = Unicode(
+        None, allow_none=True, help="Its client secret. Env: TABBI_GITHUB_CLIENT_SECRET."
+    ).tag(config=True)
+
+    @default("github_client_secret")
+    def _github_client_secret_default(self) -> str | None:
+        return _env("TABBI_GITHUB_CLIENT_SECRET")
+
+    github_scope = Unicode(
+        DEFAULT_SCOPE,
+        help="OAuth scopes asked for (OAuth Apps; GitHub Apps ignore scopes and use their "
+        "permissions).",
+    ).tag(config=True)
+    github_login_flow = Enum(
+        ["web", "device"],
+        default_value="web",
+        help="How `%tabbi login` signs in by default: 'web' (a link; GitHub redirects back to "
+        "this server) or 'device' (a code to type at GitHub; no callback URL needed).",
+    ).tag(config=True)
+    github_callback_url = Unicode(
+        None,
+        allow_none=True,
+        help="The OAuth callback URL to send to GitHub. Unset: derived from the request as "
+        "<server base URL>/tabbi/github/callback (set it when a proxy rewrites the host).",
+    ).tag(config=True)
+    encryption_key = Unicode(
+        None,
+        allow_none=True,
+        help="Fernet key(s) encrypting tokens at rest, comma-separated (the first encrypts). "
+        "Unset on a single-user server: generated into data_dir/encryption.key (0600). Required "
+        "on multi-user servers with GitHub configured. Env: TABBI_ENCRYPTION_KEY.",
+    ).tag(config=True)
+
+    @default("encryption_key")
+    def _encryption_key_default(self) -> str | None:
+        return _env("TABBI_ENCRYPTION_KEY")
 
     single_user = Bool(
         None,
@@ -156,6 +224,7 @@ class TabbiExtension(ExtensionApp):
         return getpass.getuser()
 
     manager = Instance(SessionManager, allow_none=True)
+    github = Instance(GitHubAccounts, allow_none=True)
     store = Instance(Store, allow_none=True)
     provider = Instance(SandboxProvider, allow_none=True)
 
@@ -179,7 +248,8 @@ class TabbiExtension(ExtensionApp):
             max_lifetime=self.max_lifetime,
             snapshots_keep=self.snapshots_keep,
         )
-        self.manager = SessionManager(self.store, self.provider, settings)
+        self.github = self.make_github(data)
+        self.manager = SessionManager(self.store, self.provider, settings, self.github.git_access)
         self._ready_lock = asyncio.Lock()
         self._ready = False
         self.settings.update(
@@ -190,7 +260,27 @@ class TabbiExtension(ExtensionApp):
             tabbi_single_user=self.single_user,
             tabbi_local_owner=self.local_owner,
             tabbi_max_prompt_chars=self.max_prompt_chars,
+            tabbi_github=self.github,
+            tabbi_publisher=Publisher(self.github),
+            tabbi_github_login_flow=self.github_login_flow,
+            tabbi_github_callback_url=self.github_callback_url,
         )
+
+    def make_github(self, data: Path) -> GitHubAccounts:
+        """GitHub sign-in when a client id is configured. Its tokens need an encryption key: a
+        single-user server makes one; a multi-user server without one refuses to start, since
+        a key generated next to the database would protect nothing."""
+        hosts = GitHubHosts(self.github_url, self.github_api_url)
+        if not self.github_client_id:
+            return GitHubAccounts(self.store, None, None, hosts)
+        single = is_single_user(self.single_user, self.serverapp.identity_provider)
+        try:
+            box = encryption.load(self.encryption_key, data, generate=single)
+        except encryption.EncryptionKeyError as exc:
+            self.log.critical("tabbi: %s", exc)
+            raise SystemExit(f"tabbi: {exc}") from None
+        app = OAuthApp(self.github_client_id, self.github_client_secret or "", hosts, self.github_scope)
+        return GitHubAccounts(self.store, box, app, hosts)
 
     def make_store(self, data: Path) -> Store:
         options: dict[str, Any] = dict(self.store_options)
@@ -209,7 +299,7 @@ class TabbiExtension(ExtensionApp):
         return self.sandbox_provider_class(**options)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(handlers.routes())
+        self.handlers.extend([*handlers.routes(), *github_handlers.routes()])
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         await self.ensure_started()
@@ -230,6 +320,8 @@ class TabbiExtension(ExtensionApp):
             self.log.info("tabbi: data in %s, sandboxes by %s", self.data_dir, self.provider.name)
 
     async def stop_extension(self) -> None:
+        if self.github is not None:
+            await self.github.close()
         if self.manager is not None:
             await self.manager.shutdown()
         if self.store is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 from jupyter_core.utils import ensure_async
@@ -17,8 +18,11 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web, websocket
 
+from . import cells
 from .agent import AgentError, SessionAgent
+from .github.accounts import GitHubError
 from .manager import SessionManager, SessionNotFound
+from .push import PushRequest, parse_author, validate_message
 from .store import Event
 from .validation import (
     ValidationError,
@@ -44,10 +48,15 @@ def owner_of(handler: JupyterHandler, user: Any) -> str:
     sessions are filed under one fixed name. Identity providers with real user names (JupyterHub)
     keep theirs.
     """
-    single_user = handler.settings["tabbi_single_user"]
-    if single_user is None:
-        single_user = type(handler.identity_provider) in (IdentityProvider, PasswordIdentityProvider)
-    return handler.settings["tabbi_local_owner"] if single_user else user.username
+    single = is_single_user(handler.settings["tabbi_single_user"], handler.identity_provider)
+    return handler.settings["tabbi_local_owner"] if single else user.username
+
+
+def is_single_user(configured: bool | None, identity_provider: IdentityProvider) -> bool:
+    """``configured`` when set, else whether Jupyter's own token/password identity is in use."""
+    if configured is not None:
+        return configured
+    return type(identity_provider) in (IdentityProvider, PasswordIdentityProvider)
 
 
 class TabbiHandler(APIHandler):
@@ -89,7 +98,7 @@ class TabbiHandler(APIHandler):
         self.finish(json.dumps(data))
 
     def log_exception(self, typ, value, tb):
-        if isinstance(value, (ValidationError, AgentError)):
+        if isinstance(value, (ValidationError, AgentError, GitHubError)):
             return
         super().log_exception(typ, value, tb)
 
@@ -100,9 +109,9 @@ class TabbiHandler(APIHandler):
             self.set_status(400)
             self.finish(json.dumps({"message": str(exc)}))
             return
-        if isinstance(exc, AgentError):
+        if isinstance(exc, (AgentError, GitHubError)):
             self.set_status(exc.status)
-            self.finish(json.dumps({"message": str(exc)}))
+            self.finish(json.dumps({"message": str(exc), "reason": getattr(exc, "reason", None)}))
             return
         super().write_error(status_code, **kwargs)
 
@@ -330,10 +339,62 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
         self._forwarder.cancel()
 
 
+class PushHandler(TabbiHandler):
+    """``POST {message?, author?, pr?, title?, cells?: {notebook, select, to?, only?}}``: commit
+    and push the session branch. Cells are read from the saved notebook through the server's
+    contents manager (the person's own files), so the kernel sends only a path and a selector."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, session_id: str) -> None:
+        agent = await self.session(session_id)
+        body = self.body()
+        files, only = None, False
+        cells_request = body.get("cells")
+        if cells_request is not None:
+            if not isinstance(cells_request, dict):
+                raise ValidationError("'cells' must be an object: {notebook, select, to?, only?}")
+            notebook_path = await self._notebook_path(cells_request.get("notebook"))
+            contents = self.contents_manager
+            model = await ensure_async(contents.get(notebook_path, content=True, type="notebook"))
+            path, content = cells.file_for(
+                model["content"], notebook_path, cells_request.get("select"), cells_request.get("to")
+            )
+            files, only = {path: content}, bool(cells_request.get("only"))
+        request = PushRequest(
+            message=validate_message(body.get("message")),
+            files=files,
+            only_files=only,
+            pull_request=bool(body.get("pr")),
+            title=validate_message(body.get("title")),
+            author=parse_author(body.get("author")),
+        )
+        self.write_json(await self.settings["tabbi_publisher"].push(agent, request))
+
+    async def _notebook_path(self, value: object) -> str:
+        """An API path of a notebook under the server's root (kernels know theirs as an absolute
+        OS path, ``JPY_SESSION_NAME``, which is turned into one here)."""
+        if not isinstance(value, str) or not value.endswith(".ipynb") or len(value) > 1000:
+            raise ValidationError("'cells.notebook' must be the path of a saved .ipynb notebook")
+        path = value
+        root = getattr(self.contents_manager, "root_dir", None)
+        if os.path.isabs(value):
+            if not root:
+                raise ValidationError("give the notebook's path relative to the server's root")
+            rel = os.path.relpath(os.path.realpath(value), os.path.realpath(root))
+            if rel.startswith(".."):
+                raise ValidationError("the notebook is outside the server's root directory")
+            path = rel.replace(os.sep, "/")
+        if not await ensure_async(self.contents_manager.file_exists(path)):
+            raise ValidationError(f"no saved notebook at {value}")
+        return path
+
+
 def routes() -> list[tuple[str, type]]:
     """URL patterns relative to the server's base URL (the ExtensionApp prepends it)."""
     prefix = "/tabbi/api"
     return [
+        (prefix + f"/sessions/{SESSION_ID}/push", PushHandler),
         (prefix + "/health", HealthHandler),
         (prefix + "/whoami", WhoAmIHandler),
         (prefix + "/sessions", SessionsHandler),

@@ -9,7 +9,7 @@ import secrets
 from tabbi_sandbox.provider import SandboxProvider
 
 from . import states
-from .agent import AgentSettings, SessionAgent
+from .agent import AgentSettings, GitAccessLookup, SessionAgent
 from .store import SessionRecord, Store
 from .validation import RepoSpec
 
@@ -22,8 +22,15 @@ class SessionNotFound(LookupError):
 
 
 class SessionManager:
-    def __init__(self, store: Store, provider: SandboxProvider, settings: AgentSettings):
+    def __init__(
+        self,
+        store: Store,
+        provider: SandboxProvider,
+        settings: AgentSettings,
+        git_access: GitAccessLookup | None = None,
+    ):
         self.store = store
+        self.git_access = git_access
         self.provider = provider
         self.settings = settings
         self._agents: dict[str, SessionAgent] = {}
@@ -79,7 +86,10 @@ class SessionManager:
         self._agents.pop(session_id, None)
 
     async def _adopt(self, record: SessionRecord) -> SessionAgent:
-        agent = SessionAgent(record, store=self.store, provider=self.provider, settings=self.settings)
+        agent = SessionAgent(
+            record, store=self.store, provider=self.provider, settings=self.settings,
+            git_access=self.git_access,
+        )
         await agent.load()
         self._agents[record.id] = agent
         return agent

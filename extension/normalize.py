@@ -18,6 +18,7 @@ OpenCode versions and carry paths and internals. They see these types, each with
 ``turn.finished``      ``{prompt_id, outcome: completed|aborted|error, error?}``
 ``snapshot.saved``     ``{snapshot_id, size, reason, seconds}`` (emitted by the agent, not OpenCode)
 ``snapshot.failed``    ``{reason, message}``: the sandbox keeps running; the next turn retries
+``push.completed``     ``{branch, commit, files, links}`` the work was pushed (emitted by the push)
 =====================  ===========================================================================
 
 The normalizer is pure bookkeeping (no I/O), so it is unit-tested against recorded payloads.

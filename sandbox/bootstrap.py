@@ -14,6 +14,12 @@ Protocol:
   ``{"phase": "ready", "port": N, "version": "..."}`` or ``{"phase": "failed", "error": "..."}``.
 - After ``ready`` the bootstrap stays as OpenCode's parent, forwards SIGTERM/SIGINT, and exits with
   OpenCode's exit status, so the provider sees the agent die as this process ending.
+- ``bootstrap.py publish`` (run through ``Sandbox.exec``, its request JSON on stdin) commits the
+  workspace and pushes the session branch; see ``publish``.
+
+Git credentials (a GitHub token) arrive only on stdin and reach only the one git process that
+needs them, through its environment and a credential helper defined on its command line (so
+neither the token nor a file holding it ever exists in the workspace, the home or an argv).
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -59,12 +67,36 @@ def base_env(home: str) -> dict[str, str]:
     }
 
 
-def git(args: list[str], cwd: str, env: dict[str, str], timeout: float = 300) -> str:
+#: A credential helper that answers git's ``get`` from this one process's environment. It is
+#: defined on git's command line (after an empty value that drops every helper configured
+#: anywhere else), so no helper of the repository's config ever sees the secret.
+CREDENTIAL_HELPER = (
+    '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
+    '"$TABBI_GIT_USERNAME" "$TABBI_GIT_PASSWORD"; }; f'
+)
+
+
+def credential_args(credential: dict | None) -> tuple[list[str], dict[str, str]]:
+    """git options and environment that hand ``credential`` to one git process, or nothing."""
+    if not credential:
+        return [], {}
+    args = ["-c", "credential.helper=", "-c", f"credential.helper={CREDENTIAL_HELPER}"]
+    env = {
+        "TABBI_GIT_USERNAME": credential.get("username") or "x-access-token",
+        "TABBI_GIT_PASSWORD": credential["password"],
+    }
+    return args, env
+
+
+def run_git(
+    args: list[str], cwd: str, env: dict[str, str], timeout: float = 300, credential: dict | None = None
+) -> subprocess.CompletedProcess:
+    options, secret_env = credential_args(credential)
     try:
-        done = subprocess.run(
-            ["git", *args],
+        return subprocess.run(
+            ["git", *options, *args],
             cwd=cwd,
-            env={**env, **GIT_ENV},
+            env={**env, **GIT_ENV, **secret_env},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -72,10 +104,20 @@ def git(args: list[str], cwd: str, env: dict[str, str], timeout: float = 300) ->
         )
     except subprocess.TimeoutExpired as exc:
         raise BootstrapError(f"git {args[0]} timed out after {timeout:.0f} s") from exc
+
+
+def git(
+    args: list[str], cwd: str, env: dict[str, str], timeout: float = 300, credential: dict | None = None
+) -> str:
+    done = run_git(args, cwd, env, timeout, credential)
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()
-        raise BootstrapError(f"git {args[0]} failed: {detail[-1] if detail else done.returncode}")
+        raise BootstrapError(f"git {args[0]} failed: {last_line(done)}")
     return done.stdout.strip()
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    detail = (done.stderr or done.stdout).strip().splitlines()
+    return detail[-1] if detail else str(done.returncode)
 
 
 def prepare_home(home: str) -> dict[str, str]:
@@ -116,7 +158,12 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
     args = ["clone", "--quiet", "--no-hardlinks"]
     if spec.get("base_branch"):
         args += ["--branch", spec["base_branch"]]
-    git([*args, "--", spec["repo_url"], workspace], os.path.dirname(workspace), env)
+    git(
+        [*args, "--", spec["repo_url"], workspace],
+        os.path.dirname(workspace),
+        env,
+        credential=spec.pop("git_credential", None),
+    )
     git(["checkout", "--quiet", "-b", branch], workspace, env)
     identity = spec.get("git_identity") or {}
     git(["config", "user.name", identity.get("name") or "tabbi"], workspace, env)
@@ -210,7 +257,126 @@ def _die_with_parent() -> None:
         pass
 
 
+#: How git says a push was refused, mapped to what the person can do about it.
+PUSH_REFUSALS = (
+    (("protected branch", "gh006"), "protected",
+     "the remote refused the push: the branch is protected"),
+    (("non-fast-forward", "fetch first", "stale info"), "non_fast_forward",
+     "the remote branch has commits this session does not have (non-fast-forward)"),
+    (("403", "permission", "denied", "authentication failed", "could not read username",
+      "unauthorized", "401"), "permission",
+     "the remote refused the credentials: no permission to push there"),
+)
+
+
+def write_files(workspace: str, files: dict[str, str]) -> list[str]:
+    """Write ``files`` (relative path -> text) into the workspace, refusing any path that would
+    land outside it (``..``, absolute, or through a symlink the agent planted)."""
+    root = os.path.realpath(workspace)
+    written = []
+    for rel, content in sorted(files.items()):
+        target = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or not target.startswith(root + os.sep) or "/.git/" in target + "/":
+            raise BootstrapError(f"refusing to write {rel!r}: it is outside the repository")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w", encoding="utf-8", newline="\n") as f:
+            f.write(content)
+        written.append(os.path.relpath(target, root))
+    return written
+
+
+def publish(request: dict) -> int:
+    """Commit the workspace on the session branch and push that branch; print one JSON result.
+
+    The commit is made in the workspace without any credential (hooks off, as the person). The
+    push runs from a fresh bare repository with no config but ours, because the workspace's own
+    ``.git/config`` is written by the agent: a credential helper, ``http.proxy`` or ``insteadOf``
+    there would otherwise receive or redirect the token.
+    """
+    workspace, branch = request["workspace"], request["branch"]
+    env = {**base_env(request["home"]), "GIT_CONFIG_GLOBAL": "/dev/null"}
+    result: dict = {"committed": False, "pushed": False}
+    try:
+        head = run_git(["symbolic-ref", "--quiet", "--short", "HEAD"], workspace, env).stdout.strip()
+        if head != branch:
+            raise BootstrapError(
+                f"the workspace is on {repr(head) if head else 'a detached HEAD'}, "
+                f"not on the session branch {branch!r}: "
+                f"ask the agent to switch back (git checkout {branch})"
+            )
+        written = write_files(workspace, request.get("files") or {})
+        result["files"] = written
+        git(["add", "--", *written] if request.get("only_files") else ["add", "-A"], workspace, env)
+        staged = run_git(["diff", "--cached", "--quiet"], workspace, env)
+        if staged.returncode == 1:
+            author = request.get("author") or {}
+            who = {
+                "GIT_AUTHOR_NAME": author.get("name") or "tabbi",
+                "GIT_AUTHOR_EMAIL": author.get("email") or "tabbi@localhost",
+            }
+            who.update(GIT_COMMITTER_NAME=who["GIT_AUTHOR_NAME"], GIT_COMMITTER_EMAIL=who["GIT_AUTHOR_EMAIL"])
+            git(["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "commit", "--quiet",
+                 "--no-verify", "-m", request.get("message") or "Changes from tabbi"],
+                workspace, {**env, **who})
+            result["committed"] = True
+        result["commit"] = git(["rev-parse", "HEAD"], workspace, env)
+        result["base_is_head"] = request.get("base_commit") == result["commit"]
+        if not request.get("remote_url"):
+            return _done(result)
+        push_from_clean_repo(request, env, result)
+    except BootstrapError as exc:
+        result["error"] = str(exc)
+    return _done(result)
+
+
+def push_from_clean_repo(request: dict, env: dict[str, str], result: dict) -> None:
+    branch = request["branch"]
+    tmp = os.path.join(request["home"], "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    bare = tempfile.mkdtemp(prefix="push-", dir=tmp)
+    try:
+        git(["init", "--quiet", "--bare", bare], tmp, env)
+        ref = f"refs/heads/{branch}"
+        git(["--git-dir", bare, "fetch", "--quiet", "--no-tags", "--", request["workspace"],
+             f"+{ref}:{ref}"], tmp, env)
+        done = run_git(
+            ["--git-dir", bare, "push", "--porcelain", "--", request["remote_url"], f"{ref}:{ref}"],
+            tmp, env, timeout=600, credential=request.get("credential"),
+        )
+    finally:
+        shutil.rmtree(bare, ignore_errors=True)
+    if done.returncode == 0:
+        result["pushed"] = True
+        return
+    text = f"{done.stdout}\n{done.stderr}".lower()
+    result["reason"], result["error"] = "failed", f"git push failed: {last_line(done)}"
+    for needles, reason, message in PUSH_REFUSALS:
+        if any(n in text for n in needles):
+            result["reason"], result["error"] = reason, message
+            break
+    result["detail"] = done.stderr.strip()[-1000:]
+
+
+def _done(result: dict) -> int:
+    print(json.dumps(result), flush=True)
+    return 0 if result.get("pushed") or ("error" not in result) else 3
+
+
+def _not_dumpable() -> None:
+    """Make this process's memory (which held the spec's secrets) unreadable through /proc and
+    ptrace for the agent it starts, which runs as the same user."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> int:
+    _not_dumpable()
+    if sys.argv[1:] == ["publish"]:
+        return publish(json.loads(sys.stdin.read()))
     spec = json.loads(sys.stdin.read())
     os.makedirs(spec["home"], exist_ok=True)
     proc = None

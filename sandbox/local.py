@@ -71,8 +71,11 @@ class LocalSandbox(Sandbox):
         self.root = root
         self.workspace = root / "workspace"
         self.home = root / "home"
+        self.workspace_path = str(self.workspace)
+        self.home_path = str(self.home)
         self.confined = confined
         self.read_only: list[str] = []
+        self.remote_paths: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._endpoint: Endpoint | None = None
         self._reader: asyncio.Task | None = None
@@ -93,18 +96,22 @@ class LocalSandbox(Sandbox):
             return -1
         return await self._proc.wait()
 
-    async def exec(self, argv: list[str], timeout: float = 60) -> ExecResult:
-        cmd = self._confine(argv, cwd=str(self.workspace))
+    async def exec(
+        self, argv: list[str], timeout: float = 60, input: bytes | None = None, write_remote: bool = False
+    ) -> ExecResult:
+        # Under bubblewrap every exec gets its own PID namespace: the agent's processes cannot
+        # list it, nor read its environment or memory.
+        cmd = self._confine(argv, cwd=str(self.workspace), write_remote=write_remote)
         proc = await _spawn(
             cmd,
             cwd=str(self.workspace),
             env=self._env(),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
         except asyncio.TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -148,13 +155,17 @@ class LocalSandbox(Sandbox):
             processes.MARKER: self.id,
         }
 
-    def _confine(self, argv: list[str], cwd: str) -> list[str]:
+    def bootstrap_argv(self, *args: str) -> list[str]:
+        return [os.path.realpath(sys.executable), "-I", "-S", str(BOOTSTRAP_SCRIPT), *args]
+
+    def _confine(self, argv: list[str], cwd: str, write_remote: bool = False) -> list[str]:
         if not self.confined:
             return argv
+        writable = [str(self.root), *(self.remote_paths if write_remote else [])]
         return isolation.wrap(
             argv,
-            writable=[str(self.root)],
-            read_only=self.read_only,
+            writable=writable,
+            read_only=[p for p in self.read_only if p not in writable],
             cwd=cwd,
         )
 
@@ -167,6 +178,7 @@ class LocalSandbox(Sandbox):
             os.path.dirname(python),
             *spec.read_only_paths,
         ]
+        self.remote_paths = list(spec.read_only_paths)
         payload = {
             "workspace": str(self.workspace),
             "home": str(self.home),
@@ -175,6 +187,7 @@ class LocalSandbox(Sandbox):
             "base_branch": spec.base_branch,
             "branch": spec.work_branch,
             "git_identity": {"name": spec.git_name, "email": spec.git_email},
+            "git_credential": spec.git_credential,
             "marker": self.id,
             "health_timeout": self.provider.start_timeout,
             "opencode": {
@@ -184,7 +197,7 @@ class LocalSandbox(Sandbox):
                 "env": spec.opencode_env,
             },
         }
-        argv = [python, "-I", "-S", str(BOOTSTRAP_SCRIPT)]
+        argv = self.bootstrap_argv()
         cwd = str(self.root)
         with open(self.root / "bootstrap.log", "ab") as log_file:
             self._proc = await _spawn(

@@ -42,6 +42,8 @@ class SandboxSpec:
     #: Host paths the clone must be able to read (a local repository), bound read-only.
     read_only_paths: list[str] = field(default_factory=list)
     password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    #: ``{"username", "password"}`` for the clone only (a GitHub token); never stored anywhere.
+    git_credential: dict[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,13 @@ class Sandbox(abc.ABC):
     """One running (or once-running) sandbox."""
 
     id: str
+    #: The workspace (the clone) and the sandbox's home, as paths inside the sandbox.
+    workspace_path: str
+    home_path: str
+
+    @abc.abstractmethod
+    def bootstrap_argv(self, *args: str) -> list[str]:
+        """The command that runs ``bootstrap.py`` (with ``args``) inside this sandbox."""
 
     @abc.abstractmethod
     def endpoint(self) -> Endpoint:
@@ -77,8 +86,12 @@ class Sandbox(abc.ABC):
         """Return the exit status once the sandbox's agent has stopped."""
 
     @abc.abstractmethod
-    async def exec(self, argv: list[str], timeout: float = 60) -> ExecResult:
-        """Run a command in the workspace, confined like the agent."""
+    async def exec(
+        self, argv: list[str], timeout: float = 60, input: bytes | None = None, write_remote: bool = False
+    ) -> ExecResult:
+        """Run a command in the workspace, confined like the agent, in a process the agent cannot
+        see. ``input`` goes to its stdin (the only way a secret may enter); ``write_remote``
+        lets it write the session's local remote repository (read-only to the agent), to push."""
 
     @abc.abstractmethod
     async def terminate(self) -> None:

@@ -98,6 +98,28 @@ class Client:
     def session(self, session_id: str) -> Session:
         return Session(self, session_id, self.request("GET", f"sessions/{session_id}"))
 
+    # -- GitHub ---------------------------------------------------------------------------------
+    def github_user(self) -> dict[str, Any]:
+        """``{signed_in, login?, name?, configured}``; never a token."""
+        return self.request("GET", "github/user")
+
+    def login(self, flow: str | None = None) -> dict[str, Any]:
+        """Start a GitHub sign-in: ``{login_id, flow, url, user_code?}``. The person opens
+        ``url`` (and types ``user_code`` for the device flow); see ``wait_for_login``."""
+        return self.request("POST", "github/login", {"flow": flow} if flow else {})
+
+    def wait_for_login(self, login_id: str, wait: float = 25) -> dict[str, Any]:
+        """The sign-in's status, waiting up to ``wait`` seconds while it is pending."""
+        return self.request("GET", f"github/login/{login_id}", params={"wait": wait}, timeout=wait + 30)
+
+    def logout(self) -> dict[str, Any]:
+        return self.request("POST", "github/logout")
+
+    def repos(self, query: str = "") -> list[dict[str, Any]]:
+        """Every GitHub repository the person can reach, newest push first."""
+        return self.request("GET", "github/repos", params={"q": query} if query else None,
+                            timeout=120)["repos"]
+
 
 class Session:
     def __init__(self, client: Client, session_id: str, info: dict[str, Any] | None = None):
@@ -242,6 +264,18 @@ class Session:
 
     #: Stopping keeps the work: the same as pausing.
     stop = pause
+
+    def push(self, message: str | None = None, *, cells: str | None = None, notebook: str | None = None,
+             to: str | None = None, cells_only: bool = False, pr: bool = False, title: str | None = None,
+             author: str | None = None) -> dict[str, Any]:
+        """Commit the agent's changes (and the ``cells`` of the saved ``notebook``: a tag, numbers
+        like ``2,4-6`` or ``id:CELLID``) on the session branch and push it; ``pr`` opens a pull
+        request (or reports the open one). Returns the branch, commit and links."""
+        body: dict[str, Any] = {"message": message, "pr": pr, "title": title, "author": author}
+        if cells:
+            body["cells"] = {"notebook": notebook, "select": cells, "to": to, "only": cells_only}
+        body = {k: v for k, v in body.items() if v not in (None, False)}
+        return self.client.request("POST", self._path("push"), body, timeout=900)
 
 
 def connect(url: str | None = None, token: str | None = None) -> Client:

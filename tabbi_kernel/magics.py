@@ -6,8 +6,11 @@ Errors come back as one readable line (``UsageError``: red, no traceback of tabb
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,8 +47,16 @@ HELP = """\
   %tabbi resume              Start it again from the snapshot; a prompt resumes it too.
   %tabbi delete              End the current session: sandbox, workspace and snapshots are removed.
 
-  %tabbi whoami | models     Who you are to the server; the configured model.
-  %tabbi login | logout | repos | push    (come with the GitHub integration)
+  %tabbi push [-m MSG] [--pr] [--cells SEL [--to PATH] [--cells-only]] [--author "N <e>"]
+        Commit the agent's changes on the session branch as you and push it; --pr opens a pull
+        request (or shows the open one). --cells adds the saved notebook's cells SEL (a tag,
+        numbers like 2,4-6, or id:CELLID) as one percent-format .py file (notebooks/<name>.py
+        unless --to); --cells-only pushes them without the agent's changes.
+
+  %tabbi login [--device]    Sign in to GitHub: a link (or a code) to approve; finishes by itself.
+  %tabbi logout              Sign out: the token is deleted here and revoked at GitHub.
+  %tabbi whoami | models     Who you are (server and GitHub); the configured model.
+  %tabbi repos [QUERY]       Your GitHub repositories, newest push first, filtered by QUERY.
 
 Python API: client = tabbi_kernel.connect(); session = client.start(REPO); session.ask(TEXT)
 """
@@ -286,7 +297,14 @@ class TabbiMagics(Magics):
     # -- who and what ---------------------------------------------------------------------------
     def cmd_whoami(self, argv: list[str]) -> None:
         me = self.client.request("GET", "whoami")
-        print(f"{me['owner']} on {self.client.url} (GitHub sign-in comes with the GitHub integration)")
+        github = self.client.github_user()
+        if github.get("signed_in"):
+            where = f"signed in to GitHub as {github['login']}"
+        elif github.get("configured"):
+            where = "not signed in to GitHub (%tabbi login)"
+        else:
+            where = "GitHub sign-in is not configured on this server"
+        print(f"{me['owner']} on {self.client.url}: {where}")
 
     def cmd_models(self, argv: list[str]) -> None:
         model = self.client.health().get("model", {})
@@ -295,8 +313,64 @@ class TabbiMagics(Magics):
         print(f"default model: {model.get('default') or '(none: set TABBI_MODEL)'} via {where}\n"
               "choose another per session: %tabbi start REPO --model PROVIDER/MODEL")
 
-    def _github(self, argv: list[str]) -> None:
-        raise UsageError("GitHub sign-in, repository listing and push come with the GitHub "
-                         "integration; until then start sessions from a local path or a git URL")
+    # -- GitHub ---------------------------------------------------------------------------------
+    def cmd_login(self, argv: list[str]) -> None:
+        args = _parser("%tabbi login", (("--device",), {"action": "store_true"}),
+                       (("--force",), {"action": "store_true"})).parse_args(argv)
+        current = self.client.github_user()
+        if current.get("signed_in") and not args.force:
+            print(f"[tabbi] already signed in to GitHub as {current['login']} "
+                  "(%tabbi logout, or %tabbi login --force to sign in again)")
+            return
+        attempt = self.client.login("device" if args.device else None)
+        handle = display(render.login(attempt), raw=True, display_id=True)
+        # Nothing blocks the notebook: the sign-in finishes in the background and the output
+        # above turns into "signed in" once the person has approved at GitHub.
+        threading.Thread(target=self._finish_login, args=(attempt, handle), daemon=True).start()
 
-    cmd_login = cmd_logout = cmd_repos = cmd_push = _github
+    def _finish_login(self, attempt: dict[str, Any], handle: Any) -> None:
+        deadline = time.monotonic() + float(attempt.get("expires_in") or 900) + 30
+        status = attempt
+        while status.get("status") == "pending" and time.monotonic() < deadline:
+            try:
+                status = self.client.wait_for_login(attempt["login_id"], wait=25)
+            except TabbiError as exc:
+                status = {"status": "failed", "error": str(exc)}
+        if status.get("status") == "pending":
+            status = {"status": "failed", "error": "the sign-in expired; run %tabbi login again"}
+        if handle is not None:
+            handle.update(render.login({**attempt, **status}), raw=True)
+
+    def cmd_logout(self, argv: list[str]) -> None:
+        result = self.client.logout()
+        if not result.get("was"):
+            print("[tabbi] not signed in to GitHub")
+            return
+        revoked = "and revoked at GitHub" if result.get("revoked") else \
+            "(GitHub did not confirm the revocation: remove the app under GitHub > Settings > Applications)"
+        print(f"[tabbi] signed out of GitHub ({result['was']}): the token is deleted here {revoked}")
+
+    def cmd_repos(self, argv: list[str]) -> None:
+        repos = self.client.repos(" ".join(argv))
+        display(render.repos(repos, " ".join(argv)), raw=True)
+
+    def cmd_push(self, argv: list[str]) -> None:
+        args = _parser(
+            "%tabbi push", (("-m", "--message"), {}), (("--pr",), {"action": "store_true"}),
+            (("--title",), {}), (("--cells",), {}), (("--to",), {}),
+            (("--cells-only",), {"action": "store_true"}), (("--notebook",), {}), (("--author",), {}),
+            (("id",), {"nargs": "?"}),
+        ).parse_args(argv)
+        notebook = args.notebook or os.environ.get("JPY_SESSION_NAME")
+        if args.cells and not notebook:
+            raise UsageError("%tabbi push --cells: this kernel does not know its notebook; "
+                             "give it with --notebook PATH.ipynb")
+        if (args.to or args.cells_only) and not args.cells:
+            raise UsageError("%tabbi push: --to and --cells-only go with --cells")
+        session = self.session(args.id)
+        if args.cells:
+            print("[tabbi] reading the cells from the saved notebook (save it first to include edits)")
+        print(f"[tabbi] committing and pushing {session.info.get('work_branch', '')}...")
+        result = session.push(args.message, cells=args.cells, notebook=notebook, to=args.to,
+                              cells_only=args.cells_only, pr=args.pr, title=args.title, author=args.author)
+        display(render.push(result), raw=True)

@@ -70,3 +70,77 @@ def tool_line(data: dict[str, Any]) -> str:
     if status == "error" and data.get("error"):
         line += f" ({str(data['error']).splitlines()[0][:200]})"
     return line
+
+
+def _link(url: str, label: str | None = None) -> str:
+    """A link that opens in a new tab; only http(s) URLs become links (a server's answer is
+    still data, never markup)."""
+    safe = html.escape(url, quote=True)
+    if not url.startswith(("https://", "http://")):
+        return html.escape(label or url)
+    return f"<a href='{safe}' target='_blank' rel='noopener noreferrer'>{html.escape(label or url)}</a>"
+
+
+def login(attempt: dict[str, Any]) -> dict[str, str]:
+    status = attempt.get("status")
+    if status == "done":
+        text = f"Signed in to GitHub as {attempt.get('login')}."
+        return bundle(f"<p>&#10003; {html.escape(text)}</p>", text)
+    if status == "failed":
+        text = f"GitHub sign-in failed: {attempt.get('error')}"
+        return bundle(f"<p style='color:#cf222e'>{html.escape(text)}</p>", text)
+    url = str(attempt.get("url") or "")
+    if attempt.get("flow") == "device":
+        code = str(attempt.get("user_code") or "")
+        text = f"Open {url} and enter the code {code}. This finishes by itself once you approve."
+        markup = (f"<p>Open {_link(url)} and enter the code <code style='font-size:1.3em'>"
+                  f"{html.escape(code)}</code>.</p><p><em>This finishes by itself once you approve."
+                  "</em></p>")
+        return bundle(markup, text)
+    text = f"Sign in to GitHub: {url}\nThis finishes by itself once you approve."
+    markup = (f"<p>{_link(url, 'Sign in to GitHub')} (opens GitHub in a new tab).</p>"
+              "<p><em>This finishes by itself once you approve.</em></p>")
+    return bundle(markup, text)
+
+
+def repos(rows: list[dict[str, Any]], query: str = "") -> dict[str, str]:
+    if not rows:
+        text = f"No repositories match {query!r}." if query else "No repositories."
+        return bundle(f"<p>{html.escape(text)}</p>", text)
+    plain = [f"{len(rows)} repositories (newest push first):"]
+    table_rows = []
+    for row in rows:
+        lock = "private" if row.get("private") else "public"
+        pushed = str(row.get("pushed_at") or "")[:10]
+        plain.append(f"  {row['full_name']}  {lock}  {pushed}  {row.get('description') or ''}".rstrip())
+        name = _link(str(row.get("html_url") or ""), row["full_name"]) if row.get("html_url") \
+            else html.escape(row["full_name"])
+        cells = [name, lock, html.escape(pushed), html.escape(row.get("description") or "")]
+        table_rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "<tr><th>repository</th><th></th><th>pushed</th><th>description</th></tr>"
+    return bundle(f"<p>{len(rows)} repositories (newest push first); start one with "
+                  f"<code>%tabbi start OWNER/NAME</code></p><table class='tabbi-repos'>{head}"
+                  f"{''.join(table_rows)}</table>", "\n".join(plain))
+
+
+def push(result: dict[str, Any]) -> dict[str, str]:
+    commit = str(result.get("commit") or "")[:10]
+    what = "committed and pushed" if result.get("committed") else "pushed (nothing new to commit)"
+    plain = [f"{what} {commit} to {result.get('remote')} branch {result.get('branch')}"]
+    markup = [f"<p>&#10003; {html.escape(plain[0])}</p><ul>"]
+    pull = result.get("pull_request")
+    if pull:
+        label = f"pull request #{pull['number']}" + ("" if pull.get("created") else " (already open)")
+        plain.append(f"  {label}: {pull['url']}")
+    for name, url in (result.get("links") or {}).items():
+        if name == "remote":
+            continue
+        label = {"pull_request": "pull request", "branch": "branch", "commit": "commit"}.get(name, name)
+        if name != "pull_request":
+            plain.append(f"  {label}: {url}")
+        markup.append(f"<li>{html.escape(label)}: {_link(str(url))}</li>")
+    if result.get("files"):
+        plain.append(f"  cells written to: {', '.join(result['files'])}")
+        markup.append(f"<li>cells written to: {html.escape(', '.join(result['files']))}</li>")
+    markup.append("</ul>")
+    return bundle("".join(markup), "\n".join(plain))

@@ -90,7 +90,8 @@ async def test_errors_are_readable_without_tracebacks(kernel, llm, source_repo):
         ("%tabbi status", "no current session"),
         ("%tabbi use ses-000000000000", "no session ses-000000000000"),
         ("%tabbi start", "the following arguments are required: repo"),
-        ("%tabbi login", "come with the GitHub integration"),
+        ("%tabbi login", "GitHub sign-in is not configured on this server"),
+        ("%tabbi push --to x.py", "--to and --cells-only go with --cells"),
     ]:
         done = await kernel.run(code)
         # One red line (IPython's UsageError): the message, no traceback of tabbi's internals.
@@ -98,7 +99,7 @@ async def test_errors_are_readable_without_tracebacks(kernel, llm, source_repo):
         assert done.stderr.startswith("UsageError: ") and message in done.stderr, (code, done.stderr)
         assert "Traceback" not in done.text and "tabbi_kernel" not in done.text
     helped = await kernel.run("%tabbi --help")
-    for command in ("start REPO", "%%tabbi", "diff", "insert", "panel", "abort", "delete"):
+    for command in ("start REPO", "%%tabbi", "diff", "insert", "panel", "abort", "delete", "push", "login"):
         assert command in helped.stdout
 
 

@@ -60,12 +60,7 @@ class GitHTTPRemote:
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         remote = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 self._serve()
 
@@ -83,39 +78,75 @@ class GitHTTPRemote:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                env = {
-                    "GIT_PROJECT_ROOT": str(remote.root),
-                    "GIT_HTTP_EXPORT_ALL": "1",
-                    "PATH_INFO": parts.path,
-                    "QUERY_STRING": parts.query,
-                    "REQUEST_METHOD": self.command,
-                    "CONTENT_TYPE": self.headers.get("Content-Type", ""),
-                    "CONTENT_LENGTH": str(len(body)),
-                    "REMOTE_USER": "x-access-token" if authorized else "",
-                    "REMOTE_ADDR": "127.0.0.1",
-                    "PATH": "/usr/bin:/bin",
-                }
-                if self.headers.get("Content-Encoding"):
-                    env["HTTP_CONTENT_ENCODING"] = self.headers["Content-Encoding"]
-                done = subprocess.run(
-                    ["git", "http-backend"], input=body, env=env, capture_output=True, timeout=60
-                )
-                head, _, payload = done.stdout.partition(b"\r\n\r\n")
-                status = 200
-                headers = []
-                for line in head.decode(errors="replace").split("\r\n"):
-                    name, _, value = line.partition(":")
-                    if name.lower() == "status":
-                        status = int(value.strip().split()[0])
-                    elif name:
-                        headers.append((name, value.strip()))
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                run_http_backend(self, remote.root, parts.path, parts.query,
+                                 "x-access-token" if authorized else "")
 
         return Handler
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A stand-in's request handler: HTTP/1.0 (one request per connection), no access log."""
+
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The request body, by Content-Length or chunked (git sends big pushes chunked)."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(chunks)
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline()
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
+
+
+def run_http_backend(handler: BaseHTTPRequestHandler, project_root: Path, path: str, query: str,
+                     authorized_user: str) -> None:
+    """Answer ``handler``'s request through ``git http-backend`` (CGI) over ``project_root``.
+
+    The one bridge both loopback remotes use, so clone/push behave as with a real smart-HTTP host;
+    ``authorized_user`` becomes REMOTE_USER (empty when anonymous). Hooks in the bare repositories
+    (e.g. a pre-receive hook) run as they would on the server.
+    """
+    body = read_request_body(handler)
+    env = {
+        "GIT_PROJECT_ROOT": str(project_root),
+        "GIT_HTTP_EXPORT_ALL": "1",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "REQUEST_METHOD": handler.command,
+        "CONTENT_TYPE": handler.headers.get("Content-Type", ""),
+        "CONTENT_LENGTH": str(len(body)),
+        "REMOTE_USER": authorized_user,
+        "REMOTE_ADDR": "127.0.0.1",
+        "PATH": "/usr/bin:/bin",
+    }
+    if handler.headers.get("Content-Encoding"):
+        env["HTTP_CONTENT_ENCODING"] = handler.headers["Content-Encoding"]
+    if handler.headers.get("Git-Protocol"):
+        env["GIT_PROTOCOL"] = handler.headers["Git-Protocol"]
+    done = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True, timeout=60)
+    head, _, payload = done.stdout.partition(b"\r\n\r\n")
+    status = 200
+    headers = []
+    for line in head.decode(errors="replace").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.lower() == "status":
+            status = int(value.strip().split()[0])
+        elif name:
+            headers.append((name, value.strip()))
+    handler.send_response(status)
+    for name, value in headers:
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)

@@ -1,0 +1,139 @@
+"""GitHub routes: sign-in (start, status, the OAuth callback), sign-out, the person's account and
+repositories. Thin: authenticate, validate, delegate to ``GitHubAccounts``.
+
+The callback is a browser page under the server's base URL (so it works behind JupyterHub's
+``/user/<name>/`` prefix) and needs the same Jupyter login as the rest: a code only signs in the
+person who started that sign-in (the state is tied to them).
+"""
+
+from __future__ import annotations
+
+import html
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+
+from ..handlers import AUTH_RESOURCE, TabbiHandler, owner_of
+from ..validation import ValidationError
+from .accounts import GitHubAccounts, GitHubError
+
+LOGIN_ID = r"(?P<login_id>[A-Za-z0-9_-]{10,64})"
+CALLBACK_PATH = "tabbi/github/callback"
+MAX_QUERY_CHARS = 200
+
+
+class GitHubHandler(TabbiHandler):
+    @property
+    def accounts(self) -> GitHubAccounts:
+        return self.settings["tabbi_github"]
+
+
+class GitHubUserHandler(GitHubHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.write_json(await self.accounts.whoami(self.username))
+
+
+class LoginHandler(GitHubHandler):
+    """``POST {"flow": "web" | "device"}`` starts a sign-in; the answer says where to go."""
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        flow = self.body().get("flow") or self.settings["tabbi_github_login_flow"]
+        if flow not in ("web", "device"):
+            raise ValidationError("'flow' must be 'web' or 'device'")
+        redirect_uri = (
+            self.settings["tabbi_github_callback_url"]
+            or f"{self.request.protocol}://{self.request.host}{url_path_join(self.base_url, CALLBACK_PATH)}"
+        )
+        attempt = await self.accounts.begin_login(self.username, flow, redirect_uri)
+        self.write_json(attempt.public(), 201)
+
+
+class LoginStatusHandler(GitHubHandler):
+    """``GET .../login/<id>?wait=S``: long-polls up to S seconds while the sign-in is pending."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, login_id: str) -> None:
+        try:
+            wait = min(max(float(self.get_argument("wait", "0")), 0.0), 60.0)
+        except ValueError:
+            raise ValidationError("'wait' must be a number of seconds") from None
+        attempt = await self.accounts.login_status(self.username, login_id, wait)
+        self.write_json(attempt.public())
+
+
+class LogoutHandler(GitHubHandler):
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.write_json(await self.accounts.logout(self.username))
+
+
+class ReposHandler(GitHubHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        query = self.get_argument("q", "")
+        if len(query) > MAX_QUERY_CHARS:
+            raise ValidationError(f"'q' is longer than {MAX_QUERY_CHARS} characters")
+        repos = await self.accounts.repos(self.username, query)
+        self.write_json({"repos": repos, "count": len(repos)})
+
+
+class CallbackHandler(JupyterHandler):
+    """Where GitHub sends the person's browser back to: a small page saying what happened."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        await self.settings["tabbi_ready"]()
+        accounts: GitHubAccounts = self.settings["tabbi_github"]
+        state = self.get_argument("state", "")
+        try:
+            attempt = await accounts.finish_web(
+                owner_of(self, self.current_user),
+                state,
+                self.get_argument("code", ""),
+                self.get_argument("error", "") or None,
+            )
+        except GitHubError as exc:
+            self._page(exc.status, "GitHub sign-in failed", str(exc))
+            return
+        if attempt.status == "done":
+            self._page(
+                200,
+                "Signed in to GitHub",
+                f"Signed in as {attempt.login}. You can close this tab and go back to the notebook.",
+            )
+        else:
+            self._page(400, "GitHub sign-in failed", attempt.error or "unknown error")
+
+    def _page(self, status: int, title: str, text: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(
+            f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<body style='font-family:sans-serif;margin:3em'><h2>{html.escape(title)}</h2>"
+            f"<p>{html.escape(text)}</p></body>"
+        )
+
+
+def routes() -> list[tuple[str, type]]:
+    prefix = "/tabbi/api/github"
+    return [
+        (prefix + "/user", GitHubUserHandler),
+        (prefix + "/login", LoginHandler),
+        (prefix + f"/login/{LOGIN_ID}", LoginStatusHandler),
+        (prefix + "/logout", LogoutHandler),
+        (prefix + "/repos", ReposHandler),
+        ("/" + CALLBACK_PATH, CallbackHandler),
+    ]

@@ -1,0 +1,198 @@
+"""Pushing a session's work: commit the agent's changes (and chosen notebook cells) on the session
+branch as the person, push the branch, optionally open a pull request.
+
+The commit and the push run inside the sandbox (``bootstrap.py publish`` through
+``Sandbox.exec``), so the same code serves local and Modal sandboxes. The GitHub token goes to
+that one process on stdin; the push runs from a clean repository so nothing the agent wrote into
+``.git/config`` can see or redirect it. A refused push leaves the commit in the workspace, so the
+person can fix the cause and push again.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from tabbi_sandbox.provider import Sandbox
+
+from . import states
+from .agent import AgentError, SessionAgent
+from .github.accounts import GitHubAccounts, LoginRequired
+from .validation import RepoSpec, ValidationError, parse_repo
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 10_000
+_AUTHOR = re.compile(r"^\s*([^<>\n]{1,200}?)\s*<([^<>\s@]+@[^<>\s@]+)>\s*$")
+
+
+class PushRejected(AgentError):
+    """The remote refused the push; the commit stays in the workspace."""
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    message: str | None = None
+    files: dict[str, str] | None = None  # path in the repository -> content (the cells)
+    only_files: bool = False
+    pull_request: bool = False
+    title: str | None = None
+    author: tuple[str, str] | None = None
+
+
+def parse_author(value: object) -> tuple[str, str] | None:
+    if value in (None, ""):
+        return None
+    clean = isinstance(value, str) and not any(ord(ch) < 32 for ch in value)
+    match = _AUTHOR.match(value) if clean else None
+    if not match:
+        raise ValidationError("'author' must look like: Your Name <you@example.com>")
+    return match.group(1), match.group(2)
+
+
+def validate_message(value: object) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > MAX_MESSAGE_CHARS or "\0" in value:
+        raise ValidationError(f"'message' must be text of at most {MAX_MESSAGE_CHARS} characters")
+    return value.strip() or None
+
+
+def host_identity(owner: str) -> tuple[str, str]:
+    """Whom to commit as without GitHub: the server user's git identity, else the owner name."""
+    found = []
+    for key in ("user.name", "user.email"):
+        try:
+            done = subprocess.run(
+                ["git", "config", "--global", key], capture_output=True, text=True, timeout=5
+            )
+            found.append(done.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            found.append("")
+    name = found[0] or owner or getpass.getuser()
+    return name, found[1] or f"{name.replace(' ', '.').lower()}@localhost"
+
+
+class Publisher:
+    def __init__(self, github: GitHubAccounts):
+        self.github = github
+
+    async def push(self, agent: SessionAgent, request: PushRequest) -> dict[str, Any]:
+        record = agent.record
+        repo = parse_repo(record.repo, self.github.hosts.web)
+        if request.pull_request and repo.kind != "github":
+            raise ValidationError("pull requests need a GitHub repository (owner/name)")
+        if agent.state != states.RUNNING:
+            raise AgentError(f"the session is {agent.state}: resume it (%tabbi resume), then push")
+        access = await self.github.git_access(record.owner) if repo.kind == "github" else None
+        if repo.kind == "github" and access is None:
+            raise LoginRequired("Pushing to GitHub needs you signed in: %tabbi login")
+        if request.author:
+            name, email = request.author
+        elif access is not None:
+            name, email = access.name, access.email
+        else:
+            name, email = host_identity(record.owner)
+        message = request.message or self._default_message(request)
+        payload = {
+            "branch": record.work_branch,
+            "message": message,
+            "author": {"name": name, "email": email},
+            "files": request.files or {},
+            "only_files": request.only_files,
+            "remote_url": repo.url,
+            "credential": access.credential if access else None,
+            "base_commit": record.base_commit,
+        }
+        async with agent.between_turns("push") as sandbox:
+            result = await publish_in(sandbox, payload, write_remote=repo.kind == "local")
+        commit = result.get("commit")
+        if not result.get("pushed"):
+            kept = (
+                f" Your commit {commit[:10]} is kept in the session; push again once fixed." if commit else ""
+            )
+            raise PushRejected(f"Push failed: {result.get('error') or 'unknown error'}.{kept}", 409)
+        out: dict[str, Any] = {
+            "branch": record.work_branch,
+            "commit": commit,
+            "committed": result.get("committed", False),
+            "files": result.get("files", []),
+            "author": {"name": name, "email": email},
+            "remote": repo.display,
+            "links": self._links(repo, record.work_branch, commit),
+        }
+        if request.pull_request:
+            prompts = [e.data.get("text", "") for e in await agent.store.list_events(agent.id, 0, 1000)
+                       if e.type == "turn.started"]
+            first = request.message or (prompts[0] if prompts else message)
+            title = request.title or _one_line(first.splitlines()[0] if first.strip() else message, 120)
+            body = await self._pull_body(agent, prompts, commit)
+            out["pull_request"] = await self.github.pull_request(
+                record.owner, repo.display, record.work_branch, record.base_branch, title, body
+            )
+            out["links"]["pull_request"] = out["pull_request"]["url"]
+        await agent.announce("push.completed", {k: out[k] for k in ("branch", "commit", "links", "files")})
+        return out
+
+    @staticmethod
+    def _default_message(request: PushRequest) -> str:
+        if request.files and request.only_files:
+            return "Add notebook cells (pushed from tabbi)"
+        return "Changes from a tabbi session"
+
+    def _links(self, repo: RepoSpec, branch: str, commit: str | None) -> dict[str, str]:
+        if repo.kind != "github":
+            return {"remote": repo.display}
+        base = f"{self.github.hosts.web}/{repo.display}"
+        links = {"branch": f"{base}/tree/{branch}"}
+        if commit:
+            links["commit"] = f"{base}/commit/{commit}"
+        return links
+
+    @staticmethod
+    async def _pull_body(agent: SessionAgent, prompts: list[str], commit: str | None) -> str:
+        """What the session did: the prompts in order and the files the branch changes."""
+        try:
+            files = (await agent.diff())["files"]
+        except AgentError:
+            files = []
+        lines = [f"Work from tabbi session `{agent.id}` on branch `{agent.record.work_branch}`.", ""]
+        if prompts:
+            lines += ["### Prompts", *[f"{i}. {_one_line(p)}" for i, p in enumerate(prompts[:20], 1)], ""]
+        if files:
+            lines += [
+                "### Files",
+                *[
+                    f"- `{f['path']}` ({f['status']}, +{f['additions']} -{f['deletions']})"
+                    for f in files[:100]
+                ],
+                "",
+            ]
+        if commit:
+            lines.append(f"Head commit: {commit}")
+        return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+async def publish_in(sandbox: Sandbox, payload: dict[str, Any], write_remote: bool) -> dict[str, Any]:
+    """Run ``bootstrap.py publish`` in the sandbox; its last stdout line is the JSON result."""
+    request = {"workspace": sandbox.workspace_path, "home": sandbox.home_path, **payload}
+    done = await sandbox.exec(
+        sandbox.bootstrap_argv("publish"), timeout=900, input=json.dumps(request).encode(),
+        write_remote=write_remote,
+    )
+    for line in reversed(done.stdout.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return {"error": done.stderr.strip()[-300:] or "the publish step printed no result"}
