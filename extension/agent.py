@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tabbi_sandbox.provider import Sandbox, SandboxError, SandboxProvider, SandboxSpec
 
 from . import model_config, states, workspace
+from .encryption import SecretBox
 from .normalize import EventNormalizer, Normalized, Signals, error_message
 from .opencode import OpenCodeClient, OpenCodeError
 from .store import Event, Prompt, SessionRecord, Snapshot, Store, StoreError
@@ -63,6 +64,9 @@ class AgentSettings:
     idle_timeout: float = 600.0
     #: Seconds a sandbox may run before it is paused (after its current turn; 0: no limit).
     max_lifetime: float = 8 * 3600.0
+    #: Seals the OpenCode password kept with a sandbox that can outlive the server, so that the
+    #: next server process can re-attach (None: no re-attach).
+    secrets: SecretBox | None = None
 
 
 @dataclass
@@ -203,6 +207,8 @@ class SessionAgent:
                 opencode_env=setup.env,
                 read_only_paths=[repo.local_path] if repo.local_path else [],
                 git_credential=access.credential if access else None,
+                max_seconds=(self.settings.max_lifetime + self.settings.turn_timeout)
+                if self.settings.max_lifetime else None,
             )
             self._model_ref = setup.model_ref
             latest = await self.store.list_snapshots(self.id)
@@ -213,20 +219,8 @@ class SessionAgent:
                 if repo.kind == "github" and access is None and "clone" in str(exc):
                     raise SandboxError(f"{exc} (not signed in to GitHub: %tabbi login)") from None
                 raise
-            await self.store.update_session(self.id, sandbox_state=self._sandbox.get_state())
-            self._client = OpenCodeClient(self._sandbox.endpoint())
-            oc_id = self.record.opencode_session_id
-            if not oc_id or not await self._client.session_exists(oc_id):
-                oc_id = await self._client.create_session()
-                self.record.opencode_session_id = oc_id
-                await self.store.update_session(self.id, opencode_session_id=oc_id)
-            self._normalizer = EventNormalizer(oc_id)
-            connected = asyncio.Event()
-            self._spawn("feed", self._feed(self._client, self._sandbox, connected))
-            try:
-                await asyncio.wait_for(connected.wait(), self.settings.connect_timeout)
-            except asyncio.TimeoutError:
-                raise OpenCodeError("OpenCode's event stream did not connect") from None
+            await self._remember_sandbox(self._sandbox, spec.password)
+            await self._connect(self._sandbox)
             self._running_since = self._last_activity = time.monotonic()
             await self._set_state(states.RUNNING, phase="ready")
             self._spawn("watch", self._watch_limits())
@@ -236,6 +230,34 @@ class SessionAgent:
         except Exception as exc:  # every failure of a start is reported, never swallowed
             log.warning("tabbi: session %s failed to start", self.id, exc_info=True)
             await self._fault(_readable(exc, "The sandbox failed to start"))
+
+    async def _remember_sandbox(self, sandbox: Sandbox, password: str) -> None:
+        """Store the sandbox's state; for a sandbox that can outlive this server, with its OpenCode
+        password sealed, so that the next server process can talk to it."""
+        state = sandbox.get_state()
+        if self.provider.survives_restart and self.settings.secrets is not None:
+            state["password_sealed"] = self.settings.secrets.encrypt(password.encode()).decode()
+        self.record.sandbox_state = state
+        await self.store.update_session(self.id, sandbox_state=state)
+
+    async def _connect(self, sandbox: Sandbox, reattaching: bool = False) -> None:
+        """Talk to the sandbox's OpenCode: its session (created if missing, except when
+        re-attaching: then the running one must be there) and its event feed."""
+        self._client = OpenCodeClient(sandbox.endpoint())
+        oc_id = self.record.opencode_session_id
+        if not oc_id or not await self._client.session_exists(oc_id):
+            if reattaching:
+                raise OpenCodeError("the sandbox's agent no longer has this session")
+            oc_id = await self._client.create_session()
+            self.record.opencode_session_id = oc_id
+            await self.store.update_session(self.id, opencode_session_id=oc_id)
+        self._normalizer = EventNormalizer(oc_id)
+        connected = asyncio.Event()
+        self._spawn("feed", self._feed(self._client, sandbox, connected))
+        try:
+            await asyncio.wait_for(connected.wait(), self.settings.connect_timeout)
+        except asyncio.TimeoutError:
+            raise OpenCodeError("OpenCode's event stream did not connect") from None
 
     async def _on_progress(self, message: dict[str, Any]) -> None:
         phase = message.get("phase")
@@ -273,16 +295,16 @@ class SessionAgent:
             await sandbox.terminate()
 
     async def recover_after_restart(self) -> None:
-        """The store says this session was live, but the server process that ran its sandbox is
-        gone (and the sandbox with it). End the interrupted turn, say what happened, and start
-        again if prompts are waiting."""
+        """The store says this session was live, but the server process that ran it is gone.
+        A sandbox that is still alive is re-attached and what happened meanwhile is caught up.
+        Otherwise: end the interrupted turn, say what happened, and start again if prompts are
+        waiting."""
         pending = await self.store.pending_prompts(self.id)
         for prompt in pending:
             if prompt.status == "running":
                 self._turn = Turn(prompt.id)
-        if await self.provider.load_state(self.record.sandbox_state) is not None:
-            log.info("tabbi: session %s: sandbox still alive, but re-attaching is not supported "
-                     "by this provider; restarting it", self.id)
+        if await self._reattach():
+            return
         snapshots = await self.store.list_snapshots(self.id)
         if snapshots:
             message = ("The server restarted and the sandbox stopped with it; the session is paused "
@@ -298,6 +320,33 @@ class SessionAgent:
             )
         if any(p.status == "queued" for p in pending):
             await self.start()
+
+    async def _reattach(self) -> bool:
+        state = {"sandbox_id": self.id, **(self.record.sandbox_state or {})}
+        sealed, box = state.pop("password_sealed", None), self.settings.secrets
+        password = box.decrypt(sealed.encode()) if sealed and box else None
+        sandbox = await self.provider.load_state(state, password.decode() if password else None)
+        if sandbox is None:
+            return False
+        if password is None:
+            log.info("tabbi: session %s: its sandbox is alive but cannot be re-attached (no key)", self.id)
+            await sandbox.terminate()
+            return False
+        self._sandbox = sandbox
+        try:
+            await self._connect(sandbox, reattaching=True)
+            assert self._client is not None
+            await self._catch_up(self._client)
+        except Exception as exc:  # not usable after all: treat it as gone
+            log.info("tabbi: session %s: re-attaching failed (%s); restarting it", self.id, exc)
+            await self._release_sandbox()
+            return False
+        log.info("tabbi: session %s: re-attached to its running sandbox", self.id)
+        await self._emit("session.status", {"state": states.RUNNING, "phase": "reattached"})
+        self._running_since = self._last_activity = time.monotonic()
+        self._spawn("watch", self._watch_limits())
+        self._wake.set()
+        return True
 
     async def shutdown(self) -> None:
         """The server is stopping: end our tasks and processes; the record stays as it is."""
@@ -554,7 +603,7 @@ class SessionAgent:
                         failures = 0
                         connected.set()
                         if reconnect:
-                            await self._catch_up_after_gap(client)
+                            await self._catch_up(client)
                         continue
                     assert self._normalizer is not None
                     events, signals = self._normalizer.feed(raw)
@@ -580,13 +629,58 @@ class SessionAgent:
                 return
             await asyncio.sleep(min(0.1 * 2**failures, 3))  # reconnect backoff
 
-    async def _catch_up_after_gap(self, client: OpenCodeClient) -> None:
-        """After a reconnect, a turn that ended while we were away must still be finished."""
-        if self._turn is None:
-            return
-        statuses = await client.statuses()
-        if self.record.opencode_session_id not in statuses:
-            await self._finish_turn(self._turn.outcome, self._turn.error)
+    async def _catch_up(self, client: OpenCodeClient) -> None:
+        """After a gap in the feed (a reconnect, or a server restart with the sandbox alive):
+        persist and announce every message and part that changed while nobody listened, as
+        complete ``part.updated`` / ``tool`` events, then end a turn that finished meanwhile (or
+        queue its prompt again, if it never reached OpenCode)."""
+        assert self._normalizer is not None and self.record.opencode_session_id
+        oc_id = self.record.opencode_session_id
+        known = {m["id"]: {p["id"]: p for p in m["parts"]} for m in await self.store.list_messages(self.id)}
+        for message in await client.messages(oc_id):
+            info = message.get("info") or {}
+            if info.get("id") not in known:
+                updated = {"type": "message.updated", "properties": {"info": info}}
+                await self._apply(*self._normalizer.feed(updated))
+            stored = known.get(info.get("id"), {})
+            for part in message.get("parts") or []:
+                events, signals = self._normalizer.feed(
+                    {"type": "message.part.updated", "properties": {"part": part}}
+                )
+                if signals.part is not None:
+                    _, part_id, normalized = signals.part
+                    if {k: v for k, v in (stored.get(part_id) or {}).items() if k != "id"} == normalized:
+                        continue
+                await self._apply(events, signals)
+        turn = self._turn
+        if turn is None or oc_id in await client.statuses():
+            return  # no turn, or OpenCode is still working on it: the feed carries on
+        if not turn.acknowledged:
+            turn.acknowledged = await self._reached_opencode(turn, client)
+        if turn.acknowledged or turn.outcome != "completed":
+            await self._finish_turn(turn.outcome, turn.error)
+        else:  # the prompt never reached OpenCode: deliver it again
+            self._turn = None
+            if turn.watchdog is not None:
+                turn.watchdog.cancel()
+            await self._retry_store(lambda: self.store.set_prompt_status(turn.prompt_id, "queued"))
+            self._wake.set()
+
+    async def _reached_opencode(self, turn: Turn, client: OpenCodeClient) -> bool:
+        """Whether OpenCode holds a user message made after ``turn`` started (OpenCode creates it
+        when the prompt arrives; a turn before it had ended by then). Unknown counts as yes:
+        ending a turn is better than delivering its prompt twice."""
+        last = self._next_seq - 1
+        started = [e.ts for e in await self.store.list_events(self.id, max(0, last - 2000), 2000)
+                   if e.type == "turn.started" and e.data.get("prompt_id") == turn.prompt_id]
+        if not started:
+            return True
+        for message in await client.messages(self.record.opencode_session_id or ""):
+            info = message.get("info") or {}
+            created = (info.get("time") or {}).get("created") or 0
+            if info.get("role") == "user" and created / 1000 >= started[-1] - 1.0:
+                return True
+        return False
 
     async def _apply(self, events: list[Normalized], signals: Signals) -> None:
         if signals.message is not None:

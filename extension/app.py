@@ -108,6 +108,14 @@ class TabbiExtension(ExtensionApp):
         help="The sandbox provider: local processes by default, Modal in production.",
     ).tag(config=True)
 
+    detach_sandboxes = Bool(
+        False,
+        help="Local sandboxes outlive a crashed server (a clean stop still stops them) and the "
+        "next server process re-attaches to them, catching up on what the agent did meanwhile. "
+        "Their OpenCode password is kept sealed with encryption_key; a sandbox nobody comes "
+        "back for stops itself after max_lifetime + turn_timeout.",
+    ).tag(config=True)
+
     sandbox_provider_options = Dict(
         help="Extra keyword arguments for the sandbox provider class."
     ).tag(config=True)
@@ -233,6 +241,7 @@ class TabbiExtension(ExtensionApp):
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = self.make_store(data)
         self.provider = self.make_provider(data)
+        secrets = self.make_secret_box(data)
         settings = AgentSettings(
             model=ModelSettings(
                 model=self.model,
@@ -247,8 +256,9 @@ class TabbiExtension(ExtensionApp):
             idle_timeout=self.idle_timeout,
             max_lifetime=self.max_lifetime,
             snapshots_keep=self.snapshots_keep,
+            secrets=secrets,
         )
-        self.github = self.make_github(data)
+        self.github = self.make_github(secrets)
         self.manager = SessionManager(self.store, self.provider, settings, self.github.git_access)
         self._ready_lock = asyncio.Lock()
         self._ready = False
@@ -266,21 +276,30 @@ class TabbiExtension(ExtensionApp):
             tabbi_github_callback_url=self.github_callback_url,
         )
 
-    def make_github(self, data: Path) -> GitHubAccounts:
-        """GitHub sign-in when a client id is configured. Its tokens need an encryption key: a
-        single-user server makes one; a multi-user server without one refuses to start, since
-        a key generated next to the database would protect nothing."""
+    def make_secret_box(self, data: Path) -> encryption.SecretBox | None:
+        """The key for secrets at rest, when something needs one: GitHub tokens, or the OpenCode
+        passwords of sandboxes that outlive a crash. A single-user server makes one; a
+        multi-user server must be given one (a key generated next to the database would protect
+        nothing): without it, GitHub sign-in refuses to start and re-attaching is off."""
+        if not self.github_client_id and not self.provider.survives_restart:
+            return None
+        single = is_single_user(self.single_user, self.serverapp.identity_provider)
+        try:
+            return encryption.load(self.encryption_key, data, generate=single)
+        except encryption.EncryptionKeyError as exc:
+            if self.github_client_id:
+                self.log.critical("tabbi: %s", exc)
+                raise SystemExit(f"tabbi: {exc}") from None
+            self.log.warning("tabbi: sandboxes will not be re-attached after a restart: %s", exc)
+            return None
+
+    def make_github(self, secrets: encryption.SecretBox | None) -> GitHubAccounts:
+        """GitHub sign-in when a client id is configured (its tokens sealed by ``secrets``)."""
         hosts = GitHubHosts(self.github_url, self.github_api_url)
         if not self.github_client_id:
             return GitHubAccounts(self.store, None, None, hosts)
-        single = is_single_user(self.single_user, self.serverapp.identity_provider)
-        try:
-            box = encryption.load(self.encryption_key, data, generate=single)
-        except encryption.EncryptionKeyError as exc:
-            self.log.critical("tabbi: %s", exc)
-            raise SystemExit(f"tabbi: {exc}") from None
         app = OAuthApp(self.github_client_id, self.github_client_secret or "", hosts, self.github_scope)
-        return GitHubAccounts(self.store, box, app, hosts)
+        return GitHubAccounts(self.store, secrets, app, hosts)
 
     def make_store(self, data: Path) -> Store:
         options: dict[str, Any] = dict(self.store_options)
@@ -296,6 +315,7 @@ class TabbiExtension(ExtensionApp):
             options.setdefault("isolation_mode", self.isolation)
             options.setdefault("opencode_bin", self.opencode_bin)
             options.setdefault("start_timeout", self.start_timeout)
+            options.setdefault("detach", self.detach_sandboxes)
         return self.sandbox_provider_class(**options)
 
     def initialize_handlers(self) -> None:

@@ -95,9 +95,10 @@ class SessionManager:
         return agent
 
     async def startup(self) -> None:
-        """Reconcile what the store says was live with what is: sandboxes of a previous server
-        process are gone (they die with their parent), so those sessions move to ``error`` with
-        an event saying why, and any queued prompts start them again."""
+        """Reconcile what the store says was live with what is: a sandbox still alive (one that
+        outlives its server, ``detach_sandboxes``) is re-attached and caught up; a gone one
+        leaves its session ``paused`` (with a snapshot) or ``error``, with an event saying why,
+        and any queued prompts start it again."""
         for record in await self.store.list_sessions():
             if record.state not in states.LIVE:
                 continue

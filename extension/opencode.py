@@ -68,6 +68,11 @@ class OpenCodeClient:
     async def abort(self, session_id: str) -> None:
         await self._call("POST", f"/session/{session_id}/abort", timeout=10)
 
+    async def messages(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's messages, each ``{info, parts}``: OpenCode's current truth, for
+        catching up after events were missed."""
+        return await self._call("GET", f"/session/{session_id}/message") or []
+
     async def statuses(self) -> dict[str, Any]:
         return await self._call("GET", "/session/status", timeout=5) or {}
 

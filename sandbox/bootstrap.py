@@ -397,7 +397,15 @@ def main() -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     emit("ready", port=port, version=version, pid=proc.pid)
-    return proc.wait()
+    try:
+        return proc.wait(timeout=spec.get("max_seconds"))
+    except subprocess.TimeoutExpired:  # no server came back to stop this sandbox: stop it here
+        proc.terminate()
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 if __name__ == "__main__":

@@ -69,13 +69,14 @@ def wrap(
     writable: list[str],
     read_only: list[str],
     cwd: str,
+    die_with_parent: bool = True,
 ) -> list[str]:
     """The bwrap command line that runs ``argv`` confined. Paths are bound at the same place."""
     path = bwrap_path()
     assert path is not None, "wrap() called without bwrap"
     args = [
         path,
-        "--die-with-parent",
+        *(["--die-with-parent"] if die_with_parent else []),
         "--new-session",
         "--unshare-pid",
         "--unshare-ipc",

@@ -2,8 +2,12 @@
 
 Each sandbox lives in ``<root>/<sandbox_id>/`` with ``workspace/`` (the clone) and ``home/``
 (OpenCode's HOME/XDG/TMPDIR). The bootstrap runs under bubblewrap where it works, as a plain
-subprocess otherwise (see ``isolation``). Either way it is the leader of its own process group,
-gets SIGKILL if the server dies, and every process it starts carries the sandbox marker.
+subprocess otherwise (see ``isolation``). Either way it is the leader of its own process group and
+every process it starts carries the sandbox marker.
+
+By default a sandbox gets SIGKILL if the server dies. With ``detach=True`` it outlives a crashed
+server instead (a server that stops cleanly still stops its sandboxes), and the next server process
+re-attaches to it through ``load_state``, watching the process it did not start through a pidfd.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import sys
@@ -42,8 +47,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-async def _spawn(argv: list[str], **options: Any) -> asyncio.subprocess.Process:
-    """Start a process as the leader of its own group, killed if the server dies.
+async def _spawn(argv: list[str], die_with_parent: bool = True, **options: Any) -> asyncio.subprocess.Process:
+    """Start a process as the leader of its own group, killed if the server dies (unless not
+    ``die_with_parent``).
 
     Creation is shielded from cancellation: cancelling ``create_subprocess_exec`` midway can hang
     forever in CPython 3.11 (it waits for an exit the child watcher never reports), which froze
@@ -52,7 +58,10 @@ async def _spawn(argv: list[str], **options: Any) -> asyncio.subprocess.Process:
     """
     creation = asyncio.ensure_future(
         asyncio.create_subprocess_exec(
-            *argv, start_new_session=True, preexec_fn=_die_with_parent, **options
+            *argv,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
+            **options,
         )
     )
     try:
@@ -62,6 +71,39 @@ async def _spawn(argv: list[str], **options: Any) -> asyncio.subprocess.Process:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         raise
+
+
+class _Adopted:
+    """The leader of a sandbox an earlier server process started: not our child, so its exit is
+    watched through a pidfd (readable once the process has ended) instead of ``waitpid``."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)
+        self._exited: asyncio.Future[None] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; -1 once it has ended (its status went to its real parent)."""
+        if self._exited is not None and self._exited.done():
+            return -1
+        readable, _, _ = select.select([self._fd], [], [], 0)
+        return -1 if readable else None
+
+    async def wait(self) -> int:
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            self._exited = loop.create_future()
+            exited = self._exited
+
+            def ended() -> None:
+                loop.remove_reader(self._fd)
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(self._fd, ended)
+        await asyncio.shield(self._exited)
+        return -1
 
 
 class LocalSandbox(Sandbox):
@@ -76,7 +118,7 @@ class LocalSandbox(Sandbox):
         self.confined = confined
         self.read_only: list[str] = []
         self.remote_paths: list[str] = []
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | _Adopted | None = None
         self._endpoint: Endpoint | None = None
         self._reader: asyncio.Task | None = None
 
@@ -137,13 +179,40 @@ class LocalSandbox(Sandbox):
         self._endpoint = None
 
     def get_state(self) -> dict[str, Any]:
+        pid = self._proc.pid if self._proc else None
         return {
             "provider": self.provider.name,
             "sandbox_id": self.id,
             "root": str(self.root),
-            "pid": self._proc.pid if self._proc else None,
+            "pid": pid,
+            "started": processes.start_time(pid) if pid else None,
+            "port": int(self._endpoint.url.rsplit(":", 1)[1]) if self._endpoint else None,
             "confined": self.confined,
+            "detached": self.provider.detach,
+            "read_only": self.read_only,
+            "remote_paths": self.remote_paths,
         }
+
+    @classmethod
+    def adopt(cls, provider: LocalProvider, state: dict[str, Any], password: str) -> LocalSandbox | None:
+        """The sandbox ``state`` describes, if its leader still runs (the same process: same start
+        time, carrying this sandbox's marker)."""
+        pid, sandbox_id = state.get("pid"), str(state.get("sandbox_id", ""))
+        if not (state.get("detached") and pid and state.get("port") and state.get("started")):
+            return None
+        root = provider.sandbox_root(sandbox_id)
+        if processes.start_time(pid) != state["started"] or not processes.carries_marker(pid, sandbox_id):
+            return None
+        try:
+            leader = _Adopted(pid)
+        except OSError:  # ended just now
+            return None
+        sandbox = cls(provider, sandbox_id, root, bool(state.get("confined")))
+        sandbox._proc = leader
+        sandbox.read_only = list(state.get("read_only") or [])
+        sandbox.remote_paths = list(state.get("remote_paths") or [])
+        sandbox._endpoint = Endpoint(f"http://127.0.0.1:{int(state['port'])}", password)
+        return sandbox
 
     # -- internals --------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -158,7 +227,9 @@ class LocalSandbox(Sandbox):
     def bootstrap_argv(self, *args: str) -> list[str]:
         return [os.path.realpath(sys.executable), "-I", "-S", str(BOOTSTRAP_SCRIPT), *args]
 
-    def _confine(self, argv: list[str], cwd: str, write_remote: bool = False) -> list[str]:
+    def _confine(
+        self, argv: list[str], cwd: str, write_remote: bool = False, die_with_parent: bool = True
+    ) -> list[str]:
         if not self.confined:
             return argv
         writable = [str(self.root), *(self.remote_paths if write_remote else [])]
@@ -167,6 +238,7 @@ class LocalSandbox(Sandbox):
             writable=writable,
             read_only=[p for p in self.read_only if p not in writable],
             cwd=cwd,
+            die_with_parent=die_with_parent,
         )
 
     async def start(self, spec: SandboxSpec, progress: ProgressCallback, opencode_bin: str) -> None:
@@ -190,6 +262,7 @@ class LocalSandbox(Sandbox):
             "git_credential": spec.git_credential,
             "marker": self.id,
             "health_timeout": self.provider.start_timeout,
+            "max_seconds": spec.max_seconds if self.provider.detach else None,
             "opencode": {
                 "bin": opencode_bin,
                 "password": spec.password,
@@ -200,8 +273,10 @@ class LocalSandbox(Sandbox):
         argv = self.bootstrap_argv()
         cwd = str(self.root)
         with open(self.root / "bootstrap.log", "ab") as log_file:
+            detach = self.provider.detach
             self._proc = await _spawn(
-                self._confine(argv, cwd=cwd),
+                self._confine(argv, cwd=cwd, die_with_parent=not detach),
+                die_with_parent=not detach,
                 cwd=cwd,
                 env=self._env(),
                 stdin=asyncio.subprocess.PIPE,
@@ -267,6 +342,7 @@ class LocalProvider(SandboxProvider):
         opencode_bin: str | None = None,
         start_timeout: float = 90,
         stop_grace: float = 5,
+        detach: bool = False,
     ):
         self.root = Path(root)
         self.snapshot_root = Path(snapshot_root) if snapshot_root else self.root.parent / "snapshots"
@@ -274,6 +350,8 @@ class LocalProvider(SandboxProvider):
         self.opencode_bin = opencode_bin
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
+        #: Sandboxes outlive a crashed server and are re-attached by the next one.
+        self.detach = detach
 
     def sandbox_root(self, sandbox_id: str) -> Path:
         if not sandbox_id.replace("-", "").isalnum():
@@ -297,6 +375,23 @@ class LocalProvider(SandboxProvider):
         sandbox = LocalSandbox(self, spec.sandbox_id, root, confined)
         await sandbox.start(spec, progress, opencode_bin)
         return sandbox
+
+    @property
+    def survives_restart(self) -> bool:
+        return self.detach
+
+    async def load_state(self, state: dict[str, Any], password: str | None = None) -> LocalSandbox | None:
+        """The live sandbox ``state`` describes; anything else still carrying its marker (a
+        detached sandbox that was starting when the server died) is an orphan and is killed."""
+        sandbox_id = str(state.get("sandbox_id") or "")
+        if not sandbox_id:
+            return None
+        adopted = None
+        if state.get("provider") == self.name:
+            adopted = LocalSandbox.adopt(self, state, password or "")
+        if adopted is None:
+            await asyncio.to_thread(processes.kill_all, sandbox_id)
+        return adopted
 
     async def destroy(self, sandbox_id: str) -> None:
         await asyncio.to_thread(processes.kill_all, sandbox_id)

@@ -42,6 +42,9 @@ class SandboxSpec:
     #: Host paths the clone must be able to read (a local repository), bound read-only.
     read_only_paths: list[str] = field(default_factory=list)
     password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    #: Providers whose sandboxes outlive the server stop them after this many seconds, in case no
+    #: server comes back to do it (None: no limit).
+    max_seconds: float | None = None
     #: ``{"username", "password"}`` for the clone only (a GitHub token); never stored anywhere.
     git_credential: dict[str, str] | None = field(default=None, repr=False)
 
@@ -117,8 +120,13 @@ class SandboxProvider(abc.ABC):
         With ``restore`` (a snapshot's ref), the sandbox starts from that snapshot unless its own
         files still exist (they are newer)."""
 
-    async def load_state(self, state: dict[str, Any]) -> Sandbox | None:
-        """Re-attach to a sandbox described by ``get_state``; None when it is gone."""
+    #: Whether sandboxes outlive a crashed server process (then ``load_state`` can re-attach).
+    survives_restart: bool = False
+
+    async def load_state(self, state: dict[str, Any], password: str | None = None) -> Sandbox | None:
+        """Re-attach to a sandbox described by ``get_state`` whose OpenCode answers to
+        ``password`` (kept by the caller, encrypted: states hold no secret); None when it is
+        gone. A sandbox returned without a password is only good for ``terminate``."""
         return None
 
     @abc.abstractmethod

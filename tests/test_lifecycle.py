@@ -207,6 +207,58 @@ def test_server_killed_mid_turn_then_restarted(tmp_path, llm, source_repo):
     assert started == ["the queued one"] and done["seq"] > 0
 
 
+def test_server_killed_mid_turn_reattaches_to_its_live_sandbox(tmp_path, llm, source_repo):
+    """With detach_sandboxes, a sandbox outlives its crashed server. The next server re-attaches:
+    the same OpenCode process goes on, what the agent did while no server listened (the rest of
+    the turn) is caught up from OpenCode into the log, the turn ends as completed, and the queued
+    prompt is delivered. A clean stop of that server then stops the sandbox."""
+    from tests.support.server import JupyterProcess
+    from tests.test_sessions import opencode_pids as oc_pids
+
+    detach = ["--TabbiExtension.detach_sandboxes=True"]
+    first = JupyterProcess(llm.url, tmp_path / "srv", extra=detach)
+    try:
+        sid = first.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
+        first.wait_event(sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "running")
+        words = " ".join(f"w{i}" for i in range(120))
+        llm.enqueue(Reply(text=words, chunks=60, drip=0.05), Reply(text="delivered after re-attach"))
+        first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "talk for long"})
+        first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "the queued one"})
+        first.wait_event(sid, lambda e: e["type"] == "text.delta")
+        persisted = first.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
+        agent = oc_pids(sid)
+        completed = llm.completed
+    finally:
+        first.kill()
+    # Nobody listens while the agent streams the rest of its answer.
+    poll_until(lambda: llm.completed > completed, 60, "the model's answer streamed to its end")
+    assert agent and set(agent) <= set(oc_pids(sid)), "the sandbox outlived the server"
+
+    second = JupyterProcess(llm.url, tmp_path / "srv", extra=detach)
+    try:
+        caught_up = second.wait_event(sid, lambda e: e["type"] == "turn.finished",
+                                      after=persisted[-1]["seq"], timeout=120)
+        done = second.wait_event(sid, lambda e: e["type"] == "turn.finished", after=caught_up["seq"],
+                                 timeout=120)
+        events = second.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
+        assert set(agent) <= set(oc_pids(sid)), "re-attached to the same OpenCode, not a new sandbox"
+    finally:
+        second.stop()
+    poll_until(lambda: not oc_pids(sid), 30, "a clean stop stopping the sandbox")
+    assert contiguous(events)
+    assert events[: len(persisted)] == persisted
+    after = events[len(persisted):]
+    assert ("session.status", "reattached") in [(e["type"], e["data"].get("phase")) for e in after]
+    assert not [e for e in after if e["type"] == "error"], after
+    texts = [e["data"]["text"] for e in after if e["type"] == "part.updated" and e["data"].get("text")]
+    assert words in texts, "the whole answer, streamed while no server listened, is in the log"
+    finished = [(e["data"]["prompt_id"], e["data"]["outcome"]) for e in after if e["type"] == "turn.finished"]
+    assert [outcome for _, outcome in finished] == ["completed", "completed"]
+    assert done["seq"] > caught_up["seq"]
+    started = [e["data"]["text"] for e in after if e["type"] == "turn.started"]
+    assert started == ["the queued one"]
+
+
 @pytest.mark.tabbi(idle_timeout=2.0)
 @pytest.mark.timeout(120)
 async def test_server_stops_cleanly_while_a_sandbox_is_being_created(api, llm, source_repo):

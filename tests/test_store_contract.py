@@ -89,7 +89,7 @@ async def test_messages_with_parts(store):
     await store.upsert_part("ses-1", "m2", "p2", {"type": "tool", "status": "completed"})
     messages = await store.list_messages("ses-1")
     assert [(m["id"], m["role"]) for m in messages] == [("m1", "user"), ("m2", "assistant")]
-    assert messages[1]["parts"] == [{"type": "tool", "status": "completed"}]
+    assert messages[1]["parts"] == [{"id": "p2", "type": "tool", "status": "completed"}]
     assert messages[1]["info"] == {"modelID": "x"}
 
 

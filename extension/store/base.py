@@ -173,7 +173,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_messages(self, session_id: str) -> list[dict[str, Any]]:
-        """Messages in creation order, each ``{"id", "role", "info", "parts": [...]}``."""
+        """Messages in creation order, each ``{"id", "role", "info", "parts": [{"id", ...}]}``."""
 
     # snapshots ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -327,12 +327,12 @@ class SQLiteStore(Store):
                 )
             ]
             by_id = {m["id"]: m for m in messages}
-            for message_id, part in c.execute(
-                "SELECT message_id, part FROM parts WHERE session_id=? ORDER BY created_at, rowid",
+            for message_id, part_id, part in c.execute(
+                "SELECT message_id, id, part FROM parts WHERE session_id=? ORDER BY created_at, rowid",
                 (session_id,),
             ):
                 if message_id in by_id:
-                    by_id[message_id]["parts"].append(json.loads(part))
+                    by_id[message_id]["parts"].append({"id": part_id, **json.loads(part)})
             return messages
 
         return await self._run(query)

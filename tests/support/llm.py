@@ -64,6 +64,8 @@ class ScriptedLLM:
         self.requests: list[Recorded] = []
         #: (time.time(), text) of every content chunk written, for latency measurements.
         self.emitted: list[tuple[float, str]] = []
+        #: Replies streamed to their end (for waiting until the agent has had its whole answer).
+        self.completed = 0
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._calls = 0
@@ -192,5 +194,7 @@ class ScriptedLLM:
                 self._chunk("[DONE]")
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
+                with llm._lock:
+                    llm.completed += 1
 
         return Handler
