@@ -33,6 +33,8 @@ class Conversation:
     messages: list[dict[str, Any]] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     permissions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``push.completed`` data, oldest first.
+    pushes: list[dict[str, Any]] = field(default_factory=list)
     _by_id: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def apply(self, event: Event) -> None:
@@ -55,6 +57,12 @@ class Conversation:
     def last_finished_turn(self) -> Turn | None:
         done = [t for t in self.turns if t.end_seq is not None]
         return done[-1] if done else None
+
+    @property
+    def turn_error(self) -> str | None:
+        """The error of the latest turn, if it failed (a later turn clears it)."""
+        turn = self.turns[-1] if self.turns else None
+        return turn.error or "the turn failed" if turn and turn.outcome == "error" else None
 
     def turn_messages(self, turn: Turn) -> list[dict[str, Any]]:
         return [self._by_id[m] for m in turn.message_ids if m in self._by_id]
@@ -121,3 +129,6 @@ class Conversation:
 
     def _on_permission_replied(self, data: dict, seq: int) -> None:
         self.permissions.pop(data.get("permission_id"), None)
+
+    def _on_push_completed(self, data: dict, seq: int) -> None:
+        self.pushes.append(data)

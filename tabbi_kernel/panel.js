@@ -175,6 +175,8 @@ function render({ model, el: root }) {
   const log = el("div", { class: "tb-log", role: "log", "aria-live": "polite" });
   const permissions = el("div", { class: "tb-permissions" });
   const notice = el("div", { class: "tb-notice" });
+  const turnError = el("div", { class: "tb-error tb-turn-error" });
+  const pushed = el("div", { class: "tb-pushed" });
   const extra = el("div", { class: "tb-extra" });
   const input = el("textarea", {
     class: "tb-input", rows: "2",
@@ -201,10 +203,19 @@ function render({ model, el: root }) {
   const insert = el("button", { class: "tb-btn", onclick: () => model.send({ type: "insert" }) }, "Insert code");
   const diff = el("button", { class: "tb-btn", onclick: () => model.send({ type: "diff" }) }, "Diff");
   const sendButton = el("button", { class: "tb-btn tb-primary", onclick: send }, "Send");
+  const pushMessage = el("input", { class: "tb-push-message", type: "text", placeholder: "Commit message (optional)" });
+  const pushPr = el("input", { type: "checkbox", class: "tb-push-pr" });
+  const pushGo = el("button", {
+    class: "tb-btn tb-primary",
+    onclick: () => model.send({ type: "push", message: pushMessage.value, pr: pushPr.checked }),
+  }, "Commit and push");
+  const pushForm = el("div", { class: "tb-push-form", hidden: "" },
+    pushMessage, el("label", {}, pushPr, " open a pull request"), pushGo);
+  const push = el("button", { class: "tb-btn", onclick: () => { pushForm.hidden = !pushForm.hidden; } }, "Push…");
   root.classList.add("tabbi-panel");
-  root.append(status, log, permissions, notice, extra,
+  root.append(status, log, permissions, turnError, notice, pushed, extra,
     el("div", { class: "tb-compose" }, input, sendButton),
-    el("div", { class: "tb-actions" }, abort, pause, insert, diff));
+    el("div", { class: "tb-actions" }, abort, pause, insert, diff, push), pushForm);
 
   const drawStatus = () => {
     const state = model.get("state");
@@ -229,6 +240,23 @@ function render({ model, el: root }) {
     permissions.replaceChildren(...(model.get("permissions") || []).map((p) => permissionCard(model, p)));
   };
   const drawNotice = () => { notice.textContent = model.get("notice") || ""; };
+  const drawTurnError = () => {
+    const error = model.get("turn_error");
+    turnError.textContent = error ? `The last turn ended with an error: ${error}` : "";
+  };
+  const drawPushed = () => {
+    const data = model.get("pushed") || {};
+    pushed.replaceChildren();
+    if (!data.commit) return;
+    pushed.append(`Pushed ${String(data.commit).slice(0, 10)} to ${data.branch}`);
+    const links = data.links || {};
+    for (const [name, url] of Object.entries(links)) {
+      if (!/^https?:\/\//.test(String(url))) continue; // a server's answer is data: only http(s) links
+      pushed.append(" · ", el("a", { href: String(url), target: "_blank", rel: "noopener noreferrer" },
+        name.replace(/_/g, " ")));
+    }
+  };
+  const drawPushing = () => { pushGo.disabled = model.get("pushing"); };
   const drawExtra = () => {
     extra.replaceChildren();
     const code = model.get("code");
@@ -243,11 +271,14 @@ function render({ model, el: root }) {
       extra.append(box);
     }
   };
-  drawStatus(); drawLog(); drawPermissions(); drawNotice(); drawExtra();
+  drawStatus(); drawLog(); drawPermissions(); drawNotice(); drawExtra(); drawTurnError(); drawPushed(); drawPushing();
   for (const name of ["state", "phase", "error", "busy", "connected"]) model.on(`change:${name}`, drawStatus);
   model.on("change:messages", drawLog);
   model.on("change:permissions", drawPermissions);
   model.on("change:notice", drawNotice);
+  model.on("change:turn_error", drawTurnError);
+  model.on("change:pushed", drawPushed);
+  model.on("change:pushing", drawPushing);
   model.on("change:code", drawExtra);
   model.on("change:diff_html", drawExtra);
 }

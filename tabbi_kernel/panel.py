@@ -51,6 +51,9 @@ class ChatPanel(anywidget.AnyWidget):
     notice = traitlets.Unicode("").tag(sync=True)
     diff_html = traitlets.Unicode("").tag(sync=True)
     code = traitlets.Unicode("").tag(sync=True)
+    turn_error = traitlets.Unicode("").tag(sync=True)
+    pushed = traitlets.Dict().tag(sync=True)
+    pushing = traitlets.Bool(False).tag(sync=True)
 
     def __init__(self, session: Session, **kwargs: Any):
         info = session.info or session.refresh()
@@ -120,6 +123,8 @@ class ChatPanel(anywidget.AnyWidget):
             self.last_seq = conv.last_seq
             self.messages = copy.deepcopy(conv.messages)
             self.permissions = list(conv.permissions.values())
+            self.turn_error = conv.turn_error or ""
+            self.pushed = dict(conv.pushes[-1]) if conv.pushes else {}
 
     # -- actions from the browser ---------------------------------------------------------------
     def _on_frontend_message(self, widget: Any, content: dict[str, Any], buffers: Any) -> None:
@@ -142,8 +147,31 @@ class ChatPanel(anywidget.AnyWidget):
                 self.diff_html = render.diff(self._session.diff())["text/html"]
             elif action == "insert":
                 self._show_code()
+            elif action == "push":
+                self._push(str(content.get("message") or "").strip() or None, bool(content.get("pr")))
         except TabbiError as exc:
             self.notice = f"Error: {exc}"
+
+    def _push(self, message: str | None, pr: bool) -> None:
+        """Push in a worker thread (it can take a while; the kernel stays free); the outcome
+        shows in the notice line, the links arrive with the ``push.completed`` event."""
+        if self.pushing:
+            return
+        self.pushing, self.notice = True, "Pushing…"
+        loop = asyncio.get_event_loop()
+        future = loop.run_in_executor(None, lambda: self._session.push(message, pr=pr))
+
+        def done(f: asyncio.Future) -> None:
+            self.pushing = False
+            error = f.exception()
+            if error is None:
+                result = f.result()
+                what = "Committed and pushed" if result.get("committed") else "Pushed"
+                self.notice = f"{what} {str(result.get('commit', ''))[:10]} to {result.get('branch')}."
+            else:
+                self.notice = f"Push failed: {error}"
+
+        future.add_done_callback(done)
 
     def _show_code(self) -> None:
         """The browser cannot add notebook cells; show the code to copy, and say how to insert."""

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from tests.conftest import git
 from tests.support.llm import Reply, edit, read, write
 
 pytestmark = pytest.mark.timeout(300)
@@ -228,3 +229,34 @@ async def test_pause_and_resume_from_the_magics(kernel, llm, source_repo):
     resumed = await kernel.run("%tabbi resume")
     assert resumed.status == "ok", resumed
     assert "restoring the last snapshot" in resumed.stdout and "running again" in resumed.stdout
+
+
+async def test_panel_shows_a_failed_turn_and_pushes_from_its_button(kernel, llm, source_repo, api):
+    sid = await start(kernel, source_repo)
+    shown = await kernel.run("%tabbi panel")
+    model_id = shown.displays[0]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    llm.enqueue(*[Reply(status=500)] * 4)
+    await api.prompt(sid, "this fails")
+    await kernel.drain_comms(lambda: "gave up" in kernel.widget_state(model_id).get("turn_error", ""),
+                             timeout=120)
+
+    llm.script.clear()
+    llm.enqueue(Reply(tools=[write("panel.txt", "from the panel\n")]), Reply(text="written"))
+    queued = await api.prompt(sid, "write panel.txt")
+    events = await api.wait_for(sid, lambda e: e["type"] == "turn.finished"
+                                and e["data"]["prompt_id"] == queued["prompt_id"])
+    assert events[-1]["data"]["outcome"] == "completed"
+    await kernel.drain_comms(lambda: kernel.widget_state(model_id).get("turn_error") == "", timeout=120)
+    # What the panel's "Commit and push" button sends, through the real widget comm.
+    kernel.client.session.send(kernel.client.shell_channel.socket, "comm_msg", {
+        "comm_id": model_id,
+        "data": {"method": "custom", "content": {"type": "push", "message": "From the panel", "pr": False}},
+    })
+    await kernel.drain_comms(lambda: bool(kernel.widget_state(model_id).get("pushed", {}).get("commit")),
+                             timeout=120)
+    state = kernel.widget_state(model_id)
+    branch = state["pushed"]["branch"]
+    assert git("log", "-1", "--format=%s", branch, cwd=source_repo) == "From the panel"
+    assert state["pushed"]["commit"] == git("rev-parse", branch, cwd=source_repo)
+    await kernel.drain_comms(lambda: kernel.widget_state(model_id).get("notice", "").startswith(
+        "Committed and pushed"), timeout=60)
