@@ -19,22 +19,20 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tabbi_sandbox.provider import Sandbox, SandboxError, SandboxProvider, SandboxSpec
 
 from . import model_config, states, workspace
 from .encryption import SecretBox
+from .github.accounts import GitAccess, GitHubError
 from .normalize import EventNormalizer, Normalized, Signals, error_message
 from .opencode import OpenCodeClient, OpenCodeError
 from .store import Event, Prompt, SessionRecord, Snapshot, Store, StoreError
-from .validation import parse_repo
-
-if TYPE_CHECKING:
-    from .github.accounts import GitAccess
+from .validation import RepoSpec, parse_repo
 
 #: ``owner -> GitAccess | None``: the credential for a GitHub clone (None: not signed in).
-GitAccessLookup = Callable[[str], Awaitable["GitAccess | None"]]
+GitAccessLookup = Callable[[str], Awaitable[GitAccess | None]]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +108,8 @@ class SessionAgent:
         self._snapshot_lock = asyncio.Lock()
         self._snapshot_wanted = False
         self._pausing = False
+        #: Held while applying OpenCode's events, so a catch-up and the live feed take turns.
+        self._applying = asyncio.Lock()
         #: What holds the workspace between turns (a push), or None.
         self._holding: str | None = None
         self._last_activity = time.monotonic()
@@ -194,9 +194,7 @@ class SessionAgent:
         try:
             setup = model_config.build(self.settings.model, self.record.model)
             repo = parse_repo(self.record.repo, self.settings.github_url)
-            access = None
-            if repo.kind == "github" and self.git_access is not None:
-                access = await self.git_access(self.record.owner)
+            access, why_anonymous = await self._clone_access(repo)
             spec = SandboxSpec(
                 sandbox_id=self.id,
                 repo_url=repo.url,
@@ -216,8 +214,8 @@ class SessionAgent:
             try:
                 self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
             except SandboxError as exc:
-                if repo.kind == "github" and access is None and "clone" in str(exc):
-                    raise SandboxError(f"{exc} (not signed in to GitHub: %tabbi login)") from None
+                if why_anonymous and "clone" in str(exc):
+                    raise SandboxError(f"{exc} ({why_anonymous})") from None
                 raise
             await self._remember_sandbox(self._sandbox, spec.password)
             await self._connect(self._sandbox)
@@ -230,6 +228,20 @@ class SessionAgent:
         except Exception as exc:  # every failure of a start is reported, never swallowed
             log.warning("tabbi: session %s failed to start", self.id, exc_info=True)
             await self._fault(_readable(exc, "The sandbox failed to start"))
+
+    async def _clone_access(self, repo: RepoSpec) -> tuple[GitAccess | None, str | None]:
+        """The credential a clone of ``repo`` may use, or None and why not. Asking GitHub can
+        fail (an outage, an expired sign-in) without stopping a start that reuses its workspace
+        and clones nothing; the reason shows only if a clone then fails."""
+        if repo.kind != "github" or self.git_access is None:
+            return None, None
+        if not await self.provider.confines():
+            return None, "GitHub credentials go only to sandboxes confined by bubblewrap"
+        try:
+            access = await self.git_access(self.record.owner)
+        except GitHubError as exc:
+            return None, str(exc)
+        return access, None if access else "not signed in to GitHub: %tabbi login"
 
     async def _remember_sandbox(self, sandbox: Sandbox, password: str) -> None:
         """Store the sandbox's state; for a sandbox that can outlive this server, with its OpenCode
@@ -342,6 +354,9 @@ class SessionAgent:
             await self._release_sandbox()
             return False
         log.info("tabbi: session %s: re-attached to its running sandbox", self.id)
+        turn = self._turn
+        if turn is not None and turn.watchdog is None:
+            turn.watchdog = asyncio.create_task(self._watch(turn))
         await self._emit("session.status", {"state": states.RUNNING, "phase": "reattached"})
         self._running_since = self._last_activity = time.monotonic()
         self._spawn("watch", self._watch_limits())
@@ -394,12 +409,15 @@ class SessionAgent:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.state == states.RUNNING and self._turn is None and not self._pausing \
-                    and self._holding is None:
+            while self._may_begin_turn():
                 queued = [p for p in await self.store.pending_prompts(self.id) if p.status == "queued"]
-                if not queued:
+                if not queued or not self._may_begin_turn():  # re-checked: a push may have begun
                     break
                 await self._begin_turn(queued[0])
+
+    def _may_begin_turn(self) -> bool:
+        return (self.state == states.RUNNING and self._turn is None and not self._pausing
+                and self._holding is None)
 
     async def _begin_turn(self, prompt: Prompt) -> None:
         turn = self._turn = Turn(prompt.id)
@@ -606,8 +624,8 @@ class SessionAgent:
                             await self._catch_up(client)
                         continue
                     assert self._normalizer is not None
-                    events, signals = self._normalizer.feed(raw)
-                    await self._apply(events, signals)
+                    async with self._applying:
+                        await self._apply(*self._normalizer.feed(raw))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -634,6 +652,26 @@ class SessionAgent:
         persist and announce every message and part that changed while nobody listened, as
         complete ``part.updated`` / ``tool`` events, then end a turn that finished meanwhile (or
         queue its prompt again, if it never reached OpenCode)."""
+        async with self._applying:
+            await self._replay_messages(client)
+        turn = self._turn
+        if turn is None or self.record.opencode_session_id in await client.statuses():
+            return  # no turn, or OpenCode is still working on it: the feed carries on
+        if not turn.acknowledged:
+            turn.acknowledged = await self._reached_opencode(turn, client)
+        if self._turn is not turn:
+            return  # the feed ended it meanwhile
+        if turn.acknowledged or turn.outcome != "completed":
+            await self._finish_turn(turn.outcome, turn.error)
+        else:  # the prompt never reached OpenCode: deliver it again
+            self._turn = None
+            if turn.watchdog is not None:
+                turn.watchdog.cancel()
+            await self._retry_store(lambda: self.store.set_prompt_status(turn.prompt_id, "queued"))
+            self._wake.set()
+
+    async def _replay_messages(self, client: OpenCodeClient) -> None:
+        """Apply OpenCode's current messages where they differ from what the log holds."""
         assert self._normalizer is not None and self.record.opencode_session_id
         oc_id = self.record.opencode_session_id
         known = {m["id"]: {p["id"]: p for p in m["parts"]} for m in await self.store.list_messages(self.id)}
@@ -652,19 +690,6 @@ class SessionAgent:
                     if {k: v for k, v in (stored.get(part_id) or {}).items() if k != "id"} == normalized:
                         continue
                 await self._apply(events, signals)
-        turn = self._turn
-        if turn is None or oc_id in await client.statuses():
-            return  # no turn, or OpenCode is still working on it: the feed carries on
-        if not turn.acknowledged:
-            turn.acknowledged = await self._reached_opencode(turn, client)
-        if turn.acknowledged or turn.outcome != "completed":
-            await self._finish_turn(turn.outcome, turn.error)
-        else:  # the prompt never reached OpenCode: deliver it again
-            self._turn = None
-            if turn.watchdog is not None:
-                turn.watchdog.cancel()
-            await self._retry_store(lambda: self.store.set_prompt_status(turn.prompt_id, "queued"))
-            self._wake.set()
 
     async def _reached_opencode(self, turn: Turn, client: OpenCodeClient) -> bool:
         """Whether OpenCode holds a user message made after ``turn`` started (OpenCode creates it

@@ -61,10 +61,16 @@ def load(configured: str | None, data_dir: Path, generate: bool) -> SecretBox:
             "TABBI_ENCRYPTION_KEY (or c.TabbiExtension.encryption_key) from your secrets"
         )
     key = Fernet.generate_key()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another server process of this user won the race: use its key
-        return SecretBox([path.read_bytes().strip()])
+    # Written whole under a temporary name, then linked into place: a concurrent server process
+    # either wins (and we use its key) or loses, but never reads a half-written file.
+    partial = data_dir / f".{KEY_FILE}.{os.getpid()}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key + b"\n")
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        return SecretBox([path.read_bytes().strip()])
+    finally:
+        partial.unlink()
     return SecretBox([key])

@@ -381,10 +381,10 @@ class PushHandler(TabbiHandler):
         if os.path.isabs(value):
             if not root:
                 raise ValidationError("give the notebook's path relative to the server's root")
-            rel = os.path.relpath(os.path.realpath(value), os.path.realpath(root))
-            if rel.startswith(".."):
+            real, real_root = os.path.realpath(value), os.path.realpath(root)
+            if os.path.commonpath([real, real_root]) != real_root:
                 raise ValidationError("the notebook is outside the server's root directory")
-            path = rel.replace(os.sep, "/")
+            path = os.path.relpath(real, real_root).replace(os.sep, "/")
         if not await ensure_async(self.contents_manager.file_exists(path)):
             raise ValidationError(f"no saved notebook at {value}")
         return path

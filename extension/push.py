@@ -10,6 +10,7 @@ person can fix the cause and push again.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import logging
@@ -97,20 +98,30 @@ class Publisher:
         elif access is not None:
             name, email = access.name, access.email
         else:
-            name, email = host_identity(record.owner)
+            name, email = await asyncio.to_thread(host_identity, record.owner)
         message = request.message or self._default_message(request)
-        payload = {
-            "branch": record.work_branch,
-            "message": message,
-            "author": {"name": name, "email": email},
-            "files": request.files or {},
-            "only_files": request.only_files,
-            "remote_url": repo.url,
-            "credential": access.credential if access else None,
-            "base_commit": record.base_commit,
-        }
         async with agent.between_turns("push") as sandbox:
-            result = await publish_in(sandbox, payload, write_remote=repo.kind == "local")
+            if access is not None and not sandbox.confined:
+                raise AgentError(
+                    "Pushing to GitHub needs a sandbox confined by bubblewrap: without it the agent "
+                    "runs as you and could read your token. Install bubblewrap (apt install "
+                    "bubblewrap), or push the branch from a terminal."
+                )
+            result = await run_bootstrap(sandbox, "commit", {
+                "branch": record.work_branch,
+                "message": message,
+                "author": {"name": name, "email": email},
+                "files": request.files or {},
+                "only_files": request.only_files,
+            })
+            if "error" not in result:
+                # A second process, in a fresh sandbox exec: whatever the commit step let the
+                # agent's configuration start ended with that step.
+                result.update(await run_bootstrap(sandbox, "push", {
+                    "branch": record.work_branch,
+                    "remote_url": repo.url,
+                    "credential": access.credential if access else None,
+                }, write_remote=repo.kind == "local"))
         commit = result.get("commit")
         if not result.get("pushed"):
             kept = (
@@ -183,11 +194,13 @@ def _one_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-async def publish_in(sandbox: Sandbox, payload: dict[str, Any], write_remote: bool) -> dict[str, Any]:
-    """Run ``bootstrap.py publish`` in the sandbox; its last stdout line is the JSON result."""
+async def run_bootstrap(
+    sandbox: Sandbox, command: str, payload: dict[str, Any], write_remote: bool = False
+) -> dict[str, Any]:
+    """Run ``bootstrap.py COMMAND`` in the sandbox; its last stdout line is the JSON result."""
     request = {"workspace": sandbox.workspace_path, "home": sandbox.home_path, **payload}
     done = await sandbox.exec(
-        sandbox.bootstrap_argv("publish"), timeout=900, input=json.dumps(request).encode(),
+        sandbox.bootstrap_argv(command), timeout=900, input=json.dumps(request).encode(),
         write_remote=write_remote,
     )
     for line in reversed(done.stdout.strip().splitlines()):
@@ -195,4 +208,4 @@ async def publish_in(sandbox: Sandbox, payload: dict[str, Any], write_remote: bo
             return json.loads(line)
         except ValueError:
             continue
-    return {"error": done.stderr.strip()[-300:] or "the publish step printed no result"}
+    return {"error": done.stderr.strip()[-300:] or f"the {command} step printed no result"}

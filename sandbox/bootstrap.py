@@ -14,12 +14,15 @@ Protocol:
   ``{"phase": "ready", "port": N, "version": "..."}`` or ``{"phase": "failed", "error": "..."}``.
 - After ``ready`` the bootstrap stays as OpenCode's parent, forwards SIGTERM/SIGINT, and exits with
   OpenCode's exit status, so the provider sees the agent die as this process ending.
-- ``bootstrap.py publish`` (run through ``Sandbox.exec``, its request JSON on stdin) commits the
-  workspace and pushes the session branch; see ``publish``.
+- ``bootstrap.py commit`` and ``bootstrap.py push`` (each run through its own ``Sandbox.exec``, the
+  request JSON on stdin) commit the workspace and push the session branch; see ``commit_work``
+  and ``push_branch``.
 
 Git credentials (a GitHub token) arrive only on stdin and reach only the one git process that
-needs them, through its environment and a credential helper defined on its command line (so
-neither the token nor a file holding it ever exists in the workspace, the home or an argv).
+needs them, through its environment and a credential helper defined on its command line that
+answers only for the expected host (so neither the token nor a file holding it ever exists in
+the workspace, the home or an argv). This process makes itself non-dumpable, so the agent it
+starts cannot read the spec out of its memory.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 #: The plugin package OpenCode would otherwise install in the background at every start (and wait
 #: for on shutdown). Pre-seeding its folder turns that install into a no-op.
@@ -67,21 +71,41 @@ def base_env(home: str) -> dict[str, str]:
     }
 
 
-#: A credential helper that answers git's ``get`` from this one process's environment. It is
-#: defined on git's command line (after an empty value that drops every helper configured
-#: anywhere else), so no helper of the repository's config ever sees the secret.
+#: A credential helper that answers git's ``get`` from this one process's environment, and only
+#: for the expected protocol and host (a rewritten URL pointing elsewhere gets nothing). It is
+#: defined on git's command line after an empty value that drops every helper configured
+#: anywhere else, so no helper of the repository's config ever sees the secret.
 CREDENTIAL_HELPER = (
-    '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
+    '!f() { test "$1" = get || exit 0; p=; h=; while IFS= read -r l; do case "$l" in '
+    '"protocol=$TABBI_GIT_PROTOCOL") p=1;; "host=$TABBI_GIT_HOST") h=1;; esac; done; '
+    'test "$p$h" = 11 && printf "username=%s\\npassword=%s\\n" '
     '"$TABBI_GIT_USERNAME" "$TABBI_GIT_PASSWORD"; }; f'
 )
 
+#: Options that keep git from running anything the agent may have configured in a repository it
+#: wrote: hooks, the fsmonitor, commit signing.
+SAFE_GIT = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "commit.gpgsign=false"]
 
-def credential_args(credential: dict | None) -> tuple[list[str], dict[str, str]]:
-    """git options and environment that hand ``credential`` to one git process, or nothing."""
+
+def transport(url: str) -> tuple[str, str]:
+    """``(protocol, host)`` as git's credential protocol names them; a path is ``file``."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        return parts.scheme, parts.netloc.rpartition("@")[2]
+    return "file", ""
+
+
+def remote_args(url: str, credential: dict | None) -> tuple[list[str], dict[str, str]]:
+    """git options and environment for talking to ``url``: only its own protocol allowed, and
+    ``credential`` (if any) handed to that one git process for that one host."""
+    protocol, host = transport(url)
+    args = ["-c", "protocol.allow=never", "-c", f"protocol.{protocol}.allow=always"]
     if not credential:
-        return [], {}
-    args = ["-c", "credential.helper=", "-c", f"credential.helper={CREDENTIAL_HELPER}"]
+        return args, {}
+    args += ["-c", "credential.helper=", "-c", f"credential.helper={CREDENTIAL_HELPER}"]
     env = {
+        "TABBI_GIT_PROTOCOL": protocol,
+        "TABBI_GIT_HOST": host,
         "TABBI_GIT_USERNAME": credential.get("username") or "x-access-token",
         "TABBI_GIT_PASSWORD": credential["password"],
     }
@@ -89,9 +113,10 @@ def credential_args(credential: dict | None) -> tuple[list[str], dict[str, str]]
 
 
 def run_git(
-    args: list[str], cwd: str, env: dict[str, str], timeout: float = 300, credential: dict | None = None
+    args: list[str], cwd: str, env: dict[str, str], timeout: float = 300, remote: tuple | None = None
 ) -> subprocess.CompletedProcess:
-    options, secret_env = credential_args(credential)
+    """Run git; ``remote`` is ``(url, credential)`` when it talks to a remote."""
+    options, secret_env = remote_args(*remote) if remote else ([], {})
     try:
         return subprocess.run(
             ["git", *options, *args],
@@ -103,15 +128,26 @@ def run_git(
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired as exc:
-        raise BootstrapError(f"git {args[0]} timed out after {timeout:.0f} s") from exc
+        raise BootstrapError(f"git {subcommand(args)} timed out after {timeout:.0f} s") from exc
+
+
+def subcommand(args: list[str]) -> str:
+    """``clone`` of ``[-c, x=y, clone, ...]``: what to name in a message."""
+    rest = iter(args)
+    for arg in rest:
+        if arg in ("-c", "--git-dir"):
+            next(rest, None)
+        elif not arg.startswith("-"):
+            return arg
+    return "command"
 
 
 def git(
-    args: list[str], cwd: str, env: dict[str, str], timeout: float = 300, credential: dict | None = None
+    args: list[str], cwd: str, env: dict[str, str], timeout: float = 300, remote: tuple | None = None
 ) -> str:
-    done = run_git(args, cwd, env, timeout, credential)
+    done = run_git(args, cwd, env, timeout, remote)
     if done.returncode != 0:
-        raise BootstrapError(f"git {args[0]} failed: {last_line(done)}")
+        raise BootstrapError(f"git {subcommand(args)} failed: {last_line(done)}")
     return done.stdout.strip()
 
 
@@ -146,29 +182,31 @@ def prepare_home(home: str) -> dict[str, str]:
 
 
 def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
-    """Clone into the workspace on the session branch, or reuse a workspace a previous run left."""
+    """Clone into the workspace on the session branch, or reuse a workspace a previous run left.
+
+    The clone ignores the sandbox home's git config and runs no hooks: a home the agent wrote in
+    an earlier run could otherwise redirect the credentialed clone or run code beside it."""
     workspace = spec["workspace"]
     branch = spec["branch"]
+    credential = spec.pop("git_credential", None)
+    safe_env = {**env, "GIT_CONFIG_GLOBAL": "/dev/null"}
     if os.path.isdir(os.path.join(workspace, ".git")):
         emit("reusing_workspace")
-        git(["checkout", "--quiet", branch], workspace, env)
+        git([*SAFE_GIT, "checkout", "--quiet", branch], workspace, safe_env)
         return
     emit("cloning", repo=spec["repo_display"])
     os.makedirs(os.path.dirname(workspace), exist_ok=True)
-    args = ["clone", "--quiet", "--no-hardlinks"]
+    args = [*SAFE_GIT, "clone", "--quiet", "--no-hardlinks", "--template="]
     if spec.get("base_branch"):
         args += ["--branch", spec["base_branch"]]
-    git(
-        [*args, "--", spec["repo_url"], workspace],
-        os.path.dirname(workspace),
-        env,
-        credential=spec.pop("git_credential", None),
-    )
-    git(["checkout", "--quiet", "-b", branch], workspace, env)
+    url = spec["repo_url"]
+    git([*args, "--", url, workspace], os.path.dirname(workspace), safe_env, remote=(url, credential))
+    del credential
+    git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], workspace, safe_env)
     identity = spec.get("git_identity") or {}
-    git(["config", "user.name", identity.get("name") or "tabbi"], workspace, env)
-    git(["config", "user.email", identity.get("email") or "tabbi@localhost"], workspace, env)
-    base = git(["rev-parse", "HEAD"], workspace, env)
+    git(["config", "user.name", identity.get("name") or "tabbi"], workspace, safe_env)
+    git(["config", "user.email", identity.get("email") or "tabbi@localhost"], workspace, safe_env)
+    base = git(["rev-parse", "HEAD"], workspace, safe_env)
     emit("branch", branch=branch, base_commit=base)
 
 
@@ -278,24 +316,27 @@ def write_files(workspace: str, files: dict[str, str]) -> list[str]:
         target = os.path.realpath(os.path.join(root, rel))
         if os.path.isabs(rel) or not target.startswith(root + os.sep) or "/.git/" in target + "/":
             raise BootstrapError(f"refusing to write {rel!r}: it is outside the repository")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "w", encoding="utf-8", newline="\n") as f:
-            f.write(content)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(content)
+        except OSError as exc:
+            raise BootstrapError(f"cannot write {rel!r}: {exc.strerror}") from None
         written.append(os.path.relpath(target, root))
     return written
 
 
-def publish(request: dict) -> int:
-    """Commit the workspace on the session branch and push that branch; print one JSON result.
+def commit_work(request: dict) -> int:
+    """``bootstrap.py commit``: commit the workspace (or only ``files``) on the session branch as
+    the person; print ``{"commit", "committed", "files"}`` or ``{"error"}``.
 
-    The commit is made in the workspace without any credential (hooks off, as the person). The
-    push runs from a fresh bare repository with no config but ours, because the workspace's own
-    ``.git/config`` is written by the agent: a credential helper, ``http.proxy`` or ``insteadOf``
-    there would otherwise receive or redirect the token.
-    """
+    No credential is anywhere near this step: the workspace is the agent's, and git may run what
+    the agent configured (a filter of its .gitattributes, say) while adding files. Hooks, the
+    fsmonitor and signing are off all the same."""
     workspace, branch = request["workspace"], request["branch"]
     env = {**base_env(request["home"]), "GIT_CONFIG_GLOBAL": "/dev/null"}
-    result: dict = {"committed": False, "pushed": False}
+    result: dict = {"committed": False}
     try:
         head = run_git(["symbolic-ref", "--quiet", "--short", "HEAD"], workspace, env).stdout.strip()
         if head != branch:
@@ -306,60 +347,66 @@ def publish(request: dict) -> int:
             )
         written = write_files(workspace, request.get("files") or {})
         result["files"] = written
-        git(["add", "--", *written] if request.get("only_files") else ["add", "-A"], workspace, env)
-        staged = run_git(["diff", "--cached", "--quiet"], workspace, env)
+        only = ["--", *written] if request.get("only_files") else []
+        git([*SAFE_GIT, "add", *(only or ["-A"])], workspace, env)
+        staged = run_git([*SAFE_GIT, "diff", "--cached", "--quiet", *only], workspace, env)
         if staged.returncode == 1:
             author = request.get("author") or {}
-            who = {
-                "GIT_AUTHOR_NAME": author.get("name") or "tabbi",
-                "GIT_AUTHOR_EMAIL": author.get("email") or "tabbi@localhost",
-            }
-            who.update(GIT_COMMITTER_NAME=who["GIT_AUTHOR_NAME"], GIT_COMMITTER_EMAIL=who["GIT_AUTHOR_EMAIL"])
-            git(["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "commit", "--quiet",
-                 "--no-verify", "-m", request.get("message") or "Changes from tabbi"],
-                workspace, {**env, **who})
+            name, email = author.get("name") or "tabbi", author.get("email") or "tabbi@localhost"
+            who = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+                   "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+            message = request.get("message") or "Changes from tabbi"
+            # With paths, ``--only`` commits just those, not whatever else the agent staged.
+            paths = ["--only", *only] if only else []
+            commit = [*SAFE_GIT, "commit", "--quiet", "--no-verify", "-m", message, *paths]
+            git(commit, workspace, {**env, **who})
             result["committed"] = True
         result["commit"] = git(["rev-parse", "HEAD"], workspace, env)
-        result["base_is_head"] = request.get("base_commit") == result["commit"]
-        if not request.get("remote_url"):
-            return _done(result)
-        push_from_clean_repo(request, env, result)
     except BootstrapError as exc:
         result["error"] = str(exc)
-    return _done(result)
-
-
-def push_from_clean_repo(request: dict, env: dict[str, str], result: dict) -> None:
-    branch = request["branch"]
-    tmp = os.path.join(request["home"], "tmp")
-    os.makedirs(tmp, exist_ok=True)
-    bare = tempfile.mkdtemp(prefix="push-", dir=tmp)
-    try:
-        git(["init", "--quiet", "--bare", bare], tmp, env)
-        ref = f"refs/heads/{branch}"
-        git(["--git-dir", bare, "fetch", "--quiet", "--no-tags", "--", request["workspace"],
-             f"+{ref}:{ref}"], tmp, env)
-        done = run_git(
-            ["--git-dir", bare, "push", "--porcelain", "--", request["remote_url"], f"{ref}:{ref}"],
-            tmp, env, timeout=600, credential=request.get("credential"),
-        )
-    finally:
-        shutil.rmtree(bare, ignore_errors=True)
-    if done.returncode == 0:
-        result["pushed"] = True
-        return
-    text = f"{done.stdout}\n{done.stderr}".lower()
-    result["reason"], result["error"] = "failed", f"git push failed: {last_line(done)}"
-    for needles, reason, message in PUSH_REFUSALS:
-        if any(n in text for n in needles):
-            result["reason"], result["error"] = reason, message
-            break
-    result["detail"] = done.stderr.strip()[-1000:]
-
-
-def _done(result: dict) -> int:
     print(json.dumps(result), flush=True)
-    return 0 if result.get("pushed") or ("error" not in result) else 3
+    return 0 if "error" not in result else 3
+
+
+def push_branch(request: dict) -> int:
+    """``bootstrap.py push``: push the session branch to ``remote_url``; print ``{"pushed"}`` or
+    ``{"error", "reason"}``.
+
+    Run in its own sandbox process (a PID namespace and a /tmp of its own under bubblewrap), the
+    branch is first fetched into a fresh bare repository in that private /tmp (no credential
+    exists yet at that point), and pushed from there with a config that is only ours, so
+    nothing the agent wrote (into the workspace's .git/config, or anywhere it can reach) can
+    see, receive or redirect the credential."""
+    branch, url = request["branch"], request["remote_url"]
+    scratch = tempfile.mkdtemp(prefix="tabbi-push-", dir="/tmp")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch,
+           "GIT_CONFIG_GLOBAL": "/dev/null"}
+    bare, ref = os.path.join(scratch, "push.git"), f"refs/heads/{branch}"
+    result: dict = {"pushed": False}
+    try:
+        git(["init", "--quiet", "--bare", "--template=", bare], scratch, env)
+        git(["--git-dir", bare, "fetch", "--quiet", "--no-tags", "--", request["workspace"], f"+{ref}:{ref}"],
+            scratch, env, remote=(request["workspace"], None))
+        done = run_git([*SAFE_GIT, "--git-dir", bare, "push", "--porcelain", "--", url, f"{ref}:{ref}"],
+                       scratch, env, timeout=600, remote=(url, request.pop("credential", None)))
+        if done.returncode == 0:
+            result["pushed"] = True
+        else:
+            text = f"{done.stdout}\n{done.stderr}".lower()
+            result["reason"], result["error"] = "failed", f"git push failed: {last_line(done)}"
+            for needles, reason, message in PUSH_REFUSALS:
+                if any(n in text for n in needles):
+                    result["reason"], result["error"] = reason, message
+                    break
+    except BootstrapError as exc:
+        result["error"] = str(exc)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    return 0 if result["pushed"] else 3
+
+
+COMMANDS = {"commit": commit_work, "push": push_branch}
 
 
 def _not_dumpable() -> None:
@@ -375,8 +422,8 @@ def _not_dumpable() -> None:
 
 def main() -> int:
     _not_dumpable()
-    if sys.argv[1:] == ["publish"]:
-        return publish(json.loads(sys.stdin.read()))
+    if len(sys.argv) == 2 and sys.argv[1] in COMMANDS:
+        return COMMANDS[sys.argv[1]](json.loads(sys.stdin.read()))
     spec = json.loads(sys.stdin.read())
     os.makedirs(spec["home"], exist_ok=True)
     proc = None

@@ -85,8 +85,8 @@ class _Adopted:
     @property
     def returncode(self) -> int | None:
         """None while it runs; -1 once it has ended (its status went to its real parent)."""
-        if self._exited is not None and self._exited.done():
-            return -1
+        if self._exited is not None:
+            return -1 if self._exited.done() else None
         readable, _, _ = select.select([self._fd], [], [], 0)
         return -1 if readable else None
 
@@ -98,6 +98,7 @@ class _Adopted:
 
             def ended() -> None:
                 loop.remove_reader(self._fd)
+                os.close(self._fd)
                 if not exited.done():
                     exited.set_result(None)
 
@@ -375,6 +376,9 @@ class LocalProvider(SandboxProvider):
         sandbox = LocalSandbox(self, spec.sandbox_id, root, confined)
         await sandbox.start(spec, progress, opencode_bin)
         return sandbox
+
+    async def confines(self) -> bool:
+        return await asyncio.to_thread(isolation.choose, self.isolation_mode)
 
     @property
     def survives_restart(self) -> bool:

@@ -15,18 +15,7 @@ MARKER = "TABBI_SANDBOX_ID"
 
 
 def sandbox_pids(sandbox_id: str) -> list[int]:
-    needle = f"{MARKER}={sandbox_id}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and carries_marker(int(e), sandbox_id)]
 
 
 def kill_all(sandbox_id: str) -> None:

@@ -68,6 +68,9 @@ class Sandbox(abc.ABC):
     """One running (or once-running) sandbox."""
 
     id: str
+    #: Whether the agent is fenced off from the server's user (its files, processes, secrets).
+    #: Credentials (a GitHub token) are handed only to confined sandboxes.
+    confined: bool = True
     #: The workspace (the clone) and the sandbox's home, as paths inside the sandbox.
     workspace_path: str
     home_path: str
@@ -139,6 +142,10 @@ class SandboxProvider(abc.ABC):
 
     async def destroy(self, sandbox_id: str) -> None:
         """Remove everything the sandbox left behind (workspace, home); snapshots stay."""
+
+    async def confines(self) -> bool:
+        """Whether sandboxes created now are confined (see ``Sandbox.confined``)."""
+        return True
 
     def check(self) -> dict[str, Any]:
         """Health details for ``GET /tabbi/api/health``: ``{"usable": bool, ...}``."""

@@ -85,7 +85,6 @@ class GitAccess:
     credential: dict[str, str] = field(repr=False)
     name: str
     email: str
-    login: str
 
 
 class GitHubAccounts:
@@ -169,9 +168,10 @@ class GitHubAccounts:
             return attempt
         if not code:
             raise GitHubError("the callback carries no code", 400)
+        verifier, attempt.state, attempt.verifier = attempt.verifier, None, None  # used once
         try:
-            assert attempt.verifier and attempt.redirect_uri
-            tokens = await self._require_app().exchange_code(code, attempt.verifier, attempt.redirect_uri)
+            assert verifier and attempt.redirect_uri
+            tokens = await self._require_app().exchange_code(code, verifier, attempt.redirect_uri)
             await self._complete(attempt, tokens)
         except (OAuthFailure, GitHubAPIError) as exc:
             self._fail(attempt, f"GitHub refused the sign-in: {exc}")
@@ -199,6 +199,12 @@ class GitHubAccounts:
             self._fail(attempt, "the device code expired; run %tabbi login again")
         except (OAuthFailure, GitHubAPIError) as exc:
             self._fail(attempt, f"GitHub sign-in failed: {exc}")
+        except asyncio.CancelledError:
+            self._fail(attempt, "the sign-in was cancelled")
+            raise
+        except Exception as exc:  # anything else still ends the sign-in, never leaves it pending
+            log.warning("tabbi: device sign-in of %s failed", attempt.owner, exc_info=True)
+            self._fail(attempt, f"GitHub sign-in failed ({type(exc).__name__})")
 
     async def _complete(self, attempt: LoginAttempt, tokens: TokenSet) -> None:
         async with GitHubREST(self.hosts, tokens.access_token) as api:
@@ -233,15 +239,25 @@ class GitHubAccounts:
                 del self._attempts[key]
 
     async def logout(self, owner: str) -> dict[str, Any]:
-        tokens = await self._load(owner)
-        await self.store.delete_token(owner, PROVIDER)
+        for attempt in self._attempts.values():
+            if attempt.owner == owner and attempt.status == "pending":
+                if attempt.task is not None:
+                    attempt.task.cancel()
+                self._fail(attempt, "signed out")
+        async with self._refresh_lock(owner):  # a refresh in flight must not bring it back
+            tokens = await self._load(owner)
+            await self.store.delete_token(owner, PROVIDER)
         revoked = bool(tokens and self.app and await self.app.revoke(tokens.access_token))
         return {"signed_in": False, "revoked": revoked, "was": tokens.user.get("login") if tokens else None}
 
     async def close(self) -> None:
-        for attempt in self._attempts.values():
-            if attempt.task is not None:
-                attempt.task.cancel()
+        tasks = [a.task for a in self._attempts.values() if a.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _refresh_lock(self, owner: str) -> asyncio.Lock:
+        return self._refresh_locks.setdefault(owner, asyncio.Lock())
 
     # -- the token ---------------------------------------------------------------------------
     async def _save(self, owner: str, tokens: TokenSet) -> None:
@@ -266,12 +282,12 @@ class GitHubAccounts:
         tokens = await self._load(owner)
         if tokens is None or not tokens.expires_within(REFRESH_MARGIN):
             return tokens
-        lock = self._refresh_locks.setdefault(owner, asyncio.Lock())
-        async with lock:
+        async with self._refresh_lock(owner):
             tokens = await self._load(owner)  # someone else may have refreshed meanwhile
             if tokens is None or not tokens.expires_within(REFRESH_MARGIN):
                 return tokens
-            if not tokens.refresh_token:
+            expired = tokens.refresh_expires_at is not None and tokens.refresh_expires_at < time.time()
+            if not tokens.refresh_token or expired:
                 await self.store.delete_token(owner, PROVIDER)
                 raise LoginRequired("Your GitHub sign-in expired: run %tabbi login again")
             try:
@@ -317,7 +333,6 @@ class GitHubAccounts:
             credential={"username": "x-access-token", "password": tokens.access_token},
             name=user.get("name") or user.get("login") or owner,
             email=self.hosts.noreply_email(user),
-            login=str(user.get("login")),
         )
 
     # -- calls on the person's behalf --------------------------------------------------------

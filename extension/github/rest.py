@@ -100,6 +100,8 @@ class GitHubREST:
             response = await self.request("GET", url, params=params)
             repos.extend(response.json())
             url, params = next_page(response.headers.get("link")), None
+            if url is not None and not url.startswith(self.hosts.api + "/"):
+                raise GitHubAPIError("GitHub's next page points to another host", 502)  # keep the token
         return repos
 
     async def repo(self, full_name: str) -> dict[str, Any]:
