@@ -20,3 +20,4 @@ bench: setup
 	cd bench && ../.venv/bin/python bench_import.py
 	cd bench && ../.venv/bin/python bench_lifecycle.py
 	cd bench && ../.venv/bin/python bench_load.py
+	cd bench && ../.venv/bin/python bench_push.py

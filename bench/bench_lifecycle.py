@@ -1,6 +1,8 @@
-"""Resume-to-running against create-to-running, and snapshot time against workspace size
-(1, 10, 100 MB) with a plain ``tar -czf`` of the same workspace as the baseline. All through a
-real ``jupyter server`` with tabbi, measured in this run.
+"""Resume-to-running against create-to-running, snapshot time against workspace size (1, 10,
+100 MB) with a plain ``tar -czf`` of the same workspace as the baseline, and recovery after the
+server is SIGKILLed: re-attaching to a sandbox that outlived it (``detach_sandboxes``) against
+resuming from the snapshot (the default). All through a real ``jupyter server`` with tabbi,
+measured in this run.
 
 Run: ``.venv/bin/python bench/bench_lifecycle.py``.
 """
@@ -60,6 +62,33 @@ def snapshot_times(server: JupyterProcess, work: Path, megabytes: int) -> tuple[
     return saved["data"]["seconds"], baseline
 
 
+def recovery_time(llm: ScriptedLLM, work: Path, detach: bool) -> float:
+    """SIGKILL the server of a running session, start it again: seconds from the new server
+    process's start until the session runs again (re-attached, or resumed by a prompt)."""
+    extra = ["--TabbiExtension.detach_sandboxes=True"] if detach else []
+    folder = Path(tempfile.mkdtemp(prefix="srv-", dir=work))
+    first = JupyterProcess(llm.url, folder, extra=extra)
+    try:
+        sid = first.call("POST", "tabbi/api/sessions", {"repo": str(sample_repo(folder))})["id"]
+        wait_running(first, sid, 0)
+        first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "hello"})
+        first.wait_event(sid, lambda e: e["type"] == "snapshot.saved")
+        last = first.call("GET", f"tabbi/api/sessions/{sid}")["last_seq"]
+    finally:
+        first.kill()
+    t0 = time.monotonic()
+    second = JupyterProcess(llm.url, folder, extra=extra)
+    try:
+        if not detach:
+            second.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "again"})
+        wait_running(second, sid, last)
+        elapsed = time.monotonic() - t0
+        second.call("DELETE", f"tabbi/api/sessions/{sid}")
+    finally:
+        second.stop()
+    return elapsed
+
+
 def main() -> None:
     llm = ScriptedLLM().start()
     work = Path(tempfile.mkdtemp(prefix="tabbi-bench-life-"))
@@ -69,11 +98,18 @@ def main() -> None:
         sizes = {mb: snapshot_times(server, work, mb) for mb in (1, 10, 100)}
     finally:
         server.stop()
+    try:
+        reattach = [recovery_time(llm, work, detach=True) for _ in range(3)]
+        resume = [recovery_time(llm, work, detach=False) for _ in range(3)]
+    finally:
         llm.stop()
     print(f"machine: {machine()}")
     c, r = statistics.median(creates), statistics.median(resumes)
     print(f"create -> running: median {c * 1000:.0f} ms; resume -> running: median {r * 1000:.0f} ms "
           f"(n={len(creates)}); ratio resume/create {r / c:.2f}")
+    a, b = statistics.median(reattach), statistics.median(resume)
+    print(f"after a SIGKILL, new server start -> session running: re-attach median {a * 1000:.0f} ms, "
+          f"resume from snapshot median {b * 1000:.0f} ms (n=3); ratio {a / b:.2f}")
     for mb, (tabbi, baseline) in sizes.items():
         print(f"snapshot of a {mb:>3} MB workspace: tabbi {tabbi:.2f} s, tar -czf {baseline:.2f} s, "
               f"ratio {tabbi / baseline:.2f}")
