@@ -512,12 +512,14 @@ class SessionAgent:
                 return None
             snapshot = Snapshot(self.id, name, ref, size, time.time())
             await self._retry_store(lambda: self.store.add_snapshot(snapshot))
-            await self._emit("snapshot.saved", {
-                "snapshot_id": name, "size": size, "reason": reason,
-                "seconds": round(time.monotonic() - started, 3)})
+            seconds = round(time.monotonic() - started, 3)
+            # Older ones go once this one is stored, and before it is announced, so that a client
+            # seeing ``snapshot.saved`` sees the kept set as it stays.
             for old in (await self.store.list_snapshots(self.id))[self.settings.snapshots_keep:]:
                 await self.provider.delete_snapshot(old.ref)
                 await self.store.delete_snapshot(self.id, old.id)
+            await self._emit("snapshot.saved", {
+                "snapshot_id": name, "size": size, "reason": reason, "seconds": seconds})
             return snapshot
 
     async def pause(self, reason: str = "requested") -> None:
