@@ -676,7 +676,10 @@ class SessionAgent:
         """Apply OpenCode's current messages where they differ from what the log holds."""
         assert self._normalizer is not None and self.record.opencode_session_id
         oc_id = self.record.opencode_session_id
-        known = {m["id"]: {p["id"]: p for p in m["parts"]} for m in await self.store.list_messages(self.id)}
+        persisted = await self.store.list_messages(self.id)
+        known = {m["id"]: {p["id"]: p for p in m["parts"]} for m in persisted}
+        for m in persisted:  # a normalizer new to this session still knows whose parts are whose
+            self._normalizer.roles.setdefault(m["id"], m["role"])
         for message in await client.messages(oc_id):
             info = message.get("info") or {}
             if info.get("id") not in known:

@@ -54,7 +54,12 @@ class BootstrapError(Exception):
 
 
 def emit(phase: str, **fields: object) -> None:
-    print(json.dumps({"phase": phase, **fields}), flush=True)
+    try:
+        print(json.dumps({"phase": phase, **fields}), flush=True)
+    except BrokenPipeError:
+        # The server that asked for this sandbox died before it was ready: nobody will ever use
+        # it. Ending here also ends OpenCode, if started (it dies with this process).
+        raise SystemExit(3) from None
 
 
 def base_env(home: str) -> dict[str, str]:

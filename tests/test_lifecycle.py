@@ -259,6 +259,31 @@ def test_server_killed_mid_turn_reattaches_to_its_live_sandbox(tmp_path, llm, so
     assert started == ["the queued one"]
 
 
+def test_a_detached_sandbox_orphaned_while_starting_is_stopped_by_the_next_server(tmp_path, llm, source_repo):
+    """A detached sandbox whose server died before it was ready was never recorded, so no server
+    can re-attach to it: it must not run on (until its own deadline). Its bootstrap ends at its
+    next progress line, which nobody reads; the next server also kills whatever still carries the
+    sandbox's marker (for the moment between "ready" and the state being stored)."""
+    from tabbi_sandbox import processes
+    from tests.support.server import JupyterProcess
+
+    detach = ["--TabbiExtension.detach_sandboxes=True"]
+    first = JupyterProcess(llm.url, tmp_path / "srv", extra=detach)
+    try:
+        sid = first.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
+        first.wait_event(sid, lambda e: e["data"].get("phase") == "starting_agent")
+    finally:
+        first.kill()
+    assert processes.sandbox_pids(sid), "the detached sandbox outlived its server"
+    second = JupyterProcess(llm.url, tmp_path / "srv", extra=detach)
+    try:
+        poll_until(lambda: not processes.sandbox_pids(sid), 30, "the orphan being stopped")
+        state = second.call("GET", f"tabbi/api/sessions/{sid}")["state"]
+    finally:
+        second.stop()
+    assert state == "error"
+
+
 @pytest.mark.tabbi(idle_timeout=2.0)
 @pytest.mark.timeout(120)
 async def test_server_stops_cleanly_while_a_sandbox_is_being_created(api, llm, source_repo):
