@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +23,6 @@ from tabbi_sandbox import bootstrap  # noqa: E402  (the in-sandbox bootstrap: it
 from tabbi_sandbox.binary import find_opencode  # noqa: E402
 from tests.support.llm import ScriptedLLM  # noqa: E402
 from tests.support.server import JupyterProcess  # noqa: E402
-from tests.support.waiting import poll_until  # noqa: E402
 
 __all__ = ["BareOpenCode", "JupyterProcess", "ScriptedLLM", "machine", "percentile", "sample_repo", "summary"]
 
@@ -63,16 +60,8 @@ class BareOpenCode:
         return f"http://127.0.0.1:{self.port}"
 
     def wait_healthy(self) -> float:
-        def healthy() -> bool:
-            request = urllib.request.Request(self.url + "/global/health",
-                                             headers={"Authorization": self.auth})
-            try:
-                with urllib.request.urlopen(request, timeout=1) as response:
-                    return json.loads(response.read()).get("healthy", False)
-            except OSError:
-                return False
-
-        poll_until(healthy, 60, "opencode healthy", interval=0.02)
+        """Seconds from the start until healthy, probed exactly as the sandbox bootstrap does."""
+        bootstrap.wait_healthy(self.port, self.password, self.proc, 60)
         return time.monotonic() - self.started
 
     def stop(self) -> None:

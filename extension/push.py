@@ -1,11 +1,11 @@
 """Pushing a session's work: commit the agent's changes (and chosen notebook cells) on the session
 branch as the person, push the branch, optionally open a pull request.
 
-The commit and the push run inside the sandbox (``bootstrap.py publish`` through
-``Sandbox.exec``), so the same code serves local and Modal sandboxes. The GitHub token goes to
-that one process on stdin; the push runs from a clean repository so nothing the agent wrote into
-``.git/config`` can see or redirect it. A refused push leaves the commit in the workspace, so the
-person can fix the cause and push again.
+The commit and the push run inside the sandbox as two processes (``bootstrap.py commit``, then
+``bootstrap.py push``, each through its own ``Sandbox.exec``), so the same code serves local and
+Modal sandboxes. Only the push process gets the GitHub token, on stdin, and pushes from a private
+bare repository, so nothing the agent configured can see or redirect it. A refused push leaves the
+commit in the workspace, so the person can fix the cause and push again.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ import logging
 import os
 import shutil
 import tarfile
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,8 +28,9 @@ import nbformat
 import pytest
 
 from tests.conftest import git
-from tests.support.llm import Reply, write
-from tests.test_github import USER, github, tabbi_config  # noqa: F401  (fixtures used here)
+from tests.support.git_remote import QuietHandler
+from tests.support.llm import Reply, bash, write
+from tests.test_github import USER, github, sign_in_web, tabbi_config  # noqa: F401  (fixtures used here)
 from tests.test_sessions import opencode_pids
 
 pytestmark = pytest.mark.timeout(300)
@@ -205,10 +208,6 @@ class Spy:
     """A listener the agent points git at: it asks for Basic credentials and records them."""
 
     def __init__(self) -> None:
-        from http.server import ThreadingHTTPServer
-
-        from tests.support.git_remote import QuietHandler
-
         spy = self
         self.authorizations: list[str] = []
 
@@ -224,8 +223,6 @@ class Spy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        import threading
-
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -250,8 +247,6 @@ async def test_a_hostile_workspace_cannot_catch_or_redirect_the_token(
     clean filter or fsmonitor started by `git add`, not a pre-push hook, not a scanner of /proc,
     not an insteadOf slipped into the push repository, and not a poisoned ~/.gitconfig when the
     workspace is cloned again."""
-    from tests.test_github import sign_in_web
-
     spy = Spy()
     try:
         await sign_in_web(api, jp_fetch, github)
@@ -273,8 +268,6 @@ async def test_a_hostile_workspace_cannot_catch_or_redirect_the_token(
         hook.parent.mkdir(exist_ok=True)
         hook.write_text(f"#!/bin/sh\n{dump}\n")
         hook.chmod(0o755)
-        from tests.support.llm import bash
-
         scanner = SCANNER.format(ws=ws, spy=spy.url.rstrip("/"), github=github.base_url)
         llm.enqueue(Reply(tools=[bash(scanner)]), Reply(text="watching"))
         await api.prompt(sid, "keep an eye on things")

@@ -16,7 +16,7 @@ import pytest
 from tabbi_sandbox import processes
 from tests.conftest import git
 from tests.support.llm import Reply, write
-from tests.support.waiting import poll_until
+from tests.support.waiting import wait_exited
 from tests.test_sessions import opencode_pids, running_session
 
 pytestmark = pytest.mark.timeout(300)
@@ -185,7 +185,7 @@ def test_server_killed_mid_turn_then_restarted(tmp_path, llm, source_repo):
     finally:
         first.kill()
     # The sandbox dies with its server (no orphan OpenCode is left behind).
-    poll_until(lambda: not oc_pids(sid), 30, "the sandbox dying with its server")
+    wait_exited(lambda: oc_pids(sid), 30, "the sandbox dying with its server")
 
     second = JupyterProcess(llm.url, tmp_path / "srv")
     try:
@@ -231,7 +231,7 @@ def test_server_killed_mid_turn_reattaches_to_its_live_sandbox(tmp_path, llm, so
     finally:
         first.kill()
     # Nobody listens while the agent streams the rest of its answer.
-    poll_until(lambda: llm.completed > completed, 60, "the model's answer streamed to its end")
+    llm.wait_completed(completed + 1, 60)  # the model's answer streamed to its end
     assert agent and set(agent) <= set(oc_pids(sid)), "the sandbox outlived the server"
 
     second = JupyterProcess(llm.url, tmp_path / "srv", extra=detach)
@@ -244,7 +244,7 @@ def test_server_killed_mid_turn_reattaches_to_its_live_sandbox(tmp_path, llm, so
         assert set(agent) <= set(oc_pids(sid)), "re-attached to the same OpenCode, not a new sandbox"
     finally:
         second.stop()
-    poll_until(lambda: not oc_pids(sid), 30, "a clean stop stopping the sandbox")
+    wait_exited(lambda: oc_pids(sid), 30, "a clean stop stopping the sandbox")
     assert contiguous(events)
     assert events[: len(persisted)] == persisted
     after = events[len(persisted):]
@@ -277,7 +277,7 @@ def test_a_detached_sandbox_orphaned_while_starting_is_stopped_by_the_next_serve
     assert processes.sandbox_pids(sid), "the detached sandbox outlived its server"
     second = JupyterProcess(llm.url, tmp_path / "srv", extra=detach)
     try:
-        poll_until(lambda: not processes.sandbox_pids(sid), 30, "the orphan being stopped")
+        wait_exited(lambda: processes.sandbox_pids(sid), 30, "the orphan being stopped")
         state = second.call("GET", f"tabbi/api/sessions/{sid}")["state"]
     finally:
         second.stop()

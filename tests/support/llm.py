@@ -64,8 +64,9 @@ class ScriptedLLM:
         self.requests: list[Recorded] = []
         #: (time.time(), text) of every content chunk written, for latency measurements.
         self.emitted: list[tuple[float, str]] = []
-        #: Replies streamed to their end (for waiting until the agent has had its whole answer).
+        #: Replies streamed to their end (``wait_completed`` waits for a number of them).
         self.completed = 0
+        self._completion = threading.Condition()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._calls = 0
@@ -85,6 +86,12 @@ class ScriptedLLM:
         self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
+
+    def wait_completed(self, count: int, timeout: float) -> None:
+        """Until ``count`` replies have been streamed to their end."""
+        with self._completion:
+            if not self._completion.wait_for(lambda: self.completed >= count, timeout):
+                raise TimeoutError(f"{count} complete replies not within {timeout} s")
 
     def enqueue(self, *replies: Reply) -> None:
         with self._lock:
@@ -194,7 +201,8 @@ class ScriptedLLM:
                 self._chunk("[DONE]")
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
-                with llm._lock:
+                with llm._completion:
                     llm.completed += 1
+                    llm._completion.notify_all()
 
         return Handler

@@ -10,13 +10,13 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tabbi_sandbox.bootstrap import free_port
-from tests.support.waiting import poll_until
 
 
 class JupyterProcess:
@@ -36,7 +36,6 @@ class JupyterProcess:
         }
         module = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}[app]
         self.log_path = workdir / f"{app}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--no-browser", f"--port={self.port}", "--ServerApp.ip=127.0.0.1",
              "--allow-root", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={workdir}",
@@ -44,22 +43,19 @@ class JupyterProcess:
              f"--TabbiExtension.data_dir={workdir / 'tabbi-data'}",
              f"--TabbiExtension.llm_base_url={llm_url}",
              "--TabbiExtension.model=scripted", *(extra or [])],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        poll_until(self._up, 90, f"jupyter answering (see {self.log_path})")
+        self.output = OutputWatch(self.proc, self.log_path)
+        # tabbi says this once it serves: after the server bound its port (which happens after
+        # Jupyter's own "is running at" line) and tabbi opened its store and reconciled sessions.
+        if not self.output.wait_for("tabbi: data in", 90):
+            raise RuntimeError(f"jupyter exited or did not start; see {self.log_path}:\n"
+                               f"{self.log_path.read_text()[-2000:]}")
+        self.call("GET", "tabbi/api/health", timeout=60)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"jupyter exited; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
-        try:
-            self.call("GET", "tabbi/api/health", timeout=2)
-            return True
-        except OSError:
-            return False
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
         request = urllib.request.Request(
@@ -72,10 +68,9 @@ class JupyterProcess:
         return json.loads(raw) if raw else None
 
     def wait_kernel_connected(self, timeout: float = 90) -> None:
-        """Until a kernel is idle with a front end connected to it (a browser can run cells)."""
-        poll_until(lambda: any(k["execution_state"] == "idle" and k["connections"] > 0
-                               for k in self.call("GET", "api/kernels")),
-                   timeout, "a kernel with a connected front end", interval=0.2)
+        """Until a front end has connected to a kernel (the server says so in its log)."""
+        if not self.output.wait_for("Connecting to kernel", timeout):
+            raise TimeoutError(f"no front end connected to a kernel within {timeout} s")
 
     def wait_event(self, sid: str, predicate, after: int = 0, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
@@ -91,7 +86,7 @@ class JupyterProcess:
         """SIGKILL the server process alone, as a crash would."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        self._log.close()
+        self.output.join()
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -101,4 +96,39 @@ class JupyterProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        self._log.close()
+        self.output.join()
+
+
+class OutputWatch:
+    """Copies a process's output into its log file, line by line, and lets a caller wait for a
+    line containing some text: woken by each line as it arrives, or by the process's end."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path):
+        self._seen: list[str] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._copy, args=(proc, log_path), daemon=True)
+        self._thread.start()
+
+    def _copy(self, proc: subprocess.Popen, log_path: Path) -> None:
+        assert proc.stdout is not None
+        with open(log_path, "ab") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                with self._changed:
+                    self._seen.append(line.decode(errors="replace"))
+                    self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        """Whether a line containing ``text`` arrived (before the process ended) within ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._ended or any(text in line for line in self._seen), timeout
+            ) and any(text in line for line in self._seen)
+
+    def join(self) -> None:
+        self._thread.join(timeout=30)

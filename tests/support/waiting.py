@@ -1,22 +1,33 @@
-"""Waiting on a condition with a deadline, for state that offers no notification (another
-process's readiness, a process's exit). Never a fixed sleep standing in for an event."""
+"""Waiting on other processes with a deadline, woken by the kernel rather than by a timer.
+
+A process's exit is signalled through a pidfd (readable once the process has ended); a line in
+another process's output arrives through a pipe (see ``server.OutputWatch``). Nothing here sleeps.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import time
 from collections.abc import Callable
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
-def poll_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Call ``check`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
+def wait_exited(pids_of: Callable[[], list[int]], timeout: float, what: str) -> None:
+    """Until ``pids_of()`` finds no process: wait for the ones it finds to end, then ask again
+    (a process may have started meanwhile). Fail with ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout} s")
-        time.sleep(interval)  # the poll interval between checks, bounded by the deadline
+    while pids := pids_of():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{what} not within {timeout} s (still running: {pids})")
+        fds = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                fds.append(os.pidfd_open(pid))
+        try:
+            if fds:
+                select.select(fds, [], [], remaining)  # returns as soon as one of them ends
+        finally:
+            for fd in fds:
+                os.close(fd)
