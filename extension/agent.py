@@ -7,7 +7,13 @@ Guarantees it keeps, and where:
 - every turn ends with exactly one ``turn.finished``, whatever fails (``_finish_turn``, called from the
   SSE feed, from the prompt call's failure, from the watchdog and from ``_fault``);
 - a fault (OpenCode or the sandbox dying, the feed lost) ends the turn, reports a readable error,
-  moves the session to ``error``, and the next prompt starts it again on the same workspace.
+  moves the session to ``error`` (no prompt is delivered meanwhile), and a queued or next prompt
+  starts it again on the same workspace (``_fault``);
+- a snapshot is of a quiet workspace: no turn begins while one is taken (``_hold``);
+- a restore that fails leaves the session paused with its snapshots untouched (``_boot``).
+
+Between turns, at most one thing holds the running workspace (``_hold``): a snapshot, a pause, a
+push, or the recovery from a fault. The prompt pump delivers only when nothing does.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tabbi_sandbox.provider import Sandbox, SandboxError, SandboxProvider, SandboxSpec
+from tabbi_sandbox.provider import RestoreError, Sandbox, SandboxError, SandboxProvider, SandboxSpec
 
 from . import model_config, states, workspace
 from .encryption import SecretBox
@@ -37,6 +43,9 @@ GitAccessLookup = Callable[[str], Awaitable[GitAccess | None]]
 log = logging.getLogger(__name__)
 
 PERMISSION_REPLIES = ("once", "always", "reject")
+
+#: What can hold the running workspace between turns (``SessionAgent._hold``).
+HOLD_SNAPSHOT, HOLD_PAUSE, HOLD_FAULT = "a snapshot", "pausing", "recovering from a fault"
 
 
 class AgentError(Exception):
@@ -62,6 +71,8 @@ class AgentSettings:
     idle_timeout: float = 600.0
     #: Seconds a sandbox may run before it is paused (after its current turn; 0: no limit).
     max_lifetime: float = 8 * 3600.0
+    #: Seconds a clean server stop may spend snapshotting a quiet running session before it stops it.
+    shutdown_snapshot_timeout: float = 60.0
     #: Seals the OpenCode password kept with a sandbox that can outlive the server, so that the
     #: next server process can re-attach (None: no re-attach).
     secrets: SecretBox | None = None
@@ -106,12 +117,11 @@ class SessionAgent:
         self._tasks: dict[str, asyncio.Task] = {}
         self._user_messages: set[str] = set()
         self._snapshot_lock = asyncio.Lock()
-        self._snapshot_wanted = False
-        self._pausing = False
         #: Held while applying OpenCode's events, so a catch-up and the live feed take turns.
         self._applying = asyncio.Lock()
-        #: What holds the workspace between turns (a push), or None.
-        self._holding: str | None = None
+        #: What holds the workspace between turns (``HOLD_*`` or a service's name, e.g. "push"),
+        #: or None. No turn begins while something does.
+        self._hold: str | None = None
         self._last_activity = time.monotonic()
         self._running_since = time.monotonic()
 
@@ -225,9 +235,19 @@ class SessionAgent:
             self._wake.set()
         except asyncio.CancelledError:
             raise
+        except RestoreError as exc:
+            log.warning("tabbi: session %s could not be restored", self.id, exc_info=True)
+            await self._restore_failed(str(exc))
         except Exception as exc:  # every failure of a start is reported, never swallowed
             log.warning("tabbi: session %s failed to start", self.id, exc_info=True)
-            await self._fault(_readable(exc, "The sandbox failed to start"))
+            await self._fault(_readable(exc, "The sandbox failed to start"), restart_queued=False)
+
+    async def _restore_failed(self, message: str) -> None:
+        """The snapshot could not be restored: nothing half-restored is used, the snapshots stay
+        as they are, and the session stays paused (its prompts stay queued) until resumed."""
+        await self._emit("error", {"name": "RestoreError", "message": message})
+        await self._release_sandbox()
+        await self._set_state(states.PAUSED, reason="restore_failed", error=message)
 
     async def _clone_access(self, repo: RepoSpec) -> tuple[GitAccess | None, str | None]:
         """The credential a clone of ``repo`` may use, or None and why not. Asking GitHub can
@@ -252,7 +272,7 @@ class SessionAgent:
         self.record.sandbox_state = state
         await self.store.update_session(self.id, sandbox_state=state)
 
-    async def _connect(self, sandbox: Sandbox, reattaching: bool = False) -> None:
+    async def _connect(self, sandbox: Sandbox, reattaching: bool = False) -> OpenCodeClient:
         """Talk to the sandbox's OpenCode: its session (created if missing, except when
         re-attaching: then the running one must be there) and its event feed."""
         self._client = OpenCodeClient(sandbox.endpoint())
@@ -263,13 +283,14 @@ class SessionAgent:
             oc_id = await self._client.create_session()
             self.record.opencode_session_id = oc_id
             await self.store.update_session(self.id, opencode_session_id=oc_id)
-        self._normalizer = EventNormalizer(oc_id)
+        normalizer = self._normalizer = EventNormalizer(oc_id)
         connected = asyncio.Event()
-        self._spawn("feed", self._feed(self._client, sandbox, connected))
+        self._spawn("feed", self._feed(self._client, normalizer, sandbox, connected))
         try:
             await asyncio.wait_for(connected.wait(), self.settings.connect_timeout)
         except asyncio.TimeoutError:
             raise OpenCodeError("OpenCode's event stream did not connect") from None
+        return self._client
 
     async def _on_progress(self, message: dict[str, Any]) -> None:
         phase = message.get("phase")
@@ -281,14 +302,22 @@ class SessionAgent:
         detail = {k: v for k, v in message.items() if k in ("repo", "branch")}
         await self._emit("session.status", {"state": states.STARTING, "phase": phase, **detail})
 
-    async def _fault(self, message: str) -> None:
-        """Something broke under the session: report it, end the turn, release the sandbox."""
+    async def _fault(self, message: str, restart_queued: bool = True) -> None:
+        """Something broke under the session: report it, end the turn, release the sandbox. No
+        prompt is delivered while this runs; prompts still queued then start the session again
+        (unless the fault was a failed start, which would only fail again)."""
         if self.state == states.DELETED:
             return
-        await self._emit("error", {"name": "SessionError", "message": message})
-        await self._finish_turn("error", message, report=False)
-        await self._release_sandbox()
-        await self._set_state(states.ERROR, error=message)
+        self._hold = HOLD_FAULT
+        try:
+            await self._emit("error", {"name": "SessionError", "message": message})
+            await self._finish_turn("error", message, report=False)
+            await self._release_sandbox()
+            await self._set_state(states.ERROR, error=message)
+        finally:
+            self._hold = None
+        if restart_queued and await self._queued():
+            await self.start()
 
     async def _release_sandbox(self) -> None:
         current = asyncio.current_task()
@@ -328,7 +357,8 @@ class SessionAgent:
         else:
             await self._fault(
                 "The server restarted and the sandbox stopped with it. "
-                "Send a prompt to start it again; the workspace is kept."
+                "Send a prompt to start it again; the workspace is kept.",
+                restart_queued=False,
             )
         if any(p.status == "queued" for p in pending):
             await self.start()
@@ -346,9 +376,8 @@ class SessionAgent:
             return False
         self._sandbox = sandbox
         try:
-            await self._connect(sandbox, reattaching=True)
-            assert self._client is not None
-            await self._catch_up(self._client)
+            client = await self._connect(sandbox, reattaching=True)
+            await self._catch_up(client)
         except Exception as exc:  # not usable after all: treat it as gone
             log.info("tabbi: session %s: re-attaching failed (%s); restarting it", self.id, exc)
             await self._release_sandbox()
@@ -364,7 +393,14 @@ class SessionAgent:
         return True
 
     async def shutdown(self) -> None:
-        """The server is stopping: end our tasks and processes; the record stays as it is."""
+        """The server is stopping. A quiet running session is snapshotted and paused first, so
+        that the next server resumes it from its newest files; then our tasks and processes end.
+        A session in a turn keeps its record as it is (the next server reconciles it)."""
+        if self.state == states.RUNNING and self._turn is None:
+            try:
+                await asyncio.wait_for(self.pause("server_stopped"), self.settings.shutdown_snapshot_timeout)
+            except (AgentError, asyncio.TimeoutError) as exc:
+                log.info("tabbi: session %s not paused at shutdown: %s", self.id, exc or "timed out")
         if self._turn is not None and self._turn.watchdog is not None:
             self._turn.watchdog.cancel()
         for task in self._tasks.values():
@@ -416,18 +452,19 @@ class SessionAgent:
                 await self._begin_turn(queued[0])
 
     def _may_begin_turn(self) -> bool:
-        return (self.state == states.RUNNING and self._turn is None and not self._pausing
-                and self._holding is None)
+        return self.state == states.RUNNING and self._turn is None and self._hold is None
 
     async def _begin_turn(self, prompt: Prompt) -> None:
         turn = self._turn = Turn(prompt.id)
         await self._retry_store(lambda: self.store.set_prompt_status(prompt.id, "running"))
         await self._emit("turn.started", {"prompt_id": prompt.id, "text": prompt.text})
         turn.watchdog = asyncio.create_task(self._watch(turn))
+        client, oc_id = self._client, self.record.opencode_session_id
         try:
-            assert self._client is not None and self.record.opencode_session_id
-            await self._client.prompt(self.record.opencode_session_id, prompt.text, self._model_ref)
-        except (OpenCodeError, AssertionError) as exc:
+            if client is None or not oc_id:
+                raise OpenCodeError("the agent is not connected")
+            await client.prompt(oc_id, prompt.text, self._model_ref)
+        except OpenCodeError as exc:
             message = _readable(exc, "The prompt could not be delivered")
             await self._finish_turn("error", message)
 
@@ -457,7 +494,7 @@ class SessionAgent:
         )
         await self._emit("turn.finished", data)
         self._last_activity = time.monotonic()
-        if self.state == states.RUNNING and self._sandbox is not None:
+        if self.state == states.RUNNING and self._sandbox is not None and self._hold is None:
             self._request_snapshot()
         self._wake.set()
 
@@ -482,17 +519,28 @@ class SessionAgent:
 
     # -- snapshots, pause and resume -------------------------------------------------------------
     def _request_snapshot(self) -> None:
-        """Snapshot in the background after a turn; the next prompt is not held up. Requests that
-        arrive while one runs fold into one more run."""
-        self._snapshot_wanted = True
-        task = self._tasks.get("snapshot")
-        if task is None or task.done():
-            self._spawn("snapshot", self._snapshot_loop())
+        """Snapshot after a turn, before the next one begins: a snapshot is of a quiet workspace
+        (archived while a turn runs, it could hold half of that turn's work, or a git lock). The
+        hold is taken here, synchronously, so that the pump woken next cannot slip a turn in."""
+        self._hold = HOLD_SNAPSHOT
+        self._spawn("snapshot", self._snapshot_after_turn())
 
-    async def _snapshot_loop(self) -> None:
-        while self._snapshot_wanted and self.state == states.RUNNING:
-            self._snapshot_wanted = False
-            await self._snapshot("turn")
+    async def _snapshot_after_turn(self) -> None:
+        try:
+            if self.state == states.RUNNING:
+                await self._snapshot("turn")
+        finally:
+            if self._hold == HOLD_SNAPSHOT:
+                self._hold = None
+            self._wake.set()
+
+    async def _snapshot_settled(self) -> None:
+        """Wait for the snapshot that follows a turn, if one runs: pause and push come after it
+        rather than being refused because of it."""
+        task = self._tasks.get("snapshot")
+        if task is not None and not task.done():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(task)
 
     async def _snapshot(self, reason: str) -> Snapshot | None:
         """Save the running sandbox. A failure is reported as an event and leaves the sandbox
@@ -529,9 +577,10 @@ class SessionAgent:
                 return
             if self.state != states.RUNNING:
                 raise AgentError(f"the session is {self.state}; only a running session can pause")
-            if self._turn is not None or self._holding is not None:
-                raise AgentError(f"{self._holding or 'a turn'} is running: let it finish, then pause")
-            self._pausing = True
+            await self._snapshot_settled()
+            if self._turn is not None or self._hold is not None:
+                raise AgentError(f"{self._hold or 'a turn'} is running: let it finish, then pause")
+            self._hold = HOLD_PAUSE
             try:
                 snapshot = await self._snapshot(reason)
                 if snapshot is None:
@@ -540,7 +589,7 @@ class SessionAgent:
                 await self.provider.destroy(self.id)
                 await self._set_state(states.PAUSED, reason=reason, snapshot_id=snapshot.id)
             finally:
-                self._pausing = False
+                self._hold = None
         if await self._queued():
             await self.start()  # a prompt arrived while pausing: it resumes the session
 
@@ -567,7 +616,7 @@ class SessionAgent:
             if lifetime:
                 deadlines.append((self._running_since + lifetime, "max_lifetime"))
             due, reason = min(deadlines)
-            quiet = self._turn is None and not self._pausing and self._holding is None
+            quiet = self._turn is None and self._hold is None
             if now >= due and quiet and not await self._queued():
                 with contextlib.suppress(AgentError):
                     await self.pause(reason)
@@ -580,16 +629,17 @@ class SessionAgent:
     async def between_turns(self, what: str) -> AsyncIterator[Sandbox]:
         """Hold the running workspace for ``what`` (a push): no turn starts and no pause happens
         meanwhile; prompts that arrive wait in the queue."""
+        await self._snapshot_settled()
         sandbox = self.running_sandbox()
         if self._turn is not None:
             raise AgentError(f"a turn is running: let it finish (or abort it), then {what}")
-        if self._holding is not None or self._pausing:
-            raise AgentError(f"the session is busy ({self._holding or 'pausing'}); try again shortly")
-        self._holding = what
+        if self._hold is not None:
+            raise AgentError(f"the session is busy ({self._hold}); try again shortly")
+        self._hold = what
         try:
             yield sandbox
         finally:
-            self._holding = None
+            self._hold = None
             self._wake.set()
 
     def running_sandbox(self) -> Sandbox:
@@ -612,7 +662,9 @@ class SessionAgent:
             raise AgentError(str(exc), 404) from exc
 
     # -- OpenCode's event feed ----------------------------------------------------------------
-    async def _feed(self, client: OpenCodeClient, sandbox: Sandbox, connected: asyncio.Event) -> None:
+    async def _feed(
+        self, client: OpenCodeClient, normalizer: EventNormalizer, sandbox: Sandbox, connected: asyncio.Event
+    ) -> None:
         """Read OpenCode's SSE feed; reconnect while the sandbox lives, report a fault when not."""
         failures = 0
         while True:
@@ -625,9 +677,8 @@ class SessionAgent:
                         if reconnect:
                             await self._catch_up(client)
                         continue
-                    assert self._normalizer is not None
                     async with self._applying:
-                        await self._apply(*self._normalizer.feed(raw))
+                        await self._apply(*normalizer.feed(raw))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -654,40 +705,44 @@ class SessionAgent:
         persist and announce every message and part that changed while nobody listened, as
         complete ``part.updated`` / ``tool`` events, then end a turn that finished meanwhile (or
         queue its prompt again, if it never reached OpenCode)."""
+        # The live feed waits meanwhile, so that its idle is judged with this turn's state known.
         async with self._applying:
             await self._replay_messages(client)
-        turn = self._turn
-        if turn is None or self.record.opencode_session_id in await client.statuses():
-            return  # no turn, or OpenCode is still working on it: the feed carries on
-        if not turn.acknowledged:
-            turn.acknowledged = await self._reached_opencode(turn, client)
-        if self._turn is not turn:
-            return  # the feed ended it meanwhile
-        if turn.acknowledged or turn.outcome != "completed":
-            await self._finish_turn(turn.outcome, turn.error)
-        else:  # the prompt never reached OpenCode: deliver it again
-            self._turn = None
-            if turn.watchdog is not None:
-                turn.watchdog.cancel()
-            await self._retry_store(lambda: self.store.set_prompt_status(turn.prompt_id, "queued"))
-            self._wake.set()
+            turn = self._turn
+            if turn is None:
+                return
+            if not turn.acknowledged:
+                # Its user message may have been stored before the gap (replay skips what the log
+                # holds): ask OpenCode, or the idle that ends the turn would be ignored.
+                turn.acknowledged = await self._reached_opencode(turn, client)
+            if self.record.opencode_session_id in await client.statuses():
+                return  # OpenCode still works on it: its idle on the feed ends the turn
+            if turn.acknowledged or turn.outcome != "completed":
+                await self._finish_turn(turn.outcome, turn.error)
+            else:  # the prompt never reached OpenCode: deliver it again
+                self._turn = None
+                if turn.watchdog is not None:
+                    turn.watchdog.cancel()
+                await self._retry_store(lambda: self.store.set_prompt_status(turn.prompt_id, "queued"))
+                self._wake.set()
 
     async def _replay_messages(self, client: OpenCodeClient) -> None:
         """Apply OpenCode's current messages where they differ from what the log holds."""
-        assert self._normalizer is not None and self.record.opencode_session_id
-        oc_id = self.record.opencode_session_id
+        normalizer, oc_id = self._normalizer, self.record.opencode_session_id
+        if normalizer is None or not oc_id:
+            return  # not connected: nothing to compare with
         persisted = await self.store.list_messages(self.id)
         known = {m["id"]: {p["id"]: p for p in m["parts"]} for m in persisted}
         for m in persisted:  # a normalizer new to this session still knows whose parts are whose
-            self._normalizer.roles.setdefault(m["id"], m["role"])
+            normalizer.roles.setdefault(m["id"], m["role"])
         for message in await client.messages(oc_id):
             info = message.get("info") or {}
             if info.get("id") not in known:
                 updated = {"type": "message.updated", "properties": {"info": info}}
-                await self._apply(*self._normalizer.feed(updated))
+                await self._apply(*normalizer.feed(updated))
             stored = known.get(info.get("id"), {})
             for part in message.get("parts") or []:
-                events, signals = self._normalizer.feed(
+                events, signals = normalizer.feed(
                     {"type": "message.part.updated", "properties": {"part": part}}
                 )
                 if signals.part is not None:
@@ -747,9 +802,9 @@ class SessionAgent:
             f"gave up after {attempt} attempts."
         )
         await self._emit("error", {"name": "ModelError", "message": turn.error})
-        with contextlib.suppress(OpenCodeError):
-            assert self._client is not None
-            await self._client.abort(self.record.opencode_session_id or "")
+        if self._client is not None:
+            with contextlib.suppress(OpenCodeError):
+                await self._client.abort(self.record.opencode_session_id or "")
 
     async def _on_agent_error(self, error: dict[str, Any]) -> None:
         turn = self._turn

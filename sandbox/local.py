@@ -31,6 +31,7 @@ from .provider import (
     Endpoint,
     ExecResult,
     ProgressCallback,
+    RestoreError,
     Sandbox,
     SandboxError,
     SandboxProvider,
@@ -372,7 +373,7 @@ class LocalProvider(SandboxProvider):
             try:
                 await asyncio.to_thread(snapshots.restore_archive, self._archive(restore), root)
             except snapshots.SnapshotError as exc:
-                raise SandboxError(str(exc)) from exc
+                raise RestoreError(str(exc)) from exc
         sandbox = LocalSandbox(self, spec.sandbox_id, root, confined)
         await sandbox.start(spec, progress, opencode_bin)
         return sandbox

@@ -25,6 +25,11 @@ class SandboxError(Exception):
     """A sandbox could not be created or used; the message is safe to show to the person."""
 
 
+class RestoreError(SandboxError):
+    """A snapshot could not be restored. Nothing of it was put in place (no half-restored
+    workspace is ever used) and the snapshot itself is unchanged."""
+
+
 @dataclass
 class SandboxSpec:
     """Everything a sandbox needs to come up. ``opencode_env`` holds secrets: it goes to the

@@ -33,6 +33,8 @@ class Reply:
     drip: float = 0.0  # seconds between chunks
     status: int = 200  # != 200: answer with this HTTP error instead
     malformed: bool = False  # send a broken chunk mid-stream
+    #: Set: stream the first chunk, then wait until this event is set before the rest.
+    hold: threading.Event | None = None
 
 
 def write(path: str, content: str) -> tuple[str, dict[str, Any]]:
@@ -182,6 +184,10 @@ class ScriptedLLM:
                         return
                     llm.emitted.append((time.time(), piece))
                     self._delta(model, {"content": piece})
+                    if i == 0 and reply.hold is not None:
+                        while not reply.hold.wait(0.1):  # bounded waits, so a stop ends it
+                            if llm.stopping.is_set():
+                                return
                     if reply.malformed and i == 0:
                         self._chunk('{"choices": [{"index": 0, "delta": {"content": ')
                 for index, (name, args) in enumerate(reply.tools):
