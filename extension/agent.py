@@ -1,12 +1,14 @@
-"""One ``SessionAgent`` per session: it owns the sandbox, the OpenCode connection, the prompt queue
-and the session's event log.
+"""One ``SessionAgent`` per session: the session's state machine. It owns the sandbox, the
+connection to the agent runtime in it, the prompt queue and the turns; its parts live next door:
+the event log (``eventlog.py``), the agent runtime (``runtime.py``, OpenCode in ``opencode.py``),
+snapshot bookkeeping (``snapshots.py``) and the states with their transitions (``states.py``).
 
 Guarantees it keeps, and where:
-- every event is persisted before any client sees it, with the next ``seq`` (``_emit``);
+- every event is persisted before any client sees it, with the next ``seq`` (``EventLog``);
 - prompts are persisted first and delivered one at a time, in order, only while running (``_pump``);
 - every turn ends with exactly one ``turn.finished``, whatever fails (``_finish_turn``, called from the
   SSE feed, from the prompt call's failure, from the watchdog and from ``_fault``);
-- a fault (OpenCode or the sandbox dying, the feed lost) ends the turn, reports a readable error,
+- a fault (the agent or the sandbox dying, the feed lost) ends the turn, reports a readable error,
   moves the session to ``error`` (no prompt is delivered meanwhile), and a queued or next prompt
   starts it again on the same workspace (``_fault``);
 - a snapshot is of a quiet workspace: no turn begins while one is taken (``_hold``);
@@ -27,14 +29,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tabbi_sandbox.provider import RestoreError, Sandbox, SandboxError, SandboxProvider, SandboxSpec
+from tabbi_sandbox.provider import (
+    Endpoint,
+    RestoreError,
+    Sandbox,
+    SandboxError,
+    SandboxProvider,
+    SandboxSpec,
+)
 
 from . import model_config, states, workspace
 from .encryption import SecretBox
+from .eventlog import EventLog, with_retries
 from .github.accounts import GitAccess, GitHubError
-from .normalize import EventNormalizer, Normalized, Signals, error_message
-from .opencode import OpenCodeClient, OpenCodeError
-from .store import Event, Prompt, SessionRecord, Snapshot, Store, StoreError
+from .opencode import OpenCodeRuntime
+from .runtime import AgentRuntime, AgentRuntimeError, Signals, Update
+from .snapshots import SnapshotKeeper
+from .store import Event, Prompt, SessionRecord, Snapshot, Store
 from .validation import RepoSpec, parse_repo
 
 #: ``owner -> GitAccess | None``: the credential for a GitHub clone (None: not signed in).
@@ -84,8 +95,8 @@ class Turn:
     outcome: str = "completed"
     error: str | None = None
     watchdog: asyncio.Task | None = None
-    #: OpenCode created this turn's user message. Until then an idle signal belongs to the turn
-    #: before (OpenCode can report idle more than once, late, after an abort).
+    #: The agent has this turn's prompt. Until then an idle signal belongs to the turn
+    #: before (OpenCode reports idle more than once, late, after an abort).
     acknowledged: bool = False
 
 
@@ -98,26 +109,26 @@ class SessionAgent:
         provider: SandboxProvider,
         settings: AgentSettings,
         git_access: GitAccessLookup | None = None,
+        runtime_class: Callable[[Endpoint], AgentRuntime] = OpenCodeRuntime,
     ):
         self.record = record
         self.git_access = git_access
         self.store = store
         self.provider = provider
         self.settings = settings
-        self._next_seq = 1
-        self._emit_lock = asyncio.Lock()
+        self.runtime_class = runtime_class
+        self.events = EventLog(record.id, store, settings.store_retries)
+        self.snapshots = SnapshotKeeper(record.id, store, provider, self.events,
+                                        settings.snapshots_keep, settings.store_retries)
         self._lifecycle = asyncio.Lock()
-        self._subscribers: set[asyncio.Queue[Event]] = set()
         self._wake = asyncio.Event()
         self._turn: Turn | None = None
         self._sandbox: Sandbox | None = None
-        self._client: OpenCodeClient | None = None
-        self._normalizer: EventNormalizer | None = None
+        self._runtime: AgentRuntime | None = None
         self._model_ref: dict[str, str] | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self._user_messages: set[str] = set()
-        self._snapshot_lock = asyncio.Lock()
-        #: Held while applying OpenCode's events, so a catch-up and the live feed take turns.
+        #: Held while applying the agent's events, so a catch-up and the live feed take turns.
         self._applying = asyncio.Lock()
         #: What holds the workspace between turns (``HOLD_*`` or a service's name, e.g. "push"),
         #: or None. No turn begins while something does.
@@ -138,50 +149,30 @@ class SessionAgent:
         return self._turn is not None
 
     def describe(self) -> dict[str, Any]:
-        return {**self.record.public(), "busy": self.busy, "last_seq": self._next_seq - 1}
+        return {**self.record.public(), "busy": self.busy, "last_seq": self.events.last_seq}
 
     async def load(self) -> None:
         """Pick up the log where it stands and start the prompt pump."""
-        self._next_seq = await self.store.last_seq(self.id) + 1
+        await self.events.load()
         self._spawn("pump", self._pump())
 
     # -- events -------------------------------------------------------------------------------
     def subscribe(self) -> asyncio.Queue[Event]:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._subscribers.add(queue)
-        return queue
+        return self.events.subscribe()
 
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self._subscribers.discard(queue)
+        self.events.unsubscribe(queue)
 
     async def _emit(self, type_: str, data: dict[str, Any]) -> Event:
-        async with self._emit_lock:
-            event = Event(self.id, self._next_seq, type_, data, time.time())
-            await self._retry_store(lambda: self.store.append_event(event))
-            self._next_seq += 1
-            for queue in self._subscribers:
-                queue.put_nowait(event)
-        return event
+        return await self.events.append(type_, data)
 
     async def announce(self, type_: str, data: dict[str, Any]) -> Event:
         """Add an event to the session's log on behalf of a service acting on it (a push)."""
         return await self._emit(type_, data)
 
     async def _retry_store(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Store writes are retried with backoff; an event is never announced unless persisted."""
-        delay = 0.05
-        for attempt in range(self.settings.store_retries):
-            try:
-                return await call()
-            except StoreError:
-                raise  # a constraint broke: retrying cannot help
-            except Exception:
-                if attempt == self.settings.store_retries - 1:
-                    raise
-                log.warning("tabbi: store write failed; retrying", exc_info=True)
-                await asyncio.sleep(delay)  # backoff between attempts, not synchronization
-                delay *= 4
-        return None
+        """Store writes are retried with backoff (see ``eventlog.with_retries``)."""
+        return await with_retries(call, self.settings.store_retries)
 
     async def _set_state(self, new: str, **detail: Any) -> None:
         if new != self.record.state or new == states.ERROR:
@@ -219,8 +210,8 @@ class SessionAgent:
                 if self.settings.max_lifetime else None,
             )
             self._model_ref = setup.model_ref
-            latest = await self.store.list_snapshots(self.id)
-            restore = latest[0].ref if latest else None
+            latest = await self.snapshots.latest()
+            restore = latest.ref if latest else None
             try:
                 self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
             except SandboxError as exc:
@@ -272,25 +263,21 @@ class SessionAgent:
         self.record.sandbox_state = state
         await self.store.update_session(self.id, sandbox_state=state)
 
-    async def _connect(self, sandbox: Sandbox, reattaching: bool = False) -> OpenCodeClient:
-        """Talk to the sandbox's OpenCode: its session (created if missing, except when
+    async def _connect(self, sandbox: Sandbox, reattaching: bool = False) -> AgentRuntime:
+        """Talk to the sandbox's agent: its conversation (a new one if missing, except when
         re-attaching: then the running one must be there) and its event feed."""
-        self._client = OpenCodeClient(sandbox.endpoint())
-        oc_id = self.record.opencode_session_id
-        if not oc_id or not await self._client.session_exists(oc_id):
-            if reattaching:
-                raise OpenCodeError("the sandbox's agent no longer has this session")
-            oc_id = await self._client.create_session()
-            self.record.opencode_session_id = oc_id
-            await self.store.update_session(self.id, opencode_session_id=oc_id)
-        normalizer = self._normalizer = EventNormalizer(oc_id)
+        runtime = self._runtime = self.runtime_class(sandbox.endpoint())
+        conversation = await runtime.open(self.record.opencode_session_id, must_exist=reattaching)
+        if conversation != self.record.opencode_session_id:
+            self.record.opencode_session_id = conversation
+            await self.store.update_session(self.id, opencode_session_id=conversation)
         connected = asyncio.Event()
-        self._spawn("feed", self._feed(self._client, normalizer, sandbox, connected))
+        self._spawn("feed", self._feed(runtime, sandbox, connected))
         try:
             await asyncio.wait_for(connected.wait(), self.settings.connect_timeout)
         except asyncio.TimeoutError:
-            raise OpenCodeError("OpenCode's event stream did not connect") from None
-        return self._client
+            raise AgentRuntimeError("the agent's event stream did not connect") from None
+        return runtime
 
     async def _on_progress(self, message: dict[str, Any]) -> None:
         phase = message.get("phase")
@@ -328,9 +315,9 @@ class SessionAgent:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            await runtime.aclose()
         sandbox, self._sandbox = self._sandbox, None
         if sandbox is not None:
             await sandbox.terminate()
@@ -415,8 +402,7 @@ class SessionAgent:
             self.record.state = states.DELETED
             await self.shutdown()
             await self.provider.destroy(self.id)
-            for snapshot in await self.store.list_snapshots(self.id):
-                await self.provider.delete_snapshot(snapshot.ref)
+            await self.snapshots.delete_all()
             await self.store.delete_session(self.id)
 
     # -- prompts and turns --------------------------------------------------------------------
@@ -459,12 +445,12 @@ class SessionAgent:
         await self._retry_store(lambda: self.store.set_prompt_status(prompt.id, "running"))
         await self._emit("turn.started", {"prompt_id": prompt.id, "text": prompt.text})
         turn.watchdog = asyncio.create_task(self._watch(turn))
-        client, oc_id = self._client, self.record.opencode_session_id
+        runtime = self._runtime
         try:
-            if client is None or not oc_id:
-                raise OpenCodeError("the agent is not connected")
-            await client.prompt(oc_id, prompt.text, self._model_ref)
-        except OpenCodeError as exc:
+            if runtime is None:
+                raise AgentRuntimeError("the agent is not connected")
+            await runtime.prompt(prompt.text, self._model_ref)
+        except AgentRuntimeError as exc:
             message = _readable(exc, "The prompt could not be delivered")
             await self._finish_turn("error", message)
 
@@ -472,8 +458,7 @@ class SessionAgent:
         await asyncio.sleep(self.settings.turn_timeout)  # a deadline, not synchronization
         if self._turn is turn:
             message = f"The turn ran longer than {self.settings.turn_timeout:.0f} s and was stopped."
-            with contextlib.suppress(OpenCodeError, AttributeError):
-                await self._client.abort(self.record.opencode_session_id)  # type: ignore[union-attr]
+            await self._abort_quietly()
             await self._finish_turn("error", message)
 
     async def _finish_turn(self, outcome: str, error: str | None = None, report: bool = True) -> None:
@@ -499,22 +484,29 @@ class SessionAgent:
         self._wake.set()
 
     async def abort(self) -> None:
-        if self._turn is None or self._client is None:
+        runtime = self._runtime
+        if self._turn is None or runtime is None:
             raise AgentError("no turn is running")
         self._turn.outcome = "aborted"
         try:
-            await self._client.abort(self.record.opencode_session_id or "")
-        except OpenCodeError as exc:
+            await runtime.abort()
+        except AgentRuntimeError as exc:
             raise AgentError(f"the abort did not reach the agent: {exc}", 502) from exc
+
+    async def _abort_quietly(self) -> None:
+        """Stop the agent's current work (tabbi ended the turn: a deadline, a failing model)."""
+        if self._runtime is not None:
+            with contextlib.suppress(AgentRuntimeError):
+                await self._runtime.abort()
 
     async def reply_permission(self, permission_id: str, reply: str) -> None:
         if reply not in PERMISSION_REPLIES:
             raise AgentError(f"'reply' must be one of {', '.join(PERMISSION_REPLIES)}", 400)
-        if self._client is None:
+        if self._runtime is None:
             raise AgentError("the session is not running")
         try:
-            await self._client.reply_permission(permission_id, reply)
-        except OpenCodeError as exc:
+            await self._runtime.reply_permission(permission_id, reply)
+        except AgentRuntimeError as exc:
             raise AgentError(str(exc), 502) from exc
 
     # -- snapshots, pause and resume -------------------------------------------------------------
@@ -543,32 +535,12 @@ class SessionAgent:
                 await asyncio.shield(task)
 
     async def _snapshot(self, reason: str) -> Snapshot | None:
-        """Save the running sandbox. A failure is reported as an event and leaves the sandbox
-        running; the next turn tries again. Older snapshots go only after a newer one is stored."""
-        async with self._snapshot_lock:
-            sandbox = self._sandbox
-            if sandbox is None:
-                return None
-            name = f"{int(time.time() * 1000)}-{secrets.token_hex(3)}"
-            started = time.monotonic()
-            try:
-                ref, size = await self.provider.snapshot(sandbox, name)
-            except Exception as exc:  # any failure: report, keep running, retry next turn
-                log.warning("tabbi: snapshot of %s failed", self.id, exc_info=True)
-                await self._emit("snapshot.failed", {
-                    "reason": reason, "message": _readable(exc, "The snapshot failed")})
-                return None
-            snapshot = Snapshot(self.id, name, ref, size, time.time())
-            await self._retry_store(lambda: self.store.add_snapshot(snapshot))
-            seconds = round(time.monotonic() - started, 3)
-            # Older ones go once this one is stored, and before it is announced, so that a client
-            # seeing ``snapshot.saved`` sees the kept set as it stays.
-            for old in (await self.store.list_snapshots(self.id))[self.settings.snapshots_keep:]:
-                await self.provider.delete_snapshot(old.ref)
-                await self.store.delete_snapshot(self.id, old.id)
-            await self._emit("snapshot.saved", {
-                "snapshot_id": name, "size": size, "reason": reason, "seconds": seconds})
-            return snapshot
+        """Save the running sandbox. A failure is reported as an event and leaves it running; the
+        next turn tries again."""
+        sandbox = self._sandbox
+        if sandbox is None:
+            return None
+        return await self.snapshots.take(sandbox, reason, _readable)
 
     async def pause(self, reason: str = "requested") -> None:
         """Snapshot, then stop the sandbox. Never during a turn; a failed snapshot keeps it running."""
@@ -661,24 +633,23 @@ class SessionAgent:
         except workspace.WorkspaceError as exc:
             raise AgentError(str(exc), 404) from exc
 
-    # -- OpenCode's event feed ----------------------------------------------------------------
-    async def _feed(
-        self, client: OpenCodeClient, normalizer: EventNormalizer, sandbox: Sandbox, connected: asyncio.Event
-    ) -> None:
-        """Read OpenCode's SSE feed; reconnect while the sandbox lives, report a fault when not."""
+    # -- the agent's event feed -------------------------------------------------------------------
+    async def _feed(self, runtime: AgentRuntime, sandbox: Sandbox, connected: asyncio.Event) -> None:
+        """Follow the agent's events; reconnect while the sandbox lives, report a fault when not.
+        After a reconnect, what was missed meanwhile is caught up first."""
         failures = 0
         while True:
             reconnect = connected.is_set()
             try:
-                async for raw in client.events():
-                    if raw.get("type") == "server.connected":
+                async for update in runtime.updates():
+                    if update is None:  # (re)connected
                         failures = 0
                         connected.set()
                         if reconnect:
-                            await self._catch_up(client)
+                            await self._catch_up(runtime)
                         continue
                     async with self._applying:
-                        await self._apply(*normalizer.feed(raw))
+                        await self._apply(update)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -700,74 +671,45 @@ class SessionAgent:
                 return
             await asyncio.sleep(min(0.1 * 2**failures, 3))  # reconnect backoff
 
-    async def _catch_up(self, client: OpenCodeClient) -> None:
+    async def _catch_up(self, runtime: AgentRuntime) -> None:
         """After a gap in the feed (a reconnect, or a server restart with the sandbox alive):
         persist and announce every message and part that changed while nobody listened, as
         complete ``part.updated`` / ``tool`` events, then end a turn that finished meanwhile (or
-        queue its prompt again, if it never reached OpenCode)."""
+        queue its prompt again, if it never reached the agent)."""
         # The live feed waits meanwhile, so that its idle is judged with this turn's state known.
         async with self._applying:
-            await self._replay_messages(client)
+            for update in await runtime.replay(await self.store.list_messages(self.id)):
+                await self._apply(update)
             turn = self._turn
             if turn is None:
                 return
             if not turn.acknowledged:
-                # Its user message may have been stored before the gap (replay skips what the log
-                # holds): ask OpenCode, or the idle that ends the turn would be ignored.
-                turn.acknowledged = await self._reached_opencode(turn, client)
-            if self.record.opencode_session_id in await client.statuses():
-                return  # OpenCode still works on it: its idle on the feed ends the turn
+                # Its prompt may have been stored before the gap (replay skips what the log
+                # holds): ask the agent, or the idle that ends the turn would be ignored.
+                turn.acknowledged = await self._reached_agent(turn, runtime)
+            if await runtime.busy():
+                return  # the agent still works on it: its idle on the feed ends the turn
             if turn.acknowledged or turn.outcome != "completed":
                 await self._finish_turn(turn.outcome, turn.error)
-            else:  # the prompt never reached OpenCode: deliver it again
+            else:  # the prompt never reached the agent: deliver it again
                 self._turn = None
                 if turn.watchdog is not None:
                     turn.watchdog.cancel()
                 await self._retry_store(lambda: self.store.set_prompt_status(turn.prompt_id, "queued"))
                 self._wake.set()
 
-    async def _replay_messages(self, client: OpenCodeClient) -> None:
-        """Apply OpenCode's current messages where they differ from what the log holds."""
-        normalizer, oc_id = self._normalizer, self.record.opencode_session_id
-        if normalizer is None or not oc_id:
-            return  # not connected: nothing to compare with
-        persisted = await self.store.list_messages(self.id)
-        known = {m["id"]: {p["id"]: p for p in m["parts"]} for m in persisted}
-        for m in persisted:  # a normalizer new to this session still knows whose parts are whose
-            normalizer.roles.setdefault(m["id"], m["role"])
-        for message in await client.messages(oc_id):
-            info = message.get("info") or {}
-            if info.get("id") not in known:
-                updated = {"type": "message.updated", "properties": {"info": info}}
-                await self._apply(*normalizer.feed(updated))
-            stored = known.get(info.get("id"), {})
-            for part in message.get("parts") or []:
-                events, signals = normalizer.feed(
-                    {"type": "message.part.updated", "properties": {"part": part}}
-                )
-                if signals.part is not None:
-                    _, part_id, normalized = signals.part
-                    if {k: v for k, v in (stored.get(part_id) or {}).items() if k != "id"} == normalized:
-                        continue
-                await self._apply(events, signals)
-
-    async def _reached_opencode(self, turn: Turn, client: OpenCodeClient) -> bool:
-        """Whether OpenCode holds a user message made after ``turn`` started (OpenCode creates it
-        when the prompt arrives; a turn before it had ended by then). Unknown counts as yes:
-        ending a turn is better than delivering its prompt twice."""
-        last = self._next_seq - 1
+    async def _reached_agent(self, turn: Turn, runtime: AgentRuntime) -> bool:
+        """Whether the agent holds a prompt that arrived after ``turn`` started (a turn before
+        it had ended by then). Unknown counts as yes: ending a turn is better than delivering its
+        prompt twice."""
+        last = self.events.last_seq
         started = [e.ts for e in await self.store.list_events(self.id, max(0, last - 2000), 2000)
                    if e.type == "turn.started" and e.data.get("prompt_id") == turn.prompt_id]
-        if not started:
-            return True
-        for message in await client.messages(self.record.opencode_session_id or ""):
-            info = message.get("info") or {}
-            created = (info.get("time") or {}).get("created") or 0
-            if info.get("role") == "user" and created / 1000 >= started[-1] - 1.0:
-                return True
-        return False
+        return not started or await runtime.received_prompt_since(started[-1])
 
-    async def _apply(self, events: list[Normalized], signals: Signals) -> None:
+    async def _apply(self, update: Update) -> None:
+        """Persist and log what one agent event means, and act on its signals."""
+        signals = update.signals
         if signals.message is not None:
             message_id, role, info = signals.message
             if role == "user" and message_id not in self._user_messages:
@@ -778,12 +720,11 @@ class SessionAgent:
         if signals.part is not None:
             message_id, part_id, part = signals.part
             await self._retry_store(lambda: self.store.upsert_part(self.id, message_id, part_id, part))
-        for event in events:
+        for event in update.events:
             await self._emit(event.type, event.data)
             if event.type == "agent.status" and event.data["status"] == "retry":
                 await self._on_retry(event.data)
-        if signals.error is not None:
-            await self._on_agent_error(signals.error)
+        await self._on_agent_error(signals)
         if signals.idle and self._turn is not None and (
             self._turn.acknowledged or self._turn.outcome == "aborted"
         ):
@@ -802,22 +743,20 @@ class SessionAgent:
             f"gave up after {attempt} attempts."
         )
         await self._emit("error", {"name": "ModelError", "message": turn.error})
-        if self._client is not None:
-            with contextlib.suppress(OpenCodeError):
-                await self._client.abort(self.record.opencode_session_id or "")
+        await self._abort_quietly()
 
-    async def _on_agent_error(self, error: dict[str, Any]) -> None:
+    async def _on_agent_error(self, signals: Signals) -> None:
         turn = self._turn
-        if error.get("name") == "MessageAbortedError":
-            if turn is not None and turn.outcome != "error":
-                turn.outcome = "aborted"
+        if signals.aborted and turn is not None and turn.outcome != "error":
+            turn.outcome = "aborted"
+        if signals.error is None:
             return
-        message = error_message(error)
+        name, message = signals.error
         if turn is not None:
             if turn.error == message:
                 return  # the same error arrives as session.error and on the message
             turn.outcome, turn.error = "error", message
-        await self._emit("error", {"name": error.get("name") or "Error", "message": message})
+        await self._emit("error", {"name": name, "message": message})
 
     # -- helpers ------------------------------------------------------------------------------
     def _spawn(self, name: str, coro: Awaitable[None]) -> None:
@@ -831,7 +770,7 @@ class SessionAgent:
 
 
 def _readable(exc: BaseException, fallback: str) -> str:
-    if isinstance(exc, (SandboxError, OpenCodeError, model_config.ModelConfigError)):
+    if isinstance(exc, (SandboxError, AgentRuntimeError, model_config.ModelConfigError)):
         return str(exc)
     text = str(exc).strip()
     return f"{fallback}: {text}" if text else fallback

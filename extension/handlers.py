@@ -322,9 +322,15 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
                     break
             while True:
                 event = await self._queue.get()
-                if event.seq > last:
-                    await self._send(event)
-                    last = event.seq
+                if event.seq <= last:
+                    continue
+                # A jump: this client fell behind and its oldest queued events gave way (see
+                # eventlog.py); the store has them.
+                missed = await self.agent.store.list_events(self.agent.id, last, event.seq - last - 1) \
+                    if event.seq > last + 1 else []
+                for each in [*missed, event]:
+                    await self._send(each)
+                    last = each.seq
         except (websocket.WebSocketClosedError, asyncio.CancelledError):
             pass
 

@@ -21,13 +21,17 @@ OpenCode versions and carry paths and internals. They see these types, each with
 ``push.completed``     ``{branch, commit, files, links}`` the work was pushed (emitted by the push)
 =====================  ===========================================================================
 
-The normalizer is pure bookkeeping (no I/O), so it is unit-tested against recorded payloads.
+The normalizer is pure bookkeeping (no I/O), so it is unit-tested against recorded payloads. It is
+OpenCode's half of the agent runtime (``runtime.py``): everything that knows OpenCode's event
+envelopes and error names is here or in ``opencode.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from .runtime import Normalized, Signals
 
 #: Keys of tool inputs and permission metadata that hold paths.
 PATH_KEYS = {"filepath", "path", "parentdir"}
@@ -36,20 +40,8 @@ PATH_KEYS = {"filepath", "path", "parentdir"}
 MAX_TOOL_TEXT = 20_000
 
 
-@dataclass
-class Normalized:
-    type: str
-    data: dict[str, Any]
-
-
-@dataclass
-class Signals:
-    """What the agent must act on, besides forwarding events."""
-
-    idle: bool = False
-    error: dict[str, Any] | None = None
-    message: tuple[str, str, dict[str, Any]] | None = None  # (message_id, role, info)
-    part: tuple[str, str, dict[str, Any]] | None = None  # (message_id, part_id, part)
+#: OpenCode's name for "the turn was aborted because someone asked".
+ABORTED = "MessageAbortedError"
 
 
 def _clip(value: Any) -> Any:
@@ -65,7 +57,7 @@ def error_message(error: dict[str, Any] | None) -> str:
     data = error.get("data") or {}
     message = data.get("message") or error.get("message") or ""
     name = error.get("name") or "Error"
-    if name == "MessageAbortedError":
+    if name == ABORTED:
         return "The turn was aborted."
     status = data.get("statusCode")
     prefix = f"{name} (HTTP {status})" if status else name
@@ -126,8 +118,8 @@ class EventNormalizer:
             out.append(Normalized("message", {"message_id": message_id, "role": role}))
         self.roles[message_id] = role
         signals.message = (message_id, role, {k: info[k] for k in ("time", "modelID") if k in info})
-        if info.get("error") and info["error"].get("name") != "MessageAbortedError":
-            signals.error = info["error"]
+        if info.get("error") and info["error"].get("name") != ABORTED:
+            _signal_error(signals, info["error"])
         return out
 
     def _on_message_part_delta(self, props: dict, signals: Signals) -> list[Normalized]:
@@ -227,6 +219,12 @@ class EventNormalizer:
         return []
 
     def _on_session_error(self, props: dict, signals: Signals) -> list[Normalized]:
-        error = props.get("error") or {}
-        signals.error = error
+        _signal_error(signals, props.get("error") or {})
         return []
+
+
+def _signal_error(signals: Signals, error: dict[str, Any]) -> None:
+    if error.get("name") == ABORTED:
+        signals.aborted = True
+    else:
+        signals.error = (error.get("name") or "Error", error_message(error))

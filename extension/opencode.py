@@ -1,4 +1,5 @@
-"""A small async client for one OpenCode server (``opencode serve``): HTTP calls and the SSE feed.
+"""OpenCode as tabbi's agent runtime: a small async client for one ``opencode serve`` (HTTP calls
+and the SSE feed) and ``OpenCodeRuntime``, which speaks ``runtime.AgentRuntime`` on top of it.
 
 Every call has a timeout: a request sent while OpenCode is busy starting can hang with no answer.
 """
@@ -13,8 +14,11 @@ import httpx
 
 from tabbi_sandbox.provider import Endpoint
 
+from .normalize import EventNormalizer
+from .runtime import AgentRuntime, AgentRuntimeError, Update
 
-class OpenCodeError(Exception):
+
+class OpenCodeError(AgentRuntimeError):
     """OpenCode answered with an error or not at all; the message is readable."""
 
 
@@ -103,3 +107,77 @@ def _parse(lines: list[str]) -> dict[str, Any] | None:
     except ValueError:
         return None
     return event if isinstance(event, dict) else None
+
+
+class OpenCodeRuntime(AgentRuntime):
+    """One OpenCode server and one of its sessions (tabbi's "conversation")."""
+
+    def __init__(self, endpoint: Endpoint):
+        self.client = OpenCodeClient(endpoint)
+        self.conversation = ""
+        self.normalizer = EventNormalizer("")
+
+    async def open(self, conversation: str | None, *, must_exist: bool = False) -> str:
+        if not conversation or not await self.client.session_exists(conversation):
+            if must_exist:
+                raise OpenCodeError("the sandbox's agent no longer has this session")
+            conversation = await self.client.create_session()
+        self.conversation = conversation
+        self.normalizer = EventNormalizer(conversation)
+        return conversation
+
+    async def updates(self) -> AsyncIterator[Update | None]:
+        async for raw in self.client.events():
+            if raw.get("type") == "server.connected":
+                yield None
+                continue
+            events, signals = self.normalizer.feed(raw)
+            if events or signals:
+                yield Update(events, signals)
+
+    async def replay(self, persisted: list[dict[str, Any]]) -> list[Update]:
+        """OpenCode's messages as complete ``message.updated`` / ``message.part.updated`` events,
+        where they differ from what ``persisted`` holds."""
+        known = {m["id"]: {p["id"]: p for p in m["parts"]} for m in persisted}
+        for m in persisted:  # a normalizer new to this session still knows whose parts are whose
+            self.normalizer.roles.setdefault(m["id"], m["role"])
+        out = []
+        for message in await self.client.messages(self.conversation):
+            info = message.get("info") or {}
+            if info.get("id") not in known:
+                out.append(Update(*self.normalizer.feed(
+                    {"type": "message.updated", "properties": {"info": info}})))
+            stored = known.get(info.get("id"), {})
+            for part in message.get("parts") or []:
+                events, signals = self.normalizer.feed(
+                    {"type": "message.part.updated", "properties": {"part": part}})
+                if signals.part is not None:
+                    _, part_id, normalized = signals.part
+                    if {k: v for k, v in (stored.get(part_id) or {}).items() if k != "id"} == normalized:
+                        continue
+                out.append(Update(events, signals))
+        return out
+
+    async def busy(self) -> bool:
+        return self.conversation in await self.client.statuses()
+
+    async def received_prompt_since(self, when: float) -> bool:
+        # OpenCode stamps messages in milliseconds; a second of slack covers clock rounding.
+        for message in await self.client.messages(self.conversation):
+            info = message.get("info") or {}
+            created = (info.get("time") or {}).get("created") or 0
+            if info.get("role") == "user" and created / 1000 >= when - 1.0:
+                return True
+        return False
+
+    async def prompt(self, text: str, model: dict[str, str] | None) -> None:
+        await self.client.prompt(self.conversation, text, model)
+
+    async def abort(self) -> None:
+        await self.client.abort(self.conversation)
+
+    async def reply_permission(self, permission_id: str, reply: str) -> None:
+        await self.client.reply_permission(permission_id, reply)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

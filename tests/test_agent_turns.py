@@ -11,6 +11,7 @@ import pytest
 
 from tabbi_extension.agent import AgentSettings, SessionAgent, Turn
 from tabbi_extension.normalize import EventNormalizer
+from tabbi_extension.runtime import Update
 from tabbi_extension.store import SessionRecord, SQLiteStore
 
 OC = "ses_oc"
@@ -31,17 +32,22 @@ def agent(tmp_path, jp_asyncio_loop):
     jp_asyncio_loop.run_until_complete(store.open())
     record = SessionRecord(id="ses-000000000002", owner="me", repo="/r", work_branch="tabbi/x")
     agent = SessionAgent(record, store=store, provider=None, settings=AgentSettings())
-    agent._normalizer = EventNormalizer(OC)
     yield agent
     jp_asyncio_loop.run_until_complete(store.close())
 
 
-async def feed(agent: SessionAgent, raw: dict) -> None:
-    events, signals = agent._normalizer.feed(raw)
-    await agent._apply(events, signals)
+@pytest.fixture
+def feed():
+    """Feed one raw OpenCode event to the agent the way its runtime does."""
+    normalizer = EventNormalizer(OC)
+
+    async def feed(agent: SessionAgent, raw: dict) -> None:
+        await agent._apply(Update(*normalizer.feed(raw)))
+
+    return feed
 
 
-async def test_a_late_idle_of_the_previous_turn_does_not_end_the_next_one(agent):
+async def test_a_late_idle_of_the_previous_turn_does_not_end_the_next_one(agent, feed):
     await feed(agent, user_message("msg_1"))  # turn 1's user message (turn already over)
     agent._turn = Turn("prm_2")
     await feed(agent, idle())  # the second idle of an aborted turn 1
@@ -54,7 +60,7 @@ async def test_a_late_idle_of_the_previous_turn_does_not_end_the_next_one(agent)
     assert [(e.data["prompt_id"], e.data["outcome"]) for e in finished] == [("prm_2", "completed")]
 
 
-async def test_an_aborted_turn_ends_on_idle_even_before_its_message_exists(agent):
+async def test_an_aborted_turn_ends_on_idle_even_before_its_message_exists(agent, feed):
     agent._turn = Turn("prm_1", outcome="aborted")
     await feed(agent, idle())
     assert agent._turn is None

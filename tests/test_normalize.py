@@ -59,7 +59,7 @@ def test_events_of_other_sessions_and_unknown_types_are_dropped():
     n = EventNormalizer("ses_someone_else")
     for payload in RECORDED.values():
         events, signals = n.feed(payload)
-        assert events == [] and not signals.idle and signals.error is None
+        assert events == [] and not signals
 
 
 def test_repeated_busy_status_is_reported_once():
@@ -78,7 +78,11 @@ def test_errors_become_readable_messages():
     n = EventNormalizer(SID)
     payload = {"type": "session.error", "properties": {"sessionID": SID, "error": api}}
     events, signals = n.feed(payload)
-    assert events == [] and signals.error == api
+    assert events == [] and signals.error == ("APIError", "APIError (HTTP 500): upstream exploded")
+    assert not signals.aborted
+    aborted_event = {"type": "session.error", "properties": {"sessionID": SID, "error": aborted}}
+    events, signals = n.feed(aborted_event)
+    assert events == [] and signals.aborted and signals.error is None
 
 
 def test_huge_tool_output_is_clipped():
