@@ -49,3 +49,21 @@ async def test_a_persistent_failure_is_surfaced_and_nothing_is_announced(agent):
         await agent._emit("note", {"n": 1})
     assert queue.empty()  # never acknowledged to a client without being persisted
     assert (await agent._emit("note", {"n": 2})).seq == 1  # no gap in the log afterwards
+
+
+async def test_a_subscriber_that_falls_behind_costs_bounded_memory_and_misses_nothing(agent):
+    """A client that stops reading (a stalled browser tab) must not make the server queue every
+    event forever: its queue keeps the newest entries, and the jump in ``seq`` tells it to read
+    the rest from the store, where every event is."""
+    from tabbi_extension.eventlog import SUBSCRIBER_QUEUE
+
+    queue = agent.subscribe()
+    total = SUBSCRIBER_QUEUE + 25
+    for n in range(total):
+        await agent._emit("note", {"n": n})
+    assert queue.qsize() == SUBSCRIBER_QUEUE
+    first = queue.get_nowait()
+    assert first.seq == total - SUBSCRIBER_QUEUE + 1  # the oldest gave way, not the newest
+    missed = await agent.store.list_events(agent.id, 0, first.seq - 1)
+    assert [e.seq for e in missed] == list(range(1, first.seq))
+    agent.unsubscribe(queue)
