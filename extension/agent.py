@@ -28,7 +28,7 @@ from .encryption import SecretBox
 from .github.accounts import GitAccess, GitHubError
 from .normalize import EventNormalizer, Normalized, Signals, error_message
 from .opencode import OpenCodeClient, OpenCodeError
-from .store import Event, Prompt, SessionRecord, Snapshot, Store, StoreError
+from .store import Event, NewEvent, Prompt, SessionRecord, Snapshot, Store, StoreUnavailable
 from .validation import RepoSpec, parse_repo
 
 #: ``owner -> GitAccess | None``: the credential for a GitHub clone (None: not signed in).
@@ -145,10 +145,13 @@ class SessionAgent:
         self._subscribers.discard(queue)
 
     async def _emit(self, type_: str, data: dict[str, Any]) -> Event:
+        """Persist the event (the store gives it its seq), then hand it to subscribers. The lock
+        makes persisting and announcing one step per event, so subscribers receive this
+        session's events in seq order with no gap (only this server writes them: its lease)."""
+        new = NewEvent(type_, data, time.time())
         async with self._emit_lock:
-            event = Event(self.id, self._next_seq, type_, data, time.time())
-            await self._retry_store(lambda: self.store.append_event(event))
-            self._next_seq += 1
+            [event] = await self._retry_store(lambda: self.store.append_events(self.id, [new]))
+            self._next_seq = event.seq + 1
             for queue in self._subscribers:
                 queue.put_nowait(event)
         return event
@@ -158,17 +161,18 @@ class SessionAgent:
         return await self._emit(type_, data)
 
     async def _retry_store(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Store writes are retried with backoff; an event is never announced unless persisted."""
+        """Store writes the store could not do now (``StoreUnavailable``: locked, busy,
+        unreachable) are retried with backoff; any other error (a broken constraint, bad input)
+        is raised at once, since retrying cannot help. An event is never announced unless
+        persisted."""
         delay = 0.05
         for attempt in range(self.settings.store_retries):
             try:
                 return await call()
-            except StoreError:
-                raise  # a constraint broke: retrying cannot help
-            except Exception:
+            except StoreUnavailable:
                 if attempt == self.settings.store_retries - 1:
                     raise
-                log.warning("tabbi: store write failed; retrying", exc_info=True)
+                log.warning("tabbi: the store is unavailable; retrying", exc_info=True)
                 await asyncio.sleep(delay)  # backoff between attempts, not synchronization
                 delay *= 4
         return None
