@@ -429,3 +429,12 @@ async def test_duplicates_and_bad_input_are_permanent_errors(store):
     for exc in failures:
         assert isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable), repr(exc)
     assert [p.id for p in await store.pending_prompts("ses-1")] == ["p1"]
+
+
+async def test_a_closed_store_says_so(backend):
+    closed = backend.make()
+    await closed.open()
+    await closed.close()
+    with pytest.raises(StoreError):
+        await closed.append_events("ses-1", [new()])
+    assert await closed.ping() is False

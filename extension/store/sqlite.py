@@ -204,7 +204,11 @@ class SQLiteStore(Store):
             except _DRIVER_ERRORS as exc:
                 raise _translate(exc) from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except RuntimeError:  # the executor was shut down: closed
+            raise StoreError("the store is closed") from None
+        return await future
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
         """``fn`` as one transaction (a write transaction unless ``write`` is False)."""
