@@ -114,7 +114,7 @@ async def test_a_session_of_a_server_elsewhere_is_taken_over_only_once_its_lease
     other = SQLiteStore(tmp_path / "tabbi.sqlite3")
     await other.open()
     try:
-        expires = time.time() + 3
+        expires = time.time() + 5
         await other.put_lease(Lease("srv-remote", expires, {"host": "elsewhere", "pid": 1}))
         await other.create_session(SessionRecord(id="ses-00000000000a", owner="me", repo="/r",
                                                  work_branch="tabbi/a", state=states.RUNNING,
@@ -147,3 +147,26 @@ async def test_a_clean_stop_releases_the_lease_and_the_sessions(tmp_path, manage
     await manager.shutdown()
     assert await manager.store.list_leases() == []
     assert (await manager.store.get_session("ses-00000000000b")).server_id is None
+
+
+async def test_two_servers_finding_a_dead_ones_session_at_once_recover_it_once(tmp_path, manager):
+    """Both reconcile at the same moment; the claim (compare-and-swap) lets one of them take
+    the session, so it is recovered once, not twice (two sandboxes, doubled events)."""
+    store = SQLiteStore(tmp_path / "tabbi.sqlite3")
+    await store.open()
+    rival = SessionManager(store, manager.provider, manager.settings, lease_seconds=0.6)
+    try:
+        await store.put_lease(Lease("srv-dead", time.time() - 1, {"host": "elsewhere"}))
+        await store.create_session(SessionRecord(id="ses-00000000000c", owner="me", repo="/r",
+                                                 work_branch="tabbi/c", state=states.RUNNING,
+                                                 server_id="srv-dead"))
+        await asyncio.gather(manager.startup(), rival.startup())
+        holders = [m for m in (manager, rival) if "ses-00000000000c" in m._agents]
+        assert len(holders) == 1
+        record = await store.get_session("ses-00000000000c")
+        assert record.server_id == holders[0].server_id and record.state == states.ERROR
+        errors = [e for e in await store.list_events("ses-00000000000c") if e.type == "error"]
+        assert len(errors) == 1
+    finally:
+        await rival.shutdown()
+        await store.close()
