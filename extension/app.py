@@ -148,6 +148,13 @@ class TabbiExtension(ExtensionApp):
         "(0: no limit).",
     ).tag(config=True)
     snapshots_keep = Int(3, help="Snapshots kept per session (the newest).").tag(config=True)
+    server_lease = Float(
+        30.0,
+        help="Seconds this server's lease on its sessions lasts unrenewed (it renews it every "
+        "third of that). Servers sharing a data dir or store leave each other's sessions alone, "
+        "and take over those of a server whose lease expired (at once, on the same machine, "
+        "when that server's process is gone).",
+    ).tag(config=True)
     max_prompt_chars = Int(100_000, help="Longest prompt accepted, in characters.").tag(config=True)
     github_url = Unicode(
         help="GitHub's web URL (GitHub Enterprise Server: https://HOST). Env: TABBI_GITHUB_URL."
@@ -259,7 +266,8 @@ class TabbiExtension(ExtensionApp):
             secrets=secrets,
         )
         self.github = self.make_github(secrets)
-        self.manager = SessionManager(self.store, self.provider, settings, self.github.git_access)
+        self.manager = SessionManager(self.store, self.provider, settings, self.github.git_access,
+                                      lease_seconds=self.server_lease)
         self._ready_lock = asyncio.Lock()
         self._ready = False
         self.settings.update(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .store import Event, Store, StoreError
+from .store import Event, NewEvent, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +25,27 @@ SUBSCRIBER_QUEUE = 1000
 
 
 async def with_retries(call: Callable[[], Awaitable[T]], attempts: int) -> T:
-    """Run a store write, retrying transient failures with backoff. A broken constraint
-    (``StoreError``) is raised at once: retrying cannot help."""
+    """Run a store write, retrying with backoff what the store could not do now
+    (``StoreUnavailable``: locked, busy, unreachable). Any other error (a broken constraint, bad
+    input) is raised at once, since retrying cannot help."""
     delay = 0.05
     for attempt in range(attempts):
         try:
             return await call()
-        except StoreError:
-            raise
-        except Exception:
+        except StoreUnavailable:
             if attempt == attempts - 1:
                 raise
-            log.warning("tabbi: store write failed; retrying", exc_info=True)
+            log.warning("tabbi: the store is unavailable; retrying", exc_info=True)
             await asyncio.sleep(delay)  # backoff between attempts, not synchronization
             delay *= 4
     raise AssertionError("unreachable: attempts must be at least 1")
 
 
 class EventLog:
-    """The log of one session. ``append`` is the only way in; it holds a lock so that entries
-    are persisted and fanned out in ``seq`` order, with no gap."""
+    """The log of one session. ``append`` is the only way in. The store numbers events (so two
+    writers never collide); the lock makes persisting and announcing one step per event, so
+    subscribers receive them in ``seq`` order with no gap (only the server holding the
+    session's lease writes them)."""
 
     def __init__(self, session_id: str, store: Store, retries: int = 3):
         self.session_id = session_id
@@ -63,10 +64,11 @@ class EventLog:
         self._next_seq = await self.store.last_seq(self.session_id) + 1
 
     async def append(self, type_: str, data: dict[str, Any]) -> Event:
+        new = NewEvent(type_, data, time.time())
         async with self._lock:
-            event = Event(self.session_id, self._next_seq, type_, data, time.time())
-            await with_retries(lambda: self.store.append_event(event), self.retries)
-            self._next_seq += 1
+            [event] = await with_retries(
+                lambda: self.store.append_events(self.session_id, [new]), self.retries)
+            self._next_seq = event.seq + 1
             for queue in self._subscribers:
                 _offer(queue, event)
         return event

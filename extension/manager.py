@@ -1,16 +1,31 @@
-"""The registry of session agents: creation, lookup with ownership, deletion, start-up reconcile."""
+"""The registry of session agents: creation, lookup with ownership, deletion, start-up reconcile,
+and this server's lease on the sessions it runs.
+
+Several server processes may share one data dir (JupyterHub named servers of one person share a
+home) or one store. Each holds a lease in the store, renewed by a heartbeat, and each session
+records the server that runs it. A server touches only its own sessions and those whose server
+is gone: its lease released (a clean stop), expired, or (on the same machine) its process dead.
+So a second server never stops the sandboxes of a first one that is alive, and a crashed
+server's sessions are recovered by the next server that looks (at its start, or at a heartbeat).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
+import socket
+import time
+from typing import Any
 
+from tabbi_sandbox import processes
 from tabbi_sandbox.provider import SandboxProvider
 
 from . import states
-from .agent import AgentSettings, GitAccessLookup, SessionAgent
-from .store import SessionRecord, Store
+from .agent import AgentError, AgentSettings, GitAccessLookup, SessionAgent
+from .store import Lease, SessionRecord, Store, StoreError
 from .validation import RepoSpec
 
 log = logging.getLogger(__name__)
@@ -21,6 +36,29 @@ class SessionNotFound(LookupError):
     a session id reveals nothing about who owns it."""
 
 
+class SessionElsewhere(AgentError):
+    """The session is run by another live tabbi server sharing this data (a named server)."""
+
+    def __init__(self, session_id: str):
+        super().__init__(
+            f"session {session_id} is running on another tabbi server that shares this data "
+            "directory; use it there (or stop that server, and this one takes the session over)",
+            409,
+        )
+
+
+def _machine() -> dict[str, Any]:
+    """Where this process runs, precisely enough that another server process can tell whether
+    it is still alive: the same host, boot and PID namespace make a PID comparable."""
+    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                            "started": processes.start_time(os.getpid())}
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            info["boot"] = f.read().strip()
+        info["pidns"] = os.readlink("/proc/self/ns/pid")
+    return info
+
+
 class SessionManager:
     def __init__(
         self,
@@ -28,13 +66,19 @@ class SessionManager:
         provider: SandboxProvider,
         settings: AgentSettings,
         git_access: GitAccessLookup | None = None,
+        lease_seconds: float = 30.0,
     ):
         self.store = store
         self.git_access = git_access
         self.provider = provider
         self.settings = settings
+        #: This server process's lease: renewed every third of it, taken over once it expires.
+        self.server_id = "srv-" + secrets.token_hex(8)
+        self.lease_seconds = lease_seconds
+        self._machine = _machine()
         self._agents: dict[str, SessionAgent] = {}
         self._lock = asyncio.Lock()
+        self._heartbeat: asyncio.Task | None = None
 
     async def create(
         self,
@@ -53,22 +97,29 @@ class SessionManager:
             work_branch=f"tabbi/{session_id.removeprefix('ses-')}",
             base_branch=base_branch,
             model=model,
+            server_id=self.server_id,
         )
         await self.store.create_session(record)
-        agent = await self._adopt(record)
+        async with self._lock:
+            agent = await self._adopt(record)
         await agent.start()
         return agent
 
     async def get(self, owner: str, session_id: str) -> SessionAgent:
         agent = self._agents.get(session_id)
+        taken = None
         if agent is None:
             async with self._lock:
                 agent = self._agents.get(session_id)
                 if agent is None:
                     record = await self.store.get_session(session_id)
-                    if record is None:
+                    if record is None or record.owner != owner:
                         raise SessionNotFound(session_id)
-                    agent = await self._adopt(record)
+                    agent = taken = await self._take(record)
+                    if agent is None:
+                        raise SessionElsewhere(session_id)
+            if taken is not None and taken.state in states.LIVE:
+                await taken.recover_after_restart()  # it was live on a server that is gone
         if agent.record.owner != owner or agent.state == states.DELETED:
             raise SessionNotFound(session_id)
         return agent
@@ -94,18 +145,103 @@ class SessionManager:
         self._agents[record.id] = agent
         return agent
 
-    async def startup(self) -> None:
-        """Reconcile what the store says was live with what is: a sandbox still alive (one that
-        outlives its server, ``detach_sandboxes``) is re-attached and caught up; a gone one
-        leaves its session ``paused`` (with a snapshot) or ``error``, with an event saying why,
-        and any queued prompts start it again."""
-        for record in await self.store.list_sessions():
-            if record.state not in states.LIVE:
+    async def _take(self, record: SessionRecord) -> SessionAgent | None:
+        """Adopt a session this process has no agent for, if it is ours to run: its server is
+        this one, or gone (then it is claimed, compare-and-swap, so that of two servers looking
+        at once only one takes it). None: another live server runs it. Called under the lock."""
+        for _ in range(3):  # its server may change meanwhile (a dead server's lease released)
+            if record.server_id == self.server_id:
+                return await self._adopt(record)
+            if record.server_id is not None and record.server_id in await self._live_servers():
+                return None
+            if await self.store.claim_session(record.id, self.server_id, record.server_id):
+                record.server_id = self.server_id
+                return await self._adopt(record)
+            fresh = await self.store.get_session(record.id)
+            if fresh is None:
+                return None
+            record = fresh
+        return None
+
+    # -- the lease ----------------------------------------------------------------------------
+    def _alive(self, lease: Lease, now: float) -> bool:
+        if lease.server_id == self.server_id:
+            return True
+        if lease.expires_at < now:
+            return False
+        info, here = lease.info, self._machine
+        same_machine = all(info.get(k) == here.get(k) for k in ("host", "boot", "pidns"))
+        if same_machine and "boot" in here and "pidns" in here and info.get("pid"):
+            return processes.start_time(int(info["pid"])) == info.get("started")
+        return True  # elsewhere: only the expiry tells
+
+    async def _live_servers(self) -> set[str]:
+        now = time.time()
+        return {lease.server_id for lease in await self.store.list_leases() if self._alive(lease, now)}
+
+    async def _renew(self) -> None:
+        await self.store.put_lease(Lease(
+            self.server_id, time.time() + self.lease_seconds, self._machine, time.time()))
+
+    async def _beat(self) -> None:
+        """Renew the lease, and take over the sessions of servers that went away meanwhile."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)  # a heartbeat timer, not synchronization
+            try:
+                await self._renew()
+            except StoreError:
+                log.warning("tabbi: renewing this server's lease failed; trying again", exc_info=True)
                 continue
-            agent = await self._adopt(record)
-            log.info("tabbi: session %s was %s when the server stopped", record.id, record.state)
+            try:
+                await self.reconcile()
+            except Exception:  # the heartbeat must go on, or the lease lapses
+                log.exception("tabbi: taking over the sessions of a stopped server failed")
+
+    async def startup(self) -> None:
+        """Take this server's lease, reconcile, and keep the lease renewed."""
+        await self._renew()
+        await self.reconcile()
+        self._heartbeat = asyncio.ensure_future(self._beat())
+
+    async def reconcile(self) -> None:
+        """Reconcile what the store says was live with what is, for the sessions of servers that
+        are gone (their leases are cleared, which lets go of their sessions): a sandbox still
+        alive (one that outlives its server, ``detach_sandboxes``) is re-attached and caught up;
+        a gone one leaves its session ``paused`` (with a snapshot) or ``error``, with an event
+        saying why, and any queued prompts start it again. Sessions of live servers are not
+        touched; dormant ones are claimed when first used."""
+        now = time.time()
+        leases = await self.store.list_leases()
+        live = {lease.server_id for lease in leases if self._alive(lease, now)}
+        for lease in leases:
+            if lease.server_id not in live:
+                log.info("tabbi: server %s is gone; its sessions are free", lease.server_id)
+                await self.store.release_lease(lease.server_id)
+        for record in await self.store.list_sessions():
+            if record.state not in states.LIVE or record.id in self._agents:
+                continue
+            if record.server_id is not None and record.server_id in live - {self.server_id}:
+                continue
+            async with self._lock:
+                if record.id in self._agents:
+                    continue
+                agent = await self._take(record)
+            if agent is None:
+                continue
+            log.info("tabbi: session %s was %s when its server stopped", record.id, record.state)
             await agent.recover_after_restart()
 
     async def shutdown(self) -> None:
+        """Stop the heartbeat and every agent, then release the lease (so the sessions are free
+        at once for the next server, not after the lease's expiry)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         await asyncio.gather(*(a.shutdown() for a in self._agents.values()), return_exceptions=True)
         self._agents.clear()
+        try:
+            await self.store.release_lease(self.server_id)
+        except StoreError:
+            log.warning("tabbi: releasing this server's lease failed; it expires by itself",
+                        exc_info=True)

@@ -1,32 +1,34 @@
-"""Store writes that fail: retried with backoff, surfaced when they keep failing, and no event is
-announced to clients before it is persisted. Real SQLite underneath, failing the way it does under
-contention ("database is locked")."""
+"""Store writes that fail: retried with backoff when the store says it is unavailable (locked,
+busy, unreachable), raised at once when the failure is permanent (a broken constraint), surfaced
+when they keep failing, and no event is announced to clients before it is persisted."""
 
 from __future__ import annotations
-
-import sqlite3
 
 import pytest
 
 from tabbi_extension.agent import AgentSettings, SessionAgent
-from tabbi_extension.store import SessionRecord, SQLiteStore
+from tabbi_extension.store import NewEvent, SessionRecord, SQLiteStore, StoreError, StoreUnavailable
 
 
-class LockedStore(SQLiteStore):
-    """Fails the next ``failures`` event writes with SQLite's own lock error."""
+class FailingStore(SQLiteStore):
+    """Fails the next ``failures`` event appends with ``error`` (what SQLiteStore raises for
+    "database is locked", or for a constraint)."""
 
     failures = 0
+    calls = 0
+    error: StoreError = StoreUnavailable("SQLite: database is locked")
 
-    async def append_event(self, event):
+    async def append_events(self, session_id, events):
+        self.calls += 1
         if self.failures:
             self.failures -= 1
-            raise sqlite3.OperationalError("database is locked")
-        return await super().append_event(event)
+            raise self.error
+        return await super().append_events(session_id, events)
 
 
 @pytest.fixture
 def agent(tmp_path, jp_asyncio_loop):
-    store = LockedStore(tmp_path / "db.sqlite3")
+    store = FailingStore(tmp_path / "db.sqlite3")
     jp_asyncio_loop.run_until_complete(store.open())
     record = SessionRecord(id="ses-000000000001", owner="me", repo="/r", work_branch="tabbi/x")
     jp_asyncio_loop.run_until_complete(store.create_session(record))
@@ -40,12 +42,13 @@ async def test_a_transient_failure_is_retried_and_the_event_announced_once(agent
     event = await agent._emit("note", {"n": 1})
     assert event.seq == 1 and queue.get_nowait().seq == 1 and queue.empty()
     assert [e.seq for e in await agent.store.list_events(agent.id)] == [1]
+    assert agent.describe()["last_seq"] == 1
 
 
 async def test_a_persistent_failure_is_surfaced_and_nothing_is_announced(agent):
     queue = agent.subscribe()
     agent.store.failures = 3
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreUnavailable):
         await agent._emit("note", {"n": 1})
     assert queue.empty()  # never acknowledged to a client without being persisted
     assert (await agent._emit("note", {"n": 2})).seq == 1  # no gap in the log afterwards
@@ -67,3 +70,26 @@ async def test_a_subscriber_that_falls_behind_costs_bounded_memory_and_misses_no
     missed = await agent.store.list_events(agent.id, 0, first.seq - 1)
     assert [e.seq for e in missed] == list(range(1, first.seq))
     agent.unsubscribe(queue)
+
+
+async def test_a_permanent_failure_is_not_retried(agent):
+    queue = agent.subscribe()
+    agent.store.failures, agent.store.error = 1, StoreError("SQLite: CHECK constraint failed")
+    with pytest.raises(StoreError):
+        await agent._emit("note", {"n": 1})
+    assert agent.store.calls == 1 and queue.empty()
+
+
+async def test_seqs_come_from_the_store_not_from_memory(agent, tmp_path):
+    """Another writer on the same database (another store instance) appended meanwhile: the
+    agent's next event follows it instead of colliding with it."""
+    other = SQLiteStore(tmp_path / "db.sqlite3")
+    await other.open()
+    try:
+        await agent._emit("note", {"n": 1})
+        await other.append_events(agent.id, [NewEvent("elsewhere", {})])
+        queue = agent.subscribe()
+        assert (await agent._emit("note", {"n": 2})).seq == 3
+        assert queue.get_nowait().seq == 3
+    finally:
+        await other.close()

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 PROVIDER = "github"
 #: Refresh an expiring token this long before it expires.
 REFRESH_MARGIN = 300.0
+#: How long a claim to refresh a token holds before another process may take over (a refresh
+#: takes one OAuth call; a claim outliving this means its process died mid-refresh).
+REFRESH_CLAIM_SECONDS = 90.0
 #: How long a web sign-in may take from link to callback.
 WEB_LOGIN_SECONDS = 600.0
 
@@ -260,11 +263,20 @@ class GitHubAccounts:
         return self._refresh_locks.setdefault(owner, asyncio.Lock())
 
     # -- the token ---------------------------------------------------------------------------
-    async def _save(self, owner: str, tokens: TokenSet) -> None:
+    def _seal(self, tokens: TokenSet, refresh_claim: float | None = None) -> bytes:
+        """The stored form: encrypted JSON, with the deadline of a refresh in progress, if any."""
         assert self.box is not None
-        await self.store.put_token(owner, PROVIDER, self.box.encrypt(json.dumps(tokens.to_dict()).encode()))
+        data = tokens.to_dict()
+        if refresh_claim is not None:
+            data["refresh_claim"] = refresh_claim
+        return self.box.encrypt(json.dumps(data).encode())
 
-    async def _load(self, owner: str) -> TokenSet | None:
+    async def _save(self, owner: str, tokens: TokenSet) -> None:
+        await self.store.put_token(owner, PROVIDER, self._seal(tokens))
+
+    async def _read(self, owner: str) -> tuple[bytes, TokenSet, float | None] | None:
+        """The stored ciphertext (for compare-and-swap), the tokens, and until when a refresh
+        claimed by some server process holds (None: no refresh in progress)."""
         if self.box is None:
             return None
         ciphertext = await self.store.get_token(owner, PROVIDER)
@@ -274,35 +286,72 @@ class GitHubAccounts:
         if plaintext is None:
             log.warning("tabbi: %s's GitHub token was encrypted with another key; sign-in needed", owner)
             return None
-        return TokenSet(**json.loads(plaintext))
+        data = json.loads(plaintext)
+        claim = data.pop("refresh_claim", None)
+        return ciphertext, TokenSet(**data), claim
+
+    async def _load(self, owner: str) -> TokenSet | None:
+        stored = await self._read(owner)
+        return stored[1] if stored else None
 
     async def tokens(self, owner: str) -> TokenSet | None:
         """The person's tokens, refreshed first when they expire within ``REFRESH_MARGIN``.
-        A refresh GitHub refuses deletes them and raises ``LoginRequired``."""
+        A refresh GitHub refuses deletes them and raises ``LoginRequired``.
+
+        GitHub's refresh tokens are single-use (each refresh rotates them), so of several server
+        processes sharing the store only one may refresh: it claims the refresh with a
+        compare-and-swap on the stored token, the others wait for its result and use the new
+        token (a second refresh with the spent refresh token would fail and sign the person
+        out). The lock only keeps this process's own callers from queueing up on the store."""
         tokens = await self._load(owner)
         if tokens is None or not tokens.expires_within(REFRESH_MARGIN):
             return tokens
+        expiring = tokens.access_token
         async with self._refresh_lock(owner):
-            tokens = await self._load(owner)  # someone else may have refreshed meanwhile
-            if tokens is None or not tokens.expires_within(REFRESH_MARGIN):
-                return tokens
-            expired = tokens.refresh_expires_at is not None and tokens.refresh_expires_at < time.time()
-            if not tokens.refresh_token or expired:
-                await self.store.delete_token(owner, PROVIDER)
-                raise LoginRequired("Your GitHub sign-in expired: run %tabbi login again")
-            try:
-                fresh = await self._require_app().refresh(tokens.refresh_token)
-            except OAuthFailure as exc:
-                if exc.error == "unreachable":
-                    raise GitHubError(str(exc), 502) from None
-                await self.store.delete_token(owner, PROVIDER)
-                log.info("tabbi: %s's GitHub token could not be refreshed (%s)", owner, exc.error)
-                raise LoginRequired(
-                    "Your GitHub sign-in expired and could not be renewed: run %tabbi login again"
-                ) from None
-            fresh.user = tokens.user
-            await self._save(owner, fresh)  # the refresh token rotated: keep the new one
-            return fresh
+            delay = 0.05
+            while True:
+                stored = await self._read(owner)
+                if stored is None:
+                    return None
+                ciphertext, tokens, claim = stored
+                if tokens.access_token != expiring or not tokens.expires_within(REFRESH_MARGIN):
+                    return tokens  # refreshed meanwhile (here or by another process)
+                if claim is None or claim < time.time():
+                    claimed = self._seal(tokens, refresh_claim=time.time() + REFRESH_CLAIM_SECONDS)
+                    if await self.store.swap_token(owner, PROVIDER, ciphertext, claimed):
+                        return await self._refresh(owner, tokens, claimed)
+                    continue  # it changed under us: look again
+                # Another process is refreshing: poll the store for its result (the store has no
+                # notifications); its claim expires if that process died.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _refresh(self, owner: str, tokens: TokenSet, claimed: bytes) -> TokenSet:
+        """Spend the refresh token; this process holds the claim (the stored ``claimed``)."""
+        expired = tokens.refresh_expires_at is not None and tokens.refresh_expires_at < time.time()
+        if not tokens.refresh_token or expired:
+            await self.store.swap_token(owner, PROVIDER, claimed, None)
+            raise LoginRequired("Your GitHub sign-in expired: run %tabbi login again")
+        try:
+            fresh = await self._require_app().refresh(tokens.refresh_token)
+        except OAuthFailure as exc:
+            if exc.error == "unreachable":  # the refresh token was not spent: give the claim back
+                await self.store.swap_token(owner, PROVIDER, claimed, self._seal(tokens))
+                raise GitHubError(str(exc), 502) from None
+            await self.store.swap_token(owner, PROVIDER, claimed, None)
+            log.info("tabbi: %s's GitHub token could not be refreshed (%s)", owner, exc.error)
+            raise LoginRequired(
+                "Your GitHub sign-in expired and could not be renewed: run %tabbi login again"
+            ) from None
+        except BaseException:  # cancelled mid-call: others need not wait for the claim to expire
+            with contextlib.suppress(Exception):
+                await self.store.swap_token(owner, PROVIDER, claimed, self._seal(tokens))
+            raise
+        fresh.user = tokens.user
+        # The refresh token rotated: keep the new one, unless the person signed out meanwhile.
+        if not await self.store.swap_token(owner, PROVIDER, claimed, self._seal(fresh)):
+            log.info("tabbi: %s's GitHub token changed during its refresh; the new one is not kept", owner)
+        return fresh
 
     async def _require_tokens(self, owner: str) -> TokenSet:
         tokens = await self.tokens(owner)

@@ -1,6 +1,27 @@
 """Persistence behind one interface (``Store``); SQLite is the default backend."""
 
-from .base import Event, Prompt, SessionRecord, Snapshot, Store, StoreError
+from .base import (
+    Event,
+    Lease,
+    NewEvent,
+    Prompt,
+    SessionRecord,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from .sqlite import SQLiteStore
 
-__all__ = ["Event", "Prompt", "SQLiteStore", "SessionRecord", "Snapshot", "Store", "StoreError"]
+__all__ = [
+    "Event",
+    "Lease",
+    "NewEvent",
+    "Prompt",
+    "SQLiteStore",
+    "SessionRecord",
+    "Snapshot",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+]

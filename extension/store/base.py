@@ -3,17 +3,55 @@
 SQLite implements it by default; a Convex backend implements the same methods over Convex's HTTP
 API. ``tests/test_store_contract.py`` runs one suite against every implementation, so a backend is
 done when that suite passes.
+
+Concurrency model (what every backend guarantees, and what callers may rely on):
+
+- **One call, one transaction.** Each method either happens completely or not at all, and is
+  isolated from other calls, also from other store instances on the same data (several server
+  processes sharing a data dir, or a Convex deployment serving many servers). Nothing a caller
+  does spans two calls atomically, except through the compare-and-swap methods below.
+- **The store numbers events.** ``append_events`` gives a batch of one session's new events the
+  next ``seq`` numbers, atomically: whoever appends, from however many processes, a session's
+  log is numbered 1, 2, 3 ... with no gap and no duplicate. No caller picks a ``seq``.
+  Announcing events to live subscribers (in seq order, each once) is the caller's business;
+  ``SessionAgent`` does it under one lock per session, and a session's events are written only by
+  the server that holds it (see leases).
+- **Prompt positions** are assigned the same way by ``enqueue_prompt``: unique and consecutive
+  per session.
+- **Compare-and-swap** where read-modify-write crosses calls: ``swap_token`` (a token refresh:
+  only one process may spend a rotating refresh token) and ``claim_session`` (which server runs a
+  session).
+- **Leases.** Each server process holds a lease (``put_lease`` renews it, ``release_lease`` ends
+  it on a clean stop) and each session records the server that runs it. A server reconciles
+  only sessions that are its own or whose server's lease is gone or expired, so two servers on
+  one data dir never stop each other's sandboxes. Expiry is judged with the reader's clock:
+  servers sharing a store need clocks that agree to well within a lease's length.
+- **Errors.** Everything a store raises is a ``StoreError``. ``StoreUnavailable`` (a subclass)
+  means the store could not answer now (busy, locked, unreachable, an I/O error) and nothing was
+  written: the same call may succeed later, so callers retry it with backoff. A backend that
+  cannot know whether a write happened (a timeout after sending it) must make that write
+  idempotent before raising ``StoreUnavailable``. Any other ``StoreError`` is permanent (a
+  constraint such as a duplicate id, bad input, a closed store): retrying cannot help. No
+  driver-specific exception (``sqlite3.Error``, ``httpx.HTTPError``) escapes a store.
 """
 
 from __future__ import annotations
 
 import abc
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 
 class StoreError(Exception):
-    """The store could not do what was asked (unreachable, constraint broken)."""
+    """The store did not do what was asked. Permanent (a broken constraint, bad input, a closed
+    store) unless it is a ``StoreUnavailable``."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot answer right now (locked, busy, unreachable, an I/O error); nothing was
+    written and the same call may succeed later. The only store error worth retrying."""
 
 
 @dataclass
@@ -32,6 +70,8 @@ class SessionRecord:
     sandbox_state: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    #: The server process that runs the session (its lease id); None: no server holds it.
+    server_id: str | None = None
 
     def public(self) -> dict[str, Any]:
         """What clients may see: no sandbox internals."""
@@ -65,6 +105,15 @@ class Event:
 
 
 @dataclass
+class NewEvent:
+    """An event to append; the store gives it its ``seq``."""
+
+    type: str
+    data: dict[str, Any]
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass
 class Prompt:
     id: str
     session_id: str
@@ -85,6 +134,18 @@ class Snapshot:
     ref: dict[str, Any]
     size: int
     created_at: float
+
+
+@dataclass
+class Lease:
+    """A server process's claim to the sessions it runs, valid until ``expires_at`` (renewed by
+    its heartbeat). ``info`` says where it runs (host, pid ...), so a server on the same machine
+    can tell a crashed one from a live one without waiting for the expiry."""
+
+    server_id: str
+    expires_at: float
+    info: dict[str, Any] = field(default_factory=dict)
+    heartbeat_at: float = 0.0
 
 
 SESSION_FIELDS = {
@@ -134,12 +195,33 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> None:
-        """Remove the session and everything that belongs to it."""
+        """Remove the session and everything that belongs to it (its events, prompts, messages,
+        parts and snapshot records), all or nothing."""
+
+    @abc.abstractmethod
+    async def claim_session(self, session_id: str, server_id: str, expected: str | None) -> bool:
+        """Make ``server_id`` the server that runs the session, only if the session's server is
+        still ``expected`` (compare-and-swap); False when it changed meanwhile or there is no
+        such session."""
+
+    # leases ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def put_lease(self, lease: Lease) -> None:
+        """Take or renew a server's lease."""
+
+    @abc.abstractmethod
+    async def list_leases(self) -> list[Lease]: ...
+
+    @abc.abstractmethod
+    async def release_lease(self, server_id: str) -> None:
+        """End a lease and let go of every session it held (their ``server_id`` becomes None),
+        in one transaction: a clean stop, or a dead server's lease cleared by another."""
 
     # events ---------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def append_event(self, event: Event) -> None:
-        """Persist one event; a duplicate (session_id, seq) raises ``StoreError``."""
+    async def append_events(self, session_id: str, events: Sequence[NewEvent]) -> list[Event]:
+        """Append a batch of new events to the session's log, numbered by the store with the next
+        seqs (atomically: concurrent appends never collide or leave gaps); returns them in order."""
 
     @abc.abstractmethod
     async def list_events(self, session_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
@@ -188,7 +270,15 @@ class Store(abc.ABC):
 
     # tokens (already encrypted by the caller) ------------------------------------------------
     @abc.abstractmethod
-    async def put_token(self, username: str, provider: str, ciphertext: bytes) -> None: ...
+    async def put_token(self, username: str, provider: str, ciphertext: bytes) -> None:
+        """Store the token, replacing any (a sign-in)."""
+
+    @abc.abstractmethod
+    async def swap_token(
+        self, username: str, provider: str, expected: bytes, ciphertext: bytes | None
+    ) -> bool:
+        """Replace the token with ``ciphertext`` (None: delete it) only if it is still
+        ``expected`` (compare-and-swap); False when it changed or is gone."""
 
     @abc.abstractmethod
     async def get_token(self, username: str, provider: str) -> bytes | None: ...

@@ -1,8 +1,12 @@
 """The SQLite store: the zero-setup default, one file under the data dir.
 
-All SQLite work runs on one dedicated thread (never on the server's event loop), which also
-serializes writes so WAL mode never sees two writers from this process. Schema changes are
-numbered migrations recorded in ``PRAGMA user_version``.
+All SQLite work runs on one dedicated thread per store (never on the server's event loop). Each
+call is one transaction: writes begin with ``BEGIN IMMEDIATE``, which takes SQLite's write lock
+up front, so two writers (two store instances, two server processes on one data dir) queue on
+that lock (``busy_timeout``) instead of reading a stale ``MAX(seq)`` or failing half-way; reads
+run in a deferred transaction and see one consistent snapshot (WAL mode: they never block).
+Schema changes are numbered migrations recorded in ``PRAGMA user_version``, applied under the
+same write lock, so two processes opening a fresh database migrate it once.
 """
 
 from __future__ import annotations
@@ -11,12 +15,23 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .base import SESSION_FIELDS, Event, Prompt, SessionRecord, Snapshot, Store, StoreError
+from .base import (
+    SESSION_FIELDS,
+    Event,
+    Lease,
+    NewEvent,
+    Prompt,
+    SessionRecord,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -96,7 +111,58 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (session_id, id)
     );
     """,
+    # 3: leases of server processes, and which server runs each session.
+    """
+    ALTER TABLE sessions ADD COLUMN server_id TEXT;
+    CREATE TABLE leases (
+        server_id TEXT PRIMARY KEY,
+        expires_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        info TEXT NOT NULL
+    );
+    """,
 ]
+
+#: Primary SQLite result codes that mean "not now" rather than "never": BUSY, LOCKED, NOMEM,
+#: INTERRUPT, IOERR, FULL, CANTOPEN, PROTOCOL.
+_RETRYABLE_CODES = {5, 6, 7, 9, 10, 13, 14, 15}
+
+
+def _statements(script: str) -> list[str]:
+    """A migration script split into statements (``executescript`` would commit on its own)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [s for s in statements if s.strip(" ;\n")]
+
+
+def _translate(exc: BaseException) -> StoreError:
+    """SQLite's (and the driver's) errors as the store's own: retryable or permanent."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        text = str(exc)
+        if code is not None:
+            retryable = code & 0xFF in _RETRYABLE_CODES
+        else:  # Python < 3.11: only the message tells
+            retryable = isinstance(exc, sqlite3.OperationalError) and any(
+                word in text for word in ("locked", "busy", "I/O", "unable to open", "full")
+            )
+        return (StoreUnavailable if retryable else StoreError)(f"SQLite: {text}")
+    # The driver refusing a value (an integer beyond 64 bits, a lone surrogate): bad input.
+    return StoreError(f"the store cannot hold this value: {exc}")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to the current version (inside the caller's write transaction, so two
+    processes opening one database at once migrate it once)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version):
+        for statement in _statements(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={number + 1}")
 
 
 def _session_from_row(row: sqlite3.Row) -> SessionRecord:
@@ -105,51 +171,89 @@ def _session_from_row(row: sqlite3.Row) -> SessionRecord:
     return SessionRecord(**values)
 
 
+_DRIVER_ERRORS = (sqlite3.Error, OverflowError, UnicodeError)
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+    """Run ``fn`` as one transaction: all of it is committed, or none of it."""
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
 class SQLiteStore(Store):
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, busy_timeout: float = 5.0):
         self.path = Path(path)
+        #: Seconds a call waits for another writer's lock before ``StoreUnavailable``.
+        self.busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tabbi-sqlite")
         self._conn: sqlite3.Connection | None = None
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """``fn`` on the store's thread, its errors translated."""
+
+        def call() -> T:
+            try:
+                return fn()
+            except _DRIVER_ERRORS as exc:
+                raise _translate(exc) from exc
+
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except RuntimeError:  # the executor was shut down: closed
+            raise StoreError("the store is closed") from None
+        return await future
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
+        """``fn`` as one transaction (a write transaction unless ``write`` is False)."""
+
         def call() -> T:
             if self._conn is None:
                 raise StoreError("the store is closed")
-            try:
-                with self._conn:  # one transaction per call
-                    return fn(self._conn)
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(str(exc)) from exc
+            return _transaction(self._conn, fn, write)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await self._call(call)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._run(fn, write=False)
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=5000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version):
-                conn.executescript(f"BEGIN; {script}; PRAGMA user_version={number + 1}; COMMIT;")
-            self.path.chmod(0o600)
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None
+            )
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                _transaction(conn, _migrate, write=True)
+                self.path.chmod(0o600)
+            except BaseException:
+                conn.close()
+                raise
             return conn
 
-        self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        self._conn = await self._call(connect)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+            await self._call(conn.close)
         self._executor.shutdown(wait=False)
 
     async def ping(self) -> bool:
         try:
-            return await self._run(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
-        except (StoreError, sqlite3.Error):
+            return await self._read(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
+        except StoreError:
             return False
 
     # users ----------------------------------------------------------------------------------
@@ -163,7 +267,7 @@ class SQLiteStore(Store):
         )
 
     async def get_user(self, username: str) -> dict[str, Any] | None:
-        row = await self._run(
+        row = await self._read(
             lambda c: c.execute("SELECT profile FROM users WHERE username=?", (username,)).fetchone()
         )
         return json.loads(row[0]) if row else None
@@ -176,8 +280,8 @@ class SQLiteStore(Store):
         await self._run(
             lambda c: c.execute(
                 "INSERT INTO sessions (id, owner, repo, work_branch, base_branch, base_commit, model, "
-                "state, error, opencode_session_id, sandbox_state, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "state, error, opencode_session_id, sandbox_state, created_at, updated_at, server_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.owner,
@@ -192,13 +296,14 @@ class SQLiteStore(Store):
                     json.dumps(record.sandbox_state),
                     record.created_at,
                     record.updated_at,
+                    record.server_id,
                 ),
             )
         )
         return record
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        row = await self._run(
+        row = await self._read(
             lambda c: c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
         )
         return _session_from_row(row) if row else None
@@ -211,7 +316,7 @@ class SQLiteStore(Store):
                 "SELECT * FROM sessions WHERE owner=? ORDER BY created_at DESC", (owner,)
             ).fetchall()
 
-        return [_session_from_row(r) for r in await self._run(query)]
+        return [_session_from_row(r) for r in await self._read(query)]
 
     async def update_session(self, session_id: str, **fields: Any) -> None:
         unknown = set(fields) - SESSION_FIELDS
@@ -235,17 +340,58 @@ class SQLiteStore(Store):
 
         await self._run(delete)
 
-    # events ---------------------------------------------------------------------------------
-    async def append_event(self, event: Event) -> None:
+    async def claim_session(self, session_id: str, server_id: str, expected: str | None) -> bool:
+        cursor = await self._run(
+            lambda c: c.execute(
+                "UPDATE sessions SET server_id=? WHERE id=? AND server_id IS ?",
+                (server_id, session_id, expected),
+            )
+        )
+        return cursor.rowcount == 1
+
+    # leases ---------------------------------------------------------------------------------
+    async def put_lease(self, lease: Lease) -> None:
+        lease.heartbeat_at = lease.heartbeat_at or time.time()
         await self._run(
             lambda c: c.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
-                (event.session_id, event.seq, event.type, json.dumps(event.data), event.ts),
+                "INSERT INTO leases VALUES (?, ?, ?, ?) ON CONFLICT(server_id) DO UPDATE SET "
+                "expires_at=excluded.expires_at, heartbeat_at=excluded.heartbeat_at, info=excluded.info",
+                (lease.server_id, lease.expires_at, lease.heartbeat_at, json.dumps(lease.info)),
             )
         )
 
+    async def list_leases(self) -> list[Lease]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT server_id, expires_at, heartbeat_at, info FROM leases").fetchall()
+        )
+        return [Lease(r[0], r[1], json.loads(r[3]), r[2]) for r in rows]
+
+    async def release_lease(self, server_id: str) -> None:
+        def release(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE sessions SET server_id=NULL WHERE server_id=?", (server_id,))
+            c.execute("DELETE FROM leases WHERE server_id=?", (server_id,))
+
+        await self._run(release)
+
+    # events ---------------------------------------------------------------------------------
+    async def append_events(self, session_id: str, events: Sequence[NewEvent]) -> list[Event]:
+        def append(c: sqlite3.Connection) -> list[Event]:
+            last = c.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id=?", (session_id,)
+            ).fetchone()[0]
+            stored = [
+                Event(session_id, last + n, e.type, e.data, e.ts) for n, e in enumerate(events, 1)
+            ]
+            c.executemany(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                [(e.session_id, e.seq, e.type, json.dumps(e.data), e.ts) for e in stored],
+            )
+            return stored
+
+        return await self._run(append)
+
     async def list_events(self, session_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute(
                 "SELECT seq, type, data, ts FROM events WHERE session_id=? AND seq>? "
                 "ORDER BY seq LIMIT ?",
@@ -255,7 +401,7 @@ class SQLiteStore(Store):
         return [Event(session_id, r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
 
     async def last_seq(self, session_id: str) -> int:
-        row = await self._run(
+        row = await self._read(
             lambda c: c.execute(
                 "SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id=?", (session_id,)
             ).fetchone()
@@ -279,7 +425,7 @@ class SQLiteStore(Store):
         return prompt
 
     async def pending_prompts(self, session_id: str) -> list[Prompt]:
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute(
                 "SELECT id, session_id, text, status, created_at, position FROM prompts "
                 "WHERE session_id=? AND status IN ('queued', 'running') ORDER BY position",
@@ -335,7 +481,7 @@ class SQLiteStore(Store):
                     by_id[message_id]["parts"].append({"id": part_id, **json.loads(part)})
             return messages
 
-        return await self._run(query)
+        return await self._read(query)
 
     # snapshots ------------------------------------------------------------------------------
     async def add_snapshot(self, snapshot: Snapshot) -> None:
@@ -348,7 +494,7 @@ class SQLiteStore(Store):
         )
 
     async def list_snapshots(self, session_id: str) -> list[Snapshot]:
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute(
                 "SELECT session_id, id, ref, size, created_at FROM snapshots WHERE session_id=? "
                 "ORDER BY created_at DESC, rowid DESC",
@@ -374,8 +520,25 @@ class SQLiteStore(Store):
             )
         )
 
+    async def swap_token(
+        self, username: str, provider: str, expected: bytes, ciphertext: bytes | None
+    ) -> bool:
+        def swap(c: sqlite3.Connection) -> int:
+            if ciphertext is None:
+                return c.execute(
+                    "DELETE FROM tokens WHERE username=? AND provider=? AND ciphertext=?",
+                    (username, provider, expected),
+                ).rowcount
+            return c.execute(
+                "UPDATE tokens SET ciphertext=?, updated_at=? "
+                "WHERE username=? AND provider=? AND ciphertext=?",
+                (ciphertext, time.time(), username, provider, expected),
+            ).rowcount
+
+        return await self._run(swap) == 1
+
     async def get_token(self, username: str, provider: str) -> bytes | None:
-        row = await self._run(
+        row = await self._read(
             lambda c: c.execute(
                 "SELECT ciphertext FROM tokens WHERE username=? AND provider=?", (username, provider)
             ).fetchone()
