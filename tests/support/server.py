@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -41,6 +42,8 @@ class JupyterProcess:
              "--allow-root", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={workdir}",
              "--ServerApp.jpserver_extensions=tabbi_extension=True",
              f"--TabbiExtension.data_dir={workdir / 'tabbi-data'}",
+             # the tests' repositories live in temporary folders, not under the root dir
+             f"--TabbiExtension.local_repo_roots={tempfile.gettempdir()}",
              f"--TabbiExtension.llm_base_url={llm_url}",
              "--TabbiExtension.model=scripted", *(extra or [])],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
