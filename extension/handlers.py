@@ -36,6 +36,7 @@ from .validation import (
     validate_seq,
     validate_wait,
 )
+from .workspace import check_relative_path
 
 AUTH_RESOURCE = "tabbi"
 MAX_BODY_BYTES = 512 * 1024
@@ -216,7 +217,10 @@ class PermissionHandler(TabbiHandler):
     @authorized
     async def post(self, session_id: str, permission_id: str) -> None:
         agent = await self.session(session_id)
-        await agent.reply_permission(permission_id, str(self.body().get("reply", "")))
+        reply = self.body().get("reply")
+        if not isinstance(reply, str):
+            raise ValidationError("'reply' must be one of once, always, reject")
+        await agent.reply_permission(permission_id, reply)
         self.write_json({"ok": True})
 
 
@@ -240,7 +244,7 @@ class FileHandler(TabbiHandler):
     @authorized
     async def get(self, session_id: str) -> None:
         agent = await self.session(session_id)
-        path = self.get_argument("path", "")
+        path = check_relative_path(self.get_argument("path", ""))
         self.write_json({"path": path, "content": await agent.read_file(path)})
 
 
