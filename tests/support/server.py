@@ -35,6 +35,13 @@ class JupyterProcess:
             "JUPYTER_CONFIG_DIR": str(workdir / "config"),
             **(env or {}),
         }
+        # The tests' repositories live in temporary folders, outside the root dir (in tabbi's
+        # own config file: traitlets reads a list given on the command line for an extension
+        # as None).
+        (workdir / "config").mkdir(parents=True, exist_ok=True)
+        (workdir / "config" / "jupyter_tabbi_config.json").write_text(
+            json.dumps({"TabbiExtension": {"local_repo_roots": [tempfile.gettempdir()]}})
+        )
         module = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}[app]
         self.log_path = workdir / f"{app}.log"
         self.proc = subprocess.Popen(
@@ -42,8 +49,6 @@ class JupyterProcess:
              "--allow-root", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={workdir}",
              "--ServerApp.jpserver_extensions=tabbi_extension=True",
              f"--TabbiExtension.data_dir={workdir / 'tabbi-data'}",
-             # the tests' repositories live in temporary folders, not under the root dir
-             f"--TabbiExtension.local_repo_roots={tempfile.gettempdir()}",
              f"--TabbiExtension.llm_base_url={llm_url}",
              "--TabbiExtension.model=scripted", *(extra or [])],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
