@@ -122,7 +122,9 @@ def parse_repo(
         raise ValidationError("'repo' must not start with '-'")
     if spec.startswith(("/", "~")):
         path = os.path.normpath(os.path.expanduser(spec))
-        if not os.path.isabs(path):
+        if not os.path.isabs(path):  # ~name of no such user: refused like any other path
+            if local is not None:
+                raise local.refuse()
             raise ValidationError(f"cannot read {spec!r} as a repository: give an absolute path")
         real = local.admit(path) if local is not None else _real(path)
         if real is None or not os.path.isdir(real):

@@ -161,7 +161,7 @@ async def test_local_repos_only_inside_the_root_dir_and_never_the_data_dir(
     attempts = [
         "/no/such/path", str(source_repo), str(source_repo / ".git"), "/proc/1/root", "/proc/self/cwd",
         str(jp_root_dir / "link-out"), str(jp_root_dir / "link-proc"), f"file://{source_repo}",
-        str(jp_root_dir / ".." / source_repo.name), "~/", "~root/x",
+        str(jp_root_dir / ".." / source_repo.name), "~/", "~root/x", "~no-such-user-here/x",
     ]
     answers = [await refusal(bob, path) for path in attempts]
     assert len({json.dumps(a, sort_keys=True) for a in answers}) == 1, answers
