@@ -185,7 +185,7 @@ async def diff(sandbox: Sandbox, base_commit: str) -> dict[str, Any]:
 def _parse(output: str) -> dict[str, Any]:
     try:
         data = json.loads(output)
-    except ValueError:
+    except (ValueError, RecursionError):  # cut off at MAX_OUTPUT_BYTES
         raise WorkspaceError("the diff is too large to show") from None
     if not isinstance(data, dict) or not isinstance(data.get("files"), list):
         raise WorkspaceError("the diff could not be read")
