@@ -15,13 +15,14 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Enum, Float, Instance, Int, Type, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Type, Unicode, default
 
 from tabbi_sandbox.binary import OpenCodeNotFound, find_opencode
 from tabbi_sandbox.local import LocalProvider
 from tabbi_sandbox.provider import SandboxProvider
 
 from . import encryption, handlers
+from .activity import ActivityReporter
 from .agent import AgentSettings
 from .github import GitHubAccounts, GitHubHosts
 from .github import handlers as github_handlers
@@ -238,6 +239,26 @@ class TabbiExtension(ExtensionApp):
     def _local_owner_default(self) -> str:
         return getpass.getuser()
 
+    local_repo_roots = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        help="Folders a local-path 'repo' must lie in (compared after resolving symlinks); "
+        "'{username}' stands for the requesting person (a server shared by several people: "
+        "['/home/{username}']). Unset: the server's root directory, the files people already "
+        "reach through Jupyter. data_dir is never allowed. [] turns local paths off.",
+    ).tag(config=True)
+    websocket_ping_interval = Float(
+        30.0,
+        help="Seconds between keep-alive pings on the event stream WebSocket (0: none); a "
+        "client that does not answer within the same time is disconnected.",
+    ).tag(config=True)
+    activity_interval = Float(
+        60.0,
+        help="Seconds between reports of activity to Jupyter while a session starts or runs a "
+        "turn, so idle culling does not stop the server mid-turn (0: never report).",
+    ).tag(config=True)
+
     manager = Instance(SessionManager, allow_none=True)
     github = Instance(GitHubAccounts, allow_none=True)
     store = Instance(Store, allow_none=True)
@@ -270,6 +291,9 @@ class TabbiExtension(ExtensionApp):
                                       lease_seconds=self.server_lease)
         self._ready_lock = asyncio.Lock()
         self._ready = False
+        self.activity = ActivityReporter(self.manager.agents, self.serverapp.web_app.settings,
+                                         self.activity_interval)
+        contents_root = getattr(self.serverapp.contents_manager, "root_dir", None)
         self.settings.update(
             tabbi_ready=self.ensure_started,
             tabbi_manager=self.manager,
@@ -282,6 +306,13 @@ class TabbiExtension(ExtensionApp):
             tabbi_publisher=Publisher(self.github),
             tabbi_github_login_flow=self.github_login_flow,
             tabbi_github_callback_url=self.github_callback_url,
+            tabbi_data_dir=str(data),
+            tabbi_local_repo_roots=list(
+                self.local_repo_roots
+                if self.local_repo_roots is not None
+                else [contents_root or self.serverapp.root_dir]
+            ),
+            tabbi_websocket_ping_interval=self.websocket_ping_interval,
         )
 
     def make_secret_box(self, data: Path) -> encryption.SecretBox | None:
@@ -344,10 +375,16 @@ class TabbiExtension(ExtensionApp):
             assert self.store is not None and self.manager is not None
             await self.store.open()
             await self.manager.startup()
+            self.activity.start()
             self._ready = True
             self.log.info("tabbi: data in %s, sandboxes by %s", self.data_dir, self.provider.name)
 
+    def current_activity(self) -> list[str]:
+        """Sessions at work (Jupyter's idle shutdown waits for them); see ``activity``."""
+        return self.activity.working() if self.manager is not None else []
+
     async def stop_extension(self) -> None:
+        await self.activity.stop()
         if self.github is not None:
             await self.github.close()
         if self.manager is not None:

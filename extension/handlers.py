@@ -25,13 +25,18 @@ from .manager import SessionManager, SessionNotFound
 from .push import PushRequest, parse_author, validate_message
 from .store import Event
 from .validation import (
+    LocalRepoPolicy,
     ValidationError,
+    check_json_text,
     parse_repo,
     validate_branch,
+    validate_flag,
     validate_model,
     validate_prompt,
     validate_seq,
+    validate_wait,
 )
+from .workspace import check_relative_path
 
 AUTH_RESOURCE = "tabbi"
 MAX_BODY_BYTES = 512 * 1024
@@ -81,10 +86,11 @@ class TabbiHandler(APIHandler):
             return {}
         try:
             data = json.loads(self.request.body)
-        except ValueError:
-            raise web.HTTPError(400, "the request body is not valid JSON") from None
+        except (ValueError, RecursionError):  # bad UTF-8 and too-deep nesting included
+            raise ValidationError("the request body is not valid JSON") from None
         if not isinstance(data, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
+            raise ValidationError("the request body must be a JSON object")
+        check_json_text(data)
         return data
 
     async def session(self, session_id: str) -> SessionAgent:
@@ -141,13 +147,25 @@ class SessionsHandler(TabbiHandler):
     @authorized
     async def post(self) -> None:
         body = self.body()
-        repo = parse_repo(body.get("repo"), self.settings["tabbi_github_url"])
+        local = await self._local_repo_policy()
+        repo = await asyncio.to_thread(parse_repo, body.get("repo"), self.settings["tabbi_github_url"], local)
         model = validate_model(body.get("model"))
         branch = validate_branch(body.get("branch"))
         user = self.current_user
         profile = {"name": user.name, "display_name": user.display_name}
         agent = await self.manager.create(self.username, repo, model, branch, profile)
         self.write_json(agent.describe(), 201)
+
+    async def _local_repo_policy(self) -> LocalRepoPolicy:
+        """The folders this person may name as a local ``repo``: their Jupyter root(s), never
+        tabbi's data dir, and none at all for someone Jupyter does not let read files."""
+        roots = self.settings["tabbi_local_repo_roots"]
+        may_read = await ensure_async(
+            self.authorizer.is_authorized(self, self.current_user, "read", "contents")
+        )
+        return LocalRepoPolicy.for_person(
+            roots if may_read else [], [self.settings["tabbi_data_dir"]], self.username
+        )
 
 
 class SessionHandler(TabbiHandler):
@@ -199,7 +217,10 @@ class PermissionHandler(TabbiHandler):
     @authorized
     async def post(self, session_id: str, permission_id: str) -> None:
         agent = await self.session(session_id)
-        await agent.reply_permission(permission_id, str(self.body().get("reply", "")))
+        reply = self.body().get("reply")
+        if not isinstance(reply, str):
+            raise ValidationError("'reply' must be one of once, always, reject")
+        await agent.reply_permission(permission_id, reply)
         self.write_json({"ok": True})
 
 
@@ -223,7 +244,7 @@ class FileHandler(TabbiHandler):
     @authorized
     async def get(self, session_id: str) -> None:
         agent = await self.session(session_id)
-        path = self.get_argument("path", "")
+        path = check_relative_path(self.get_argument("path", ""))
         self.write_json({"path": path, "content": await agent.read_file(path)})
 
 
@@ -237,10 +258,7 @@ class EventsHandler(TabbiHandler):
         agent = await self.session(session_id)
         after = validate_seq(self.get_argument("after", "0"))
         limit = min(validate_seq(self.get_argument("limit", "1000"), "limit") or 1000, 1000)
-        try:
-            wait = min(float(self.get_argument("wait", "0")), MAX_WAIT_SECONDS)
-        except ValueError:
-            raise ValidationError("'wait' must be a number of seconds") from None
+        wait = validate_wait(self.get_argument("wait", "0"), MAX_WAIT_SECONDS)
         queue = agent.subscribe()
         try:
             events = await agent.store.list_events(agent.id, after, limit)
@@ -275,9 +293,18 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
     The order matters: subscribe first, then replay from the store, then forward the live queue
     skipping what the replay already sent. An event is persisted before it is queued, so anything
     the replay missed is in the queue.
+
+    Keep-alive: the server pings every ``websocket_ping_interval`` seconds (proxies drop quiet
+    connections; a turn can be quiet for minutes) and closes a connection whose client stopped
+    answering. A failure while forwarding closes the socket with 1011 rather than leaving it
+    open and silent.
     """
 
     auth_resource = AUTH_RESOURCE
+
+    @property
+    def ping_interval(self) -> float | None:
+        return self.settings.get("tabbi_websocket_ping_interval") or None
 
     async def pre_get(self) -> None:
         await self.settings["tabbi_ready"]()
@@ -333,6 +360,9 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
                     last = each.seq
         except (websocket.WebSocketClosedError, asyncio.CancelledError):
             pass
+        except Exception:  # a store failure must not leave the client waiting forever
+            self.log.warning("tabbi: event stream of %s failed", self.agent.id, exc_info=True)
+            self.close(1011, "the event stream failed; reconnect with the last seq you saw")
 
     async def _send(self, event: Event) -> None:
         await self.write_message(json.dumps(event.public()))
@@ -366,12 +396,12 @@ class PushHandler(TabbiHandler):
             path, content = cells.file_for(
                 model["content"], notebook_path, cells_request.get("select"), cells_request.get("to")
             )
-            files, only = {path: content}, bool(cells_request.get("only"))
+            files, only = {path: content}, validate_flag(cells_request.get("only"), "cells.only")
         request = PushRequest(
             message=validate_message(body.get("message")),
             files=files,
             only_files=only,
-            pull_request=bool(body.get("pr")),
+            pull_request=validate_flag(body.get("pr"), "pr"),
             title=validate_message(body.get("title")),
             author=parse_author(body.get("author")),
         )
@@ -380,7 +410,7 @@ class PushHandler(TabbiHandler):
     async def _notebook_path(self, value: object) -> str:
         """An API path of a notebook under the server's root (kernels know theirs as an absolute
         OS path, ``JPY_SESSION_NAME``, which is turned into one here)."""
-        if not isinstance(value, str) or not value.endswith(".ipynb") or len(value) > 1000:
+        if not isinstance(value, str) or not value.endswith(".ipynb") or len(value) > 1000 or "\0" in value:
             raise ValidationError("'cells.notebook' must be the path of a saved .ipynb notebook")
         path = value
         root = getattr(self.contents_manager, "root_dir", None)

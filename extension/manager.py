@@ -124,6 +124,10 @@ class SessionManager:
             raise SessionNotFound(session_id)
         return agent
 
+    def agents(self) -> list[SessionAgent]:
+        """Every session agent this server holds (all owners)."""
+        return list(self._agents.values())
+
     async def list(self, owner: str) -> list[dict]:
         out = []
         for record in await self.store.list_sessions(owner):

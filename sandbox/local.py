@@ -48,6 +48,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+async def _communicate_bounded(
+    proc: asyncio.subprocess.Process, input: bytes | None, limit: int
+) -> tuple[bytes, bytes]:
+    """``communicate`` that keeps at most ``limit`` bytes of each stream and drains the rest."""
+
+    async def drain(stream: asyncio.StreamReader | None) -> bytes:
+        kept = bytearray()
+        while stream is not None and (chunk := await stream.read(1 << 16)):
+            kept += chunk[: max(0, limit - len(kept))]
+        return bytes(kept)
+
+    if input is not None and proc.stdin is not None:
+        proc.stdin.write(input)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await proc.stdin.drain()
+        proc.stdin.close()
+    out, err = await asyncio.gather(drain(proc.stdout), drain(proc.stderr))
+    await proc.wait()
+    return out, err
+
+
 async def _spawn(argv: list[str], die_with_parent: bool = True, **options: Any) -> asyncio.subprocess.Process:
     """Start a process as the leader of its own group, killed if the server dies (unless not
     ``die_with_parent``).
@@ -141,7 +162,8 @@ class LocalSandbox(Sandbox):
         return await self._proc.wait()
 
     async def exec(
-        self, argv: list[str], timeout: float = 60, input: bytes | None = None, write_remote: bool = False
+        self, argv: list[str], timeout: float = 60, input: bytes | None = None, write_remote: bool = False,
+        max_output: int | None = None,
     ) -> ExecResult:
         # Under bubblewrap every exec gets its own PID namespace: the agent's processes cannot
         # list it, nor read its environment or memory.
@@ -155,7 +177,10 @@ class LocalSandbox(Sandbox):
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+            if max_output is None:
+                out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+            else:
+                out, err = await asyncio.wait_for(_communicate_bounded(proc, input, max_output), timeout)
         except asyncio.TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

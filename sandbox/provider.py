@@ -98,11 +98,14 @@ class Sandbox(abc.ABC):
 
     @abc.abstractmethod
     async def exec(
-        self, argv: list[str], timeout: float = 60, input: bytes | None = None, write_remote: bool = False
+        self, argv: list[str], timeout: float = 60, input: bytes | None = None, write_remote: bool = False,
+        max_output: int | None = None,
     ) -> ExecResult:
         """Run a command in the workspace, confined like the agent, in a process the agent cannot
         see. ``input`` goes to its stdin (the only way a secret may enter); ``write_remote``
-        lets it write the session's local remote repository (read-only to the agent), to push."""
+        lets it write the session's local remote repository (read-only to the agent), to push.
+        ``max_output``: keep at most that many bytes of stdout and of stderr (the rest is read
+        and dropped), for output the workspace's content decides."""
 
     @abc.abstractmethod
     async def terminate(self) -> None:

@@ -19,7 +19,10 @@ def diff(result: dict[str, Any]) -> dict[str, str]:
     files = result.get("files", [])
     if not text.strip():
         return bundle("<p><em>No changes on this branch yet.</em></p>", "No changes on this branch yet.")
-    summary = ", ".join(f"{f['path']} (+{f['additions']} -{f['deletions']})" for f in files)
+    counts = [f.get("skipped") or f"+{f['additions']} -{f['deletions']}" for f in files]
+    summary = ", ".join(f"{f['path']} ({count})" for f, count in zip(files, counts, strict=True))
+    if result.get("truncated"):
+        summary += " (shortened: too large to show in full)"
     lines = []
     for line in text.splitlines():
         style = ""

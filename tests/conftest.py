@@ -71,10 +71,11 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tabbi_config(request: pytest.FixtureRequest, data_dir: Path, llm: ScriptedLLM,
-                 isolation: str) -> dict:
+                 isolation: str, tmp_path: Path) -> dict:
     """TabbiExtension config; a test adds traits with ``@pytest.mark.tabbi(name=value)``."""
     config = {
         "data_dir": str(data_dir),
+        "local_repo_roots": [str(tmp_path)],  # the test's repositories (data_dir stays refused)
         "llm_base_url": llm.url,
         "model": "scripted",
         "isolation": isolation,

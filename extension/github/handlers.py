@@ -9,6 +9,7 @@ person who started that sign-in (the state is tied to them).
 from __future__ import annotations
 
 import html
+import re
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import JupyterHandler
@@ -16,12 +17,15 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from ..handlers import AUTH_RESOURCE, TabbiHandler, owner_of
-from ..validation import ValidationError
+from ..validation import ValidationError, validate_wait
 from .accounts import GitHubAccounts, GitHubError
 
 LOGIN_ID = r"(?P<login_id>[A-Za-z0-9_-]{10,64})"
 CALLBACK_PATH = "tabbi/github/callback"
 MAX_QUERY_CHARS = 200
+#: What GitHub sends back: ``state`` is ours (URL-safe base64), ``code`` and ``error`` are short
+#: ASCII words. Anything else is not a callback from GitHub.
+_CALLBACK_VALUE = re.compile(r"^[A-Za-z0-9_.~-]{0,512}$")
 
 
 class GitHubHandler(TabbiHandler):
@@ -60,10 +64,7 @@ class LoginStatusHandler(GitHubHandler):
     @web.authenticated
     @authorized
     async def get(self, login_id: str) -> None:
-        try:
-            wait = min(max(float(self.get_argument("wait", "0")), 0.0), 60.0)
-        except ValueError:
-            raise ValidationError("'wait' must be a number of seconds") from None
+        wait = validate_wait(self.get_argument("wait", "0"), 60.0)
         attempt = await self.accounts.login_status(self.username, login_id, wait)
         self.write_json(attempt.public())
 
@@ -96,13 +97,13 @@ class CallbackHandler(JupyterHandler):
     async def get(self) -> None:
         await self.settings["tabbi_ready"]()
         accounts: GitHubAccounts = self.settings["tabbi_github"]
-        state = self.get_argument("state", "")
+        state, code, error = (self.get_argument(name, "") for name in ("state", "code", "error"))
+        if not all(_CALLBACK_VALUE.match(value) for value in (state, code, error)):
+            self._page(400, "GitHub sign-in failed", "this is not a sign-in link from GitHub")
+            return
         try:
             attempt = await accounts.finish_web(
-                owner_of(self, self.current_user),
-                state,
-                self.get_argument("code", ""),
-                self.get_argument("error", "") or None,
+                owner_of(self, self.current_user), state, code, error or None
             )
         except GitHubError as exc:
             self._page(exc.status, "GitHub sign-in failed", str(exc))

@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -34,6 +35,13 @@ class JupyterProcess:
             "JUPYTER_CONFIG_DIR": str(workdir / "config"),
             **(env or {}),
         }
+        # The tests' repositories live in temporary folders, outside the root dir (in tabbi's
+        # own config file: traitlets reads a list given on the command line for an extension
+        # as None).
+        (workdir / "config").mkdir(parents=True, exist_ok=True)
+        (workdir / "config" / "jupyter_tabbi_config.json").write_text(
+            json.dumps({"TabbiExtension": {"local_repo_roots": [tempfile.gettempdir()]}})
+        )
         module = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}[app]
         self.log_path = workdir / f"{app}.log"
         self.proc = subprocess.Popen(
