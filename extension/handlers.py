@@ -320,6 +320,8 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
             )
         except SessionNotFound:
             raise web.HTTPError(404, f"no session {self.session_id}") from None
+        except AgentError as exc:  # run by another live server, say
+            raise web.HTTPError(exc.status, str(exc)) from None
         try:
             self.after = validate_seq(self.get_argument("after", "0"))
         except ValidationError as exc:

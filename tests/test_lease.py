@@ -49,6 +49,9 @@ def test_a_second_server_leaves_the_first_ones_session_alone_and_takes_it_over_w
             second.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "from the second"})
         assert elsewhere.value.code == 409
         assert b"another tabbi server" in elsewhere.value.read()
+        with pytest.raises(urllib.error.HTTPError) as stream:  # the event stream says the same
+            second.call("GET", f"tabbi/api/sessions/{sid}/stream")
+        assert stream.value.code == 409
         assert [s["id"] for s in second.call("GET", "tabbi/api/sessions")["sessions"]] == [sid]
 
         # The first server's sandbox keeps running and answers (over several of the second
