@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -56,16 +57,19 @@ FLIPPER = r"""
 import os, sys
 server, stop = sys.argv[1], sys.argv[2]
 d = os.path.join(os.environ["HOME"], ".local/share/opencode")
-db, keep = os.path.join(d, "opencode.db"), os.path.join(d, "real.db")
+db, keep, f, l = (os.path.join(d, name) for name in ("opencode.db", "real.db", "f.tmp", "l.tmp"))
+os.link(db, keep)
 flips = 0
 while not os.path.exists(stop):
     for _ in range(500):
-        os.rename(db, keep)
-        os.symlink(server, db)
-        os.rename(keep, db)
+        os.symlink(server, l); os.rename(l, db)  # now a link to the server's database
+        os.link(keep, f); os.rename(f, db)  # now the real file again
     flips += 500
 print(flips)
 """
+
+
+RACE_SECONDS = 40
 
 
 async def test_database_flipped_to_a_link_never_archives_the_servers(tmp_path, source_repo):
@@ -84,10 +88,13 @@ async def test_database_flipped_to_a_link_never_archives_the_servers(tmp_path, s
     flipper = asyncio.ensure_future(
         sandbox.exec(["python3", "-c", FLIPPER, str(server_db), str(stop)], timeout=300))
     saved, failed = [], 0
+    # The race is narrow and this machine is loaded: on the old code about one snapshot in 160
+    # lost it (measured: 3 of 482 in 40 s), so snapshots are taken back to back for a while.
+    deadline = time.monotonic() + RACE_SECONDS
     try:
-        for n in range(12):
+        while time.monotonic() < deadline:
             try:
-                ref, _ = await kit.provider.snapshot(sandbox, f"race-{n}")
+                ref, _ = await kit.provider.snapshot(sandbox, f"race-{len(saved) + failed}")
                 saved.append(ref)
             except Exception:  # a snapshot that meets the link may fail: the agent's own loss
                 failed += 1
@@ -96,8 +103,8 @@ async def test_database_flipped_to_a_link_never_archives_the_servers(tmp_path, s
         done = await flipper
         await sandbox.terminate()
     assert done.returncode == 0 and int(done.stdout) > 0, done.stderr  # it really flipped
-    for ref in saved:
-        assert SECRET.encode() not in archive_text(kit.provider._archive(ref)), ref
+    leaked = [ref["name"] for ref in saved if SECRET.encode() in archive_text(kit.provider._archive(ref))]
+    assert not leaked, f"{len(leaked)} of {len(saved)} snapshots hold the server's database"
     assert saved, f"every snapshot failed ({failed})"
 
 
