@@ -285,7 +285,7 @@ class LocalSandbox(Sandbox):
             if status != 0:
                 why = _last_line(err) or f"status {status}"
                 raise SandboxError(f"the snapshot could not be written: {why}")
-            os.fsync(fd)
+            await asyncio.to_thread(os.fsync, fd)  # complete on disk before it replaces anything
             size = os.fstat(fd).st_size
             os.replace(partial, destination)
         except BaseException:
