@@ -204,3 +204,32 @@ async def test_venv_and_every_link_kind_round_trip_through_pause_and_resume(api,
     assert after["./absolute-link.csv"]["target"] == str(workspace(sid) / "data" / "small.csv")
     assert after["./data/hardlink.csv"]["group"] == after["./data/small.csv"]["group"]
     assert after["./locked"]["mode"] == "0o555" and after["./readonly.txt"]["mode"] == "0o444"
+
+
+async def test_a_truncated_snapshot_fails_cleanly_and_the_session_can_be_retried(api, llm, source_repo,
+                                                                                workspace, data_dir):
+    """Item 7: a restore that failed half way left a half-restored workspace that the next start
+    reused (tracked files deleted, the agent's files gone, a push would commit the deletions). A
+    damaged snapshot now restores nothing, says so, keeps its archive, and a retry works."""
+    sid = await running_session(api, source_repo)
+    llm.enqueue(Reply(tools=[bash("head -c 2000000 /dev/urandom > noise.bin; echo kept > kept.txt")]),
+                Reply(text="ok"))
+    await api.prompt(sid, "make files")
+    await api.wait_turn(sid)
+    await api.ok("POST", f"tabbi/api/sessions/{sid}/pause")
+    archive = snapshot_files(data_dir, sid)[-1]
+    good = archive.read_bytes()
+    archive.write_bytes(good[: len(good) // 2])
+
+    resumed = await api.ok("POST", f"tabbi/api/sessions/{sid}/resume", expect=202)
+    events = await api.wait_for(sid, lambda e: e["type"] == "session.status"
+                                and e["data"]["state"] in ("error", "paused"), after=resumed["last_seq"])
+    said = repr([e["data"] for e in events if e["type"] in ("error", "session.status")])
+    assert "could not be restored" in said
+    assert not workspace(sid).exists()  # nothing half-restored that a next start would reuse
+    assert archive.read_bytes() == good[: len(good) // 2]  # the restore never writes a snapshot
+
+    archive.write_bytes(good)  # say the disk recovered: the retry restores everything
+    resumed = await api.ok("POST", f"tabbi/api/sessions/{sid}/resume", expect=202)
+    await api.wait_state(sid, "running", after=resumed["last_seq"], timeout=180)
+    assert (workspace(sid) / "kept.txt").read_text() == "kept\n"
