@@ -224,9 +224,9 @@ async def test_a_truncated_snapshot_fails_cleanly_and_the_session_can_be_retried
     resumed = await api.ok("POST", f"tabbi/api/sessions/{sid}/resume", expect=202)
     events = await api.wait_for(sid, lambda e: e["type"] == "session.status"
                                 and e["data"]["state"] in ("error", "paused"), after=resumed["last_seq"])
+    assert not workspace(sid).exists()  # nothing half-restored that a next start would reuse
     said = repr([e["data"] for e in events if e["type"] in ("error", "session.status")])
     assert "could not be restored" in said
-    assert not workspace(sid).exists()  # nothing half-restored that a next start would reuse
     assert archive.read_bytes() == good[: len(good) // 2]  # the restore never writes a snapshot
 
     archive.write_bytes(good)  # say the disk recovered: the retry restores everything
