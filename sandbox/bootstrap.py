@@ -17,6 +17,9 @@ Protocol:
 - ``bootstrap.py commit`` and ``bootstrap.py push`` (each run through its own ``Sandbox.exec``, the
   request JSON on stdin) commit the workspace and push the session branch; see ``commit_work``
   and ``push_branch``.
+- ``bootstrap.py snapshot REQUEST`` and ``bootstrap.py restore REQUEST`` (each run confined in its
+  own process, the request JSON in argv: paths only) write the snapshot archive to stdout and
+  unpack one from stdin, so the server never touches the sandbox's files; see ``snapshots.py``.
 
 Git credentials (a GitHub token) arrive only on stdin and reach only the one git process that
 needs them, through its environment and a credential helper defined on its command line that
@@ -187,17 +190,20 @@ def prepare_home(home: str) -> dict[str, str]:
 
 
 def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
-    """Clone into the workspace on the session branch, or reuse a workspace a previous run left.
+    """Clone into the workspace on the session branch, or reuse a workspace a previous run left
+    (or a snapshot restored) exactly as it is.
 
     The clone ignores the sandbox home's git config and runs no hooks: a home the agent wrote in
-    an earlier run could otherwise redirect the credentialed clone or run code beside it."""
+    an earlier run could otherwise redirect the credentialed clone or run code beside it. A
+    reused workspace runs no git at all: a checkout would run the filters and settings the agent
+    wrote into its ``.git/config`` and attributes (and the branch it is on is the agent's to
+    choose; ``commit`` refuses any but the session branch)."""
     workspace = spec["workspace"]
     branch = spec["branch"]
     credential = spec.pop("git_credential", None)
     safe_env = {**env, "GIT_CONFIG_GLOBAL": "/dev/null"}
     if os.path.isdir(os.path.join(workspace, ".git")):
         emit("reusing_workspace")
-        git([*SAFE_GIT, "checkout", "--quiet", branch], workspace, safe_env)
         return
     emit("cloning", repo=spec["repo_display"])
     os.makedirs(os.path.dirname(workspace), exist_ok=True)
@@ -414,6 +420,51 @@ def push_branch(request: dict) -> int:
 COMMANDS = {"commit": commit_work, "push": push_branch}
 
 
+def _archive_module():
+    """``snapshots.py``, the snapshot archive format, loaded from beside this file (this runs as
+    a plain script, without its package; images must carry both files)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots.py")
+    spec = importlib.util.spec_from_file_location("tabbi_snapshot_archive", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def snapshot_sandbox(request: dict) -> int:
+    """``bootstrap.py snapshot REQUEST``: write the snapshot of ``request["workspace"]`` and
+    ``request["home"]`` as tar.gz to stdout (which the provider points at the archive file, in a
+    folder of the server's that this sandbox cannot see); on failure say why on stderr, exit 3.
+    Run in its own sandbox process: nothing of the server is visible to it."""
+    archive = _archive_module()
+    try:
+        archive.write_archive(request["workspace"], request["home"], sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    except archive.SnapshotError as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+def restore_sandbox(request: dict) -> int:
+    """``bootstrap.py restore REQUEST``: unpack the tar.gz read from stdin into the workspace and
+    home, all or nothing; print ``{"restored": N}`` or ``{"error"}``."""
+    archive = _archive_module()
+    try:
+        count = archive.restore_archive(sys.stdin.buffer, request["workspace"], request["home"])
+    except archive.SnapshotError as exc:
+        print(json.dumps({"error": str(exc)}), flush=True)
+        return 3
+    print(json.dumps({"restored": count}), flush=True)
+    return 0
+
+
+#: Subcommands whose stdin or stdout is the archive: their request (paths, no secret) is argv[2].
+ARCHIVE_COMMANDS = {"snapshot": snapshot_sandbox, "restore": restore_sandbox}
+
+
 def _not_dumpable() -> None:
     """Make this process's memory (which held the spec's secrets) unreadable through /proc and
     ptrace for the agent it starts, which runs as the same user."""
@@ -429,6 +480,8 @@ def main() -> int:
     _not_dumpable()
     if len(sys.argv) == 2 and sys.argv[1] in COMMANDS:
         return COMMANDS[sys.argv[1]](json.loads(sys.stdin.read()))
+    if len(sys.argv) == 3 and sys.argv[1] in ARCHIVE_COMMANDS:
+        return ARCHIVE_COMMANDS[sys.argv[1]](json.loads(sys.argv[2]))
     spec = json.loads(sys.stdin.read())
     os.makedirs(spec["home"], exist_ok=True)
     proc = None

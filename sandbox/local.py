@@ -5,6 +5,23 @@ Each sandbox lives in ``<root>/<sandbox_id>/`` with ``workspace/`` (the clone) a
 subprocess otherwise (see ``isolation``). Either way it is the leader of its own process group and
 every process it starts carries the sandbox marker.
 
+The sandbox folder is the agent's: it can put links, FIFOs or anything else anywhere in it, at any
+moment. So the server never opens, follows or archives a path in it:
+- the bootstrap's log and every other file the server writes live in server-only folders
+  (``<log_root>/<sandbox_id>.log``, ``<snapshot_root>/<sandbox_id>/``) never bound into a sandbox,
+  and are opened with ``O_NOFOLLOW | O_NONBLOCK`` all the same (a FIFO never blocks the server, a
+  link is never written through);
+- snapshots are made and restored by ``bootstrap.py snapshot`` / ``restore``, run confined like
+  ``exec`` (a PID namespace of their own, the same bubblewrap fences); the server only streams the
+  archive between their stdout/stdin and its own file;
+- the sandbox folder itself is only looked at with ``lstat`` of its direct children (the folder is
+  the server's and cannot be replaced) and removed without following links (``destroy``);
+- processes are started in the server's own folders (bubblewrap changes into the workspace inside
+  the sandbox).
+Unconfined sandboxes (isolation "none") run the same code as separate processes, but their agent
+has the server user's rights: nothing above holds against it there, which is why credentials go
+only to confined sandboxes.
+
 By default a sandbox gets SIGKILL if the server dies. With ``detach=True`` it outlives a crashed
 server instead (a server that stops cleanly still stops its sandboxes), and the next server process
 re-attaches to it through ``load_state``, watching the process it did not start through a pidfd.
@@ -20,6 +37,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +57,23 @@ from .provider import (
 )
 
 log = logging.getLogger(__name__)
+
+#: How the server opens the files it writes: never through a link, never blocking on a FIFO.
+SAFE_WRITE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """Open ``path`` with ``SAFE_WRITE | flags`` (mode 0600) and insist it is a regular file."""
+    fd = os.open(path, SAFE_WRITE | flags, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
 
 
 def _die_with_parent() -> None:
@@ -139,6 +174,8 @@ class LocalSandbox(Sandbox):
         self.workspace_path = str(self.workspace)
         self.home_path = str(self.home)
         self.confined = confined
+        #: The bootstrap's log, in a server-only folder (never inside the sandbox).
+        self.log_path = provider.log_root / f"{sandbox_id}.log"
         self.read_only: list[str] = []
         self.remote_paths: list[str] = []
         self._proc: asyncio.subprocess.Process | _Adopted | None = None
@@ -170,7 +207,7 @@ class LocalSandbox(Sandbox):
         cmd = self._confine(argv, cwd=str(self.workspace), write_remote=write_remote)
         proc = await _spawn(
             cmd,
-            cwd=str(self.workspace),
+            cwd=self._spawn_cwd(),
             env=self._env(),
             stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -241,7 +278,74 @@ class LocalSandbox(Sandbox):
         sandbox._endpoint = Endpoint(f"http://127.0.0.1:{int(state['port'])}", password)
         return sandbox
 
+    # -- snapshots, made and unpacked inside the sandbox ------------------------------------
+    async def _archive_command(
+        self, command: str, stdin: int, stdout: int, timeout: float
+    ) -> tuple[int, bytes, bytes]:
+        """Run ``bootstrap.py snapshot|restore`` confined like ``exec``, its stdin and stdout the
+        given descriptors (or pipes); return ``(status, stdout, stderr)``."""
+        request = json.dumps({"workspace": str(self.workspace), "home": str(self.home)})
+        argv = self._confine(self.bootstrap_argv(command, request), cwd=str(self.root))
+        proc = await _spawn(argv, cwd=str(self.root), env=self._env(), stdin=stdin, stdout=stdout,
+                            stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except BaseException as exc:  # a timeout, or the caller gave up: nothing may go on
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.shield(proc.wait())
+            if isinstance(exc, asyncio.TimeoutError):
+                raise SandboxError(f"the {command} took longer than {timeout:.0f} s") from None
+            raise
+        return proc.returncode or 0, out or b"", err or b""
+
+    async def write_snapshot(self, destination: Path, timeout: float) -> int:
+        """Write this sandbox's snapshot to ``destination`` (a server-only folder); its size."""
+        _private_dir(destination.parent)
+        partial = destination.with_name(destination.name + ".partial")
+        fd = _open_regular(partial, os.O_TRUNC)
+        try:
+            status, _, err = await self._archive_command(
+                "snapshot", asyncio.subprocess.DEVNULL, fd, timeout)
+            if status != 0:
+                why = _last_line(err) or f"status {status}"
+                raise SandboxError(f"the snapshot could not be written: {why}")
+            await asyncio.to_thread(os.fsync, fd)  # complete on disk before it replaces anything
+            size = os.fstat(fd).st_size
+            os.replace(partial, destination)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        return size
+
+    async def restore(self, archive: Path, timeout: float) -> None:
+        """Unpack the snapshot ``archive`` into this (not running) sandbox, all or nothing."""
+        try:
+            fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise RestoreError(f"the snapshot {archive.name} cannot be read: {exc.strerror}") from None
+        try:
+            status, out, err = await self._archive_command("restore", fd, asyncio.subprocess.PIPE, timeout)
+        except SandboxError as exc:
+            raise RestoreError(str(exc)) from None
+        finally:
+            os.close(fd)
+        try:
+            answer = json.loads(_last_line(out) or "{}")
+        except ValueError:
+            answer = {}
+        if status != 0 or "restored" not in answer:
+            why = answer.get("error") or _last_line(err) or f"status {status}"
+            raise RestoreError(f"the snapshot {archive.name} could not be restored: {why}")
+
     # -- internals --------------------------------------------------------------------------
+    def _spawn_cwd(self) -> str:
+        """Where a sandbox process starts: a folder of the server's when confined (bubblewrap
+        then changes into the workspace inside the sandbox); the workspace itself otherwise."""
+        return str(self.root) if self.confined else str(self.workspace)
+
     def _env(self) -> dict[str, str]:
         """The bootstrap's environment: nothing of the server's (which may hold tokens)."""
         return {
@@ -268,16 +372,18 @@ class LocalSandbox(Sandbox):
             die_with_parent=die_with_parent,
         )
 
-    async def start(self, spec: SandboxSpec, progress: ProgressCallback, opencode_bin: str) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        python = os.path.realpath(sys.executable)
+    def prepare(self, spec: SandboxSpec, opencode_bin: str) -> None:
+        """What the sandbox's processes may read (and, to push, write) of the host."""
         self.read_only = [
             str(BOOTSTRAP_SCRIPT.parent),
             os.path.dirname(opencode_bin),
-            os.path.dirname(python),
+            os.path.dirname(os.path.realpath(sys.executable)),
             *spec.read_only_paths,
         ]
         self.remote_paths = list(spec.read_only_paths)
+
+    async def start(self, spec: SandboxSpec, progress: ProgressCallback, opencode_bin: str) -> None:
+        """Run the bootstrap (which makes the home and the workspace) and wait for OpenCode."""
         payload = {
             "workspace": str(self.workspace),
             "home": str(self.home),
@@ -299,7 +405,8 @@ class LocalSandbox(Sandbox):
         }
         argv = self.bootstrap_argv()
         cwd = str(self.root)
-        with open(self.root / "bootstrap.log", "ab") as log_file:
+        log_fd = _open_regular(self.log_path, os.O_APPEND)
+        try:
             detach = self.provider.detach
             self._proc = await _spawn(
                 self._confine(argv, cwd=cwd, die_with_parent=not detach),
@@ -308,8 +415,10 @@ class LocalSandbox(Sandbox):
                 env=self._env(),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
+                stderr=log_fd,
             )
+        finally:
+            os.close(log_fd)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(json.dumps(payload).encode())
         await self._proc.stdin.drain()
@@ -335,8 +444,7 @@ class LocalSandbox(Sandbox):
             if not line:
                 code = await self._proc.wait()
                 raise SandboxError(
-                    f"the sandbox exited during start-up (status {code}); "
-                    f"see {self.root / 'bootstrap.log'}"
+                    f"the sandbox exited during start-up (status {code}); see {self.log_path}"
                 )
             try:
                 message = json.loads(line)
@@ -370,9 +478,14 @@ class LocalProvider(SandboxProvider):
         start_timeout: float = 90,
         stop_grace: float = 5,
         detach: bool = False,
+        log_root: str | os.PathLike | None = None,
+        snapshot_timeout: float = 900,
     ):
         self.root = Path(root)
         self.snapshot_root = Path(snapshot_root) if snapshot_root else self.root.parent / "snapshots"
+        #: The bootstraps' logs: beside ``root``, never inside a sandbox.
+        self.log_root = Path(log_root) if log_root else self.root.parent / "logs"
+        self.snapshot_timeout = snapshot_timeout
         self.isolation_mode = isolation_mode
         self.opencode_bin = opencode_bin
         self.start_timeout = start_timeout
@@ -391,15 +504,17 @@ class LocalProvider(SandboxProvider):
         opencode_bin = find_opencode(self.opencode_bin)
         confined = await asyncio.to_thread(isolation.choose, self.isolation_mode)
         root = self.sandbox_root(spec.sandbox_id)
-        root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o700)
-        if restore is not None and not (root / snapshots.WORKSPACE).exists():
-            await progress({"phase": "restoring"})
-            try:
-                await asyncio.to_thread(snapshots.restore_archive, self._archive(restore), root)
-            except snapshots.SnapshotError as exc:
-                raise RestoreError(str(exc)) from exc
+        _private_dir(self.root)
+        _private_dir(self.log_root)
+        with contextlib.suppress(FileExistsError):
+            root.mkdir(mode=0o700)  # the server's folder: the agent may write in it, not replace it
         sandbox = LocalSandbox(self, spec.sandbox_id, root, confined)
+        sandbox.prepare(spec, opencode_bin)
+        # Its direct child, looked at without following it: a workspace that exists is newer
+        # than any snapshot (a restore puts it in place last, complete).
+        if restore is not None and not _is_dir(root / snapshots.WORKSPACE):
+            await progress({"phase": "restoring"})
+            await sandbox.restore(self._archive(restore), self.snapshot_timeout)
         await sandbox.start(spec, progress, opencode_bin)
         return sandbox
 
@@ -424,8 +539,10 @@ class LocalProvider(SandboxProvider):
         return adopted
 
     async def destroy(self, sandbox_id: str) -> None:
+        root = self.sandbox_root(sandbox_id)
         await asyncio.to_thread(processes.kill_all, sandbox_id)
-        await asyncio.to_thread(shutil.rmtree, self.sandbox_root(sandbox_id), True)
+        await asyncio.to_thread(_remove_sandbox_folder, root)
+        (self.log_root / f"{root.name}.log").unlink(missing_ok=True)
 
     # -- snapshots: compressed archives under snapshot_root/<sandbox id>/ -------------------------
     async def snapshot(self, sandbox: Sandbox, name: str) -> tuple[dict[str, Any], int]:
@@ -434,9 +551,9 @@ class LocalProvider(SandboxProvider):
             raise SandboxError(f"invalid snapshot name {name!r}")
         destination = self.snapshot_root / sandbox.id / f"{name}.tar.gz"
         try:
-            size = await asyncio.to_thread(snapshots.make_archive, sandbox.root, destination)
-        except snapshots.SnapshotError as exc:
-            raise SandboxError(str(exc)) from exc
+            size = await sandbox.write_snapshot(destination, self.snapshot_timeout)
+        except OSError as exc:
+            raise SandboxError(f"the snapshot could not be written: {exc.strerror or exc}") from None
         return {"provider": self.name, "sandbox_id": sandbox.id, "name": name}, size
 
     def _archive(self, ref: dict[str, Any]) -> Path:
@@ -454,3 +571,32 @@ class LocalProvider(SandboxProvider):
         confined = ok and self.isolation_mode != "none"
         usable = confined or self.isolation_mode != "bwrap"
         return {"usable": usable, "isolation": "bwrap" if confined else "none", "detail": why}
+
+
+def _last_line(data: bytes) -> str:
+    lines = data.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder itself (not a link to one)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _remove_sandbox_folder(root: Path) -> None:
+    """Remove a sandbox's folder (its processes are gone) without following any link in it,
+    read-only folders included."""
+    try:
+        parent = os.open(root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        snapshots.remove_tree(parent, root.name)
+    except OSError:
+        log.warning("tabbi: could not remove all of %s", root, exc_info=True)
+        shutil.rmtree(root, ignore_errors=True)  # symlink-safe; whatever it can
+    finally:
+        os.close(parent)

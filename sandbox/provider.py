@@ -26,8 +26,8 @@ class SandboxError(Exception):
 
 
 class RestoreError(SandboxError):
-    """A snapshot could not be restored. Nothing of it was put in place (no half-restored
-    workspace is ever used) and the snapshot itself is unchanged."""
+    """A snapshot could not be restored. Nothing of it was put in place (the next start restores
+    again, or starts afresh without it) and the snapshot itself is untouched."""
 
 
 @dataclass
@@ -129,7 +129,8 @@ class SandboxProvider(abc.ABC):
         """Start a sandbox, run the bootstrap, and return once OpenCode is healthy.
 
         With ``restore`` (a snapshot's ref), the sandbox starts from that snapshot unless its own
-        files still exist (they are newer)."""
+        workspace still exists (it is newer). A restore is all or nothing: a failure raises
+        ``RestoreError`` and leaves no part of the snapshot in place."""
 
     #: Whether sandboxes outlive a crashed server process (then ``load_state`` can re-attach).
     survives_restart: bool = False
@@ -143,7 +144,10 @@ class SandboxProvider(abc.ABC):
     @abc.abstractmethod
     async def snapshot(self, sandbox: Sandbox, name: str) -> tuple[dict[str, Any], int]:
         """Save the sandbox's workspace and agent data; return ``(ref, size in bytes)``. The ref
-        is JSON (stored with the session) and holds no secret. Raises ``SandboxError``."""
+        is JSON (stored with the session) and holds no secret. Raises ``SandboxError``.
+
+        The sandbox's files are the agent's: the archive is made inside the sandbox (or by other
+        means that never follow a link the agent planted), never by the server reading them."""
 
     @abc.abstractmethod
     async def delete_snapshot(self, ref: dict[str, Any]) -> None: ...

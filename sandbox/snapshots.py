@@ -1,88 +1,435 @@
-"""Local snapshots: a sandbox's state as one compressed archive, and back.
+"""The snapshot archive: what a sandbox's snapshot holds, written and unpacked INSIDE the sandbox.
 
 What a snapshot holds is what a resumed session needs, nothing more: the workspace (the clone with
-its branch and uncommitted work) and OpenCode's data (its conversation database and its own
-undo snapshots), so the resumed agent continues the same conversation. What it never holds: logs,
-caches, temporary files, the generated config folder, or anything from the process environment
-(the OpenCode password and model keys live only there).
+its branch and uncommitted work), OpenCode's data and state folders (its conversation and its own
+undo snapshots) and a consistent copy of its database, so the resumed agent continues the same
+conversation. What it never holds: logs, the database's -wal/-shm/-journal files (the copy is
+consistent), git lock files (a lock captured mid-operation would come back as a torn lock that
+blocks git), devices, FIFOs and sockets, or anything from the process environment (the OpenCode
+password and model keys live only there).
 
-Threats handled here:
-- the sandbox's files are written by the agent: archiving never follows symlinks, the database copy
-  refuses a symlinked file, and extraction uses tarfile's "data" filter (no absolute paths, no
-  ``..``, no links pointing out, no device files);
-- a crash mid-snapshot: the archive is written under a temporary name and renamed when complete, so
-  the last good snapshot is never replaced by a partial one.
+Where it runs: this module is standard-library only and is loaded by ``bootstrap.py snapshot`` and
+``bootstrap.py restore``, which the provider runs confined like the agent (bubblewrap, a PID
+namespace of their own, non-dumpable). The server only streams bytes: the archive goes from the
+snapshot process's stdout straight into a file in the server's own snapshot folder, and back into
+the restore process's stdin. So the server never opens, follows or archives a path the agent can
+write. (Unconfined sandboxes, isolation "none", run the same code as a separate process; there the
+agent has the server user's rights anyway, and the guards below are all that stands in its way.)
+
+Threats handled here (the agent writes these files, and may change them while we read):
+- links and special files: every path is walked from an anchor folder the provider made (the
+  sandbox root, a mount point the agent cannot replace) one component at a time with
+  ``O_NOFOLLOW``; a symlinked folder anywhere below is archived as the link it is, never
+  followed; a part whose own path crosses a link is left out; files are read through the
+  descriptor that was checked (``fstat``), so a file swapped for a link or a FIFO mid-walk is
+  never read through and never blocks (``O_NONBLOCK``);
+- the database: read with SQLite's backup API (consistent while OpenCode writes), only after the
+  same component walk; a race that swaps it for a link can only reach what the sandbox can see;
+- restore: members are written relative to directory descriptors, created with ``O_EXCL |
+  O_NOFOLLOW`` (never through a link, never outside the destination; ``..``, absolute names,
+  devices and unknown types are refused), links may point anywhere (they are only links in the
+  sandbox's view, which is what venvs need), hard links must name an already restored file;
+- a torn or corrupt archive: gzip's CRC and length are checked to the end of the stream before
+  anything is moved into place;
+- half-restored workspaces: extraction goes into a staging folder; only a complete, verified
+  archive is moved into place, the workspace last (its presence is what makes the next start
+  reuse it); any failure removes the staging folder and leaves nothing new in place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gzip
 import os
 import sqlite3
+import stat
 import tarfile
 import tempfile
-from contextlib import closing
-from pathlib import Path
+from typing import IO
+from urllib.parse import quote
 
 WORKSPACE = "workspace"
 AGENT_DATA = "home/.local/share/opencode"
 AGENT_STATE = "home/.local/state/opencode"
 DATABASE = "opencode.db"
 
-#: Names never archived, wherever they appear under the agent's data.
-SKIPPED = {"log", f"{DATABASE}-wal", f"{DATABASE}-shm", f"{DATABASE}-journal"}
+#: Names never archived under the agent's data (the database goes in as a consistent copy).
+SKIPPED_DATA = {"log", DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", f"{DATABASE}-journal"}
+
+#: Folder beside the workspace where a restore is unpacked before it is moved into place.
+STAGING = ".tabbi-restore"
+
+CHUNK = 1 << 20
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SnapshotError(Exception):
     """The snapshot could not be made or restored; the message says why."""
 
 
-def _skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    name = Path(info.name)
-    if str(name).startswith(AGENT_DATA) and (name.name in SKIPPED or name.name == DATABASE):
-        return None  # the database goes in as a consistent copy, see _copy_database
-    if info.isdev() or info.isfifo():
-        return None
-    return info
+def parts(workspace: str, home: str) -> list[tuple[str, str, list[str]]]:
+    """``(archive name, anchor folder, components below it)`` of each part, the workspace LAST
+    (restore moves it last). The anchor is made by the provider and is not the agent's to
+    replace; every component below it is."""
+    home_anchor, home_name = os.path.split(os.path.normpath(home))
+    ws_anchor, ws_name = os.path.split(os.path.normpath(workspace))
+    return [
+        (AGENT_DATA, home_anchor, [home_name, ".local", "share", "opencode"]),
+        (AGENT_STATE, home_anchor, [home_name, ".local", "state", "opencode"]),
+        (WORKSPACE, ws_anchor, [ws_name]),
+    ]
 
 
-def _copy_database(source: Path, folder: str) -> Path | None:
-    """A consistent copy of OpenCode's SQLite database, even while OpenCode writes to it (the
-    backup API reads through SQLite's own locking and WAL, unlike copying the files)."""
-    if not source.exists() and not source.is_symlink():
+# -- walking without following links ------------------------------------------------------------
+def open_dirs(anchor_fd: int, components: list[str], create: bool = False) -> int | None:
+    """A descriptor of the folder ``components`` below ``anchor_fd``, every step opened with
+    ``O_NOFOLLOW`` (a link, a non-folder or a missing folder on the way gives None); ``create``
+    makes missing folders. The caller closes it."""
+    fd = os.dup(anchor_fd)
+    try:
+        for name in components:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=fd)
+            following = os.open(name, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = following
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            return None
+        raise
+    return fd
+
+
+def remove_tree(parent_fd: int, name: str) -> None:
+    """Remove ``name`` below ``parent_fd`` and everything in it, never following a link, making
+    read-only folders writable on the way (their owner may always do that)."""
+    try:
+        info = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        os.unlink(name, dir_fd=parent_fd)
+        return
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        os.fchmod(fd, 0o700)
+        for entry in os.listdir(fd):
+            remove_tree(fd, entry)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _is_git_lock(arcname: str) -> bool:
+    return arcname.endswith(".lock") and "/.git/" in f"/{arcname}"
+
+
+class _Exactly:
+    """Reads exactly ``size`` bytes of a file that may change meanwhile: what is missing (it
+    shrank) reads as zeros, so the archive stays well formed."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.left = fd, size
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self.left)
+        data = os.read(self.fd, n) if n else b""
+        data += b"\0" * (n - len(data))
+        self.left -= n
+        return data
+
+
+# -- writing -------------------------------------------------------------------------------------
+class _Writer:
+    def __init__(self, tar: tarfile.TarFile):
+        self.tar = tar
+        self.seen: dict[tuple[int, int], str] = {}  # hard links: (dev, inode) -> first name
+
+    def _info(self, arcname: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(arcname)
+        info.type, info.mode, info.mtime = kind, stat.S_IMODE(st.st_mode), int(st.st_mtime)
+        return info
+
+    def add_tree(self, dir_fd: int, arcname: str) -> None:
+        self.tar.addfile(self._info(arcname, os.fstat(dir_fd), tarfile.DIRTYPE))
+        agent_data = arcname.startswith(AGENT_DATA)
+        for name in sorted(os.listdir(dir_fd)):
+            child = f"{arcname}/{name}"
+            if (agent_data and name in SKIPPED_DATA) or _is_git_lock(child):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to keep
+                self.add_entry(dir_fd, name, child)
+
+    def add_entry(self, dir_fd: int, name: str, arcname: str) -> None:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            info = self._info(arcname, st, tarfile.SYMTYPE)
+            info.linkname = os.readlink(name, dir_fd=dir_fd)
+            self.tar.addfile(info)
+        elif stat.S_ISDIR(st.st_mode):
+            try:
+                fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            except OSError:
+                return  # swapped for something else meanwhile
+            try:
+                self.add_tree(fd, arcname)
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(st.st_mode):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError:
+                return  # swapped for a link (ELOOP) or removed meanwhile
+            try:
+                st = os.fstat(fd)  # what was opened, not what was looked at
+                if not stat.S_ISREG(st.st_mode):
+                    return
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in self.seen:
+                    info = self._info(arcname, st, tarfile.LNKTYPE)
+                    info.linkname = self.seen[key]
+                    self.tar.addfile(info)
+                    return
+                if st.st_nlink > 1:
+                    self.seen[key] = arcname
+                info = self._info(arcname, st, tarfile.REGTYPE)
+                info.size = st.st_size
+                self.tar.addfile(info, _Exactly(fd, st.st_size))
+            finally:
+                os.close(fd)
+        # devices, FIFOs and sockets are never archived
+
+
+def _database_copy(data_fd: int, scratch: str) -> str | None:
+    """A consistent copy of OpenCode's database (the backup API reads through SQLite's own
+    locking and WAL, unlike copying the files), or None when there is none. The folder was
+    reached without following a link; the database itself must be a regular file."""
+    try:
+        st = os.stat(DATABASE, dir_fd=data_fd, follow_symlinks=False)
+    except FileNotFoundError:
         return None
-    if source.is_symlink() or not source.is_file():
-        raise SnapshotError(f"{source.name} is not a regular file; refusing to read it")
-    copy = Path(folder) / DATABASE
-    with closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)) as src, \
-            closing(sqlite3.connect(copy)) as dst:
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"{DATABASE} is not a regular file; refusing to read it")
+    source = f"/proc/self/fd/{data_fd}/{DATABASE}"
+    copy = os.path.join(scratch, DATABASE)
+    with contextlib.closing(sqlite3.connect(f"file:{quote(source)}?mode=ro", uri=True, timeout=10)) as src, \
+            contextlib.closing(sqlite3.connect(copy)) as dst:
         src.backup(dst)
     return copy
 
 
-def make_archive(root: Path, destination: Path, compresslevel: int = 3) -> int:
-    """Write the snapshot of the sandbox at ``root`` to ``destination``; return its size."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
+def write_archive(workspace: str, home: str, out: IO[bytes], compresslevel: int = 3) -> int:
+    """Write the snapshot of the sandbox (its ``workspace`` and ``home``) to ``out`` as tar.gz;
+    return the number of members. Raises ``SnapshotError``."""
+    count = 0
     try:
-        with tempfile.TemporaryDirectory(prefix="tabbi-snap-") as scratch:
-            database = _copy_database(root / AGENT_DATA / DATABASE, scratch)
-            with tarfile.open(partial, "w:gz", compresslevel=compresslevel) as tar:
-                for part in (WORKSPACE, AGENT_DATA, AGENT_STATE):
-                    if (root / part).is_dir() and not (root / part).is_symlink():
-                        tar.add(root / part, arcname=part, filter=_skip)
+        with tempfile.TemporaryDirectory(prefix="tabbi-snap-") as scratch, \
+                gzip.GzipFile(fileobj=out, mode="wb", compresslevel=compresslevel, mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            writer = _Writer(tar)
+            for arcname, anchor, components in parts(workspace, home):
+                anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    fd = open_dirs(anchor_fd, components)
+                finally:
+                    os.close(anchor_fd)
+                if fd is None:
+                    continue  # missing, or reached only through a link: not archived
+                try:
+                    writer.add_tree(fd, arcname)
+                    database = _database_copy(fd, scratch) if arcname == AGENT_DATA else None
+                finally:
+                    os.close(fd)
                 if database is not None:
                     tar.add(database, arcname=f"{AGENT_DATA}/{DATABASE}")
-        os.replace(partial, destination)
+            count = len(tar.members)
     except (OSError, sqlite3.Error, tarfile.TarError) as exc:
-        partial.unlink(missing_ok=True)
         raise SnapshotError(f"the snapshot could not be written: {exc}") from exc
-    return destination.stat().st_size
+    return count
 
 
-def restore_archive(archive: Path, root: Path) -> None:
-    """Unpack a snapshot into an empty sandbox folder."""
+# -- restoring -----------------------------------------------------------------------------------
+def _checked_name(name: str) -> list[str]:
+    pieces = name.split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") for p in pieces):
+        raise SnapshotError(f"the archive holds a path that is not allowed: {name!r}")
+    if not any(name == part or name.startswith(part + "/") or part.startswith(name + "/")
+               for part in (WORKSPACE, AGENT_DATA, AGENT_STATE)):
+        raise SnapshotError(f"the archive holds a path outside the sandbox's parts: {name!r}")
+    return pieces
+
+
+class _Unpacker:
+    """Writes members below a staging folder, through directory descriptors only."""
+
+    def __init__(self, staging_fd: int):
+        self.staging_fd = staging_fd
+        self.dirs: list[tuple[list[str], int, int]] = []  # folder, mode, mtime: applied at the end
+        self._parent: tuple[tuple[str, ...], int] | None = None
+
+    def parent(self, pieces: list[str]) -> int:
+        key = tuple(pieces)
+        if self._parent is not None and self._parent[0] == key:
+            return self._parent[1]
+        self.close()
+        fd = open_dirs(self.staging_fd, pieces, create=True)
+        if fd is None:
+            raise SnapshotError(f"the archive writes through a link or a file: {'/'.join(pieces)}")
+        self._parent = (key, fd)
+        return fd
+
+    def close(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
+
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        pieces = _checked_name(member.name)
+        parent, name = self.parent(pieces[:-1]), pieces[-1]
+        mode = member.mode & 0o777
+        if member.isdir():
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent)
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)  # a folder, not a link
+            os.close(fd)
+            self.dirs.append((pieces, mode, member.mtime))
+        elif member.isreg():
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=parent)
+            try:
+                source = tar.extractfile(member)
+                assert source is not None
+                left = member.size
+                while left:
+                    data = source.read(min(CHUNK, left))
+                    if not data:
+                        raise SnapshotError(f"the archive ends inside {member.name}")
+                    os.write(fd, data)
+                    left -= len(data)
+                os.fchmod(fd, mode)
+                os.utime(fd, (member.mtime, member.mtime))
+            finally:
+                os.close(fd)
+        elif member.issym():
+            os.symlink(member.linkname, name, dir_fd=parent)
+            with contextlib.suppress(OSError):
+                os.utime(name, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
+        elif member.islnk():
+            target = _checked_name(member.linkname)
+            source_dir = open_dirs(self.staging_fd, target[:-1])
+            if source_dir is None:
+                raise SnapshotError(f"the hard link {member.name} names no restored file")
+            try:
+                st = os.stat(target[-1], dir_fd=source_dir, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    raise SnapshotError(f"the hard link {member.name} names no restored file")
+                os.link(target[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(source_dir)
+        else:
+            raise SnapshotError(f"the archive holds an unsupported member: {member.name}")
+
+    def apply_modes(self, part_roots: set[tuple[str, ...]]) -> None:
+        """Folder modes and times, deepest first (a read-only folder is filled before it is
+        closed), except for the parts' own roots, which are set once moved into place."""
+        for pieces, mode, mtime in sorted(self.dirs, key=lambda d: -len(d[0])):
+            if tuple(pieces) in part_roots:
+                continue
+            fd = open_dirs(self.staging_fd, pieces)
+            if fd is None:
+                raise SnapshotError(f"{'/'.join(pieces)} changed during the restore")
+            try:
+                os.fchmod(fd, mode)
+                os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+
+
+def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
+    """Unpack the archive read from ``source`` into the sandbox; return the number of members.
+
+    All or nothing: unpacked into ``<beside the workspace>/.tabbi-restore``, verified to the end
+    of the stream, then each part replaces what is in place (the workspace last). On failure
+    the staging folder is removed and the parts in place are left as they were (a failure while
+    moving, which needs a failing disk, leaves no workspace, so the next start restores again).
+    Raises ``SnapshotError``."""
+    layout = parts(workspace, home)
+    anchor = layout[-1][1]
+    anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    count = 0
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(root, filter="data")
-    except (OSError, tarfile.TarError) as exc:
-        raise SnapshotError(f"the snapshot {archive.name} could not be restored: {exc}") from exc
+        remove_tree(anchor_fd, STAGING)  # left by a restore that was killed
+        os.mkdir(STAGING, 0o700, dir_fd=anchor_fd)
+        staging_fd = os.open(STAGING, DIR_FLAGS, dir_fd=anchor_fd)
+        try:
+            unpacker = _Unpacker(staging_fd)
+            try:
+                with gzip.GzipFile(fileobj=source, mode="rb") as gz:
+                    with tarfile.open(fileobj=gz, mode="r|") as tar:
+                        for member in tar:
+                            unpacker.add(tar, member)
+                            count += 1
+                    while gz.read(CHUNK):  # to the end: gzip checks its CRC and length there
+                        pass
+            finally:
+                unpacker.close()
+            roots = {tuple(arcname.split("/")) for arcname, _, _ in layout}
+            unpacker.apply_modes(roots)
+            _move_into_place(staging_fd, layout, {tuple(p): (m, t) for p, m, t in unpacker.dirs})
+        finally:
+            os.close(staging_fd)
+        remove_tree(anchor_fd, STAGING)
+    except (OSError, EOFError, tarfile.TarError, SnapshotError, ValueError) as exc:
+        with contextlib.suppress(OSError):
+            remove_tree(anchor_fd, STAGING)
+        if isinstance(exc, SnapshotError):
+            raise
+        raise SnapshotError(f"the snapshot could not be restored: {exc}") from exc
+    finally:
+        os.close(anchor_fd)
+    return count
+
+
+def _move_into_place(staging_fd: int, layout: list[tuple[str, str, list[str]]],
+                     modes: dict[tuple[str, ...], tuple[int, int]]) -> None:
+    """Replace each part in place by its staged copy (what is in place goes into the staging
+    folder, removed with it), the workspace last."""
+    for index, (arcname, anchor, components) in enumerate(layout):
+        pieces = arcname.split("/")
+        staged_parent = open_dirs(staging_fd, pieces[:-1])
+        anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            target_parent = open_dirs(anchor_fd, components[:-1], create=True)
+        finally:
+            os.close(anchor_fd)
+        if target_parent is None:
+            raise SnapshotError(f"cannot restore {arcname}: its folder is a link or a file")
+        try:
+            name = components[-1]
+            with contextlib.suppress(OSError):  # a read-only folder moves only once writable
+                fd = os.open(name, DIR_FLAGS, dir_fd=target_parent)
+                os.fchmod(fd, 0o700)
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(name, f"replaced-{index}", src_dir_fd=target_parent, dst_dir_fd=staging_fd)
+            if staged_parent is None:
+                continue  # not in the snapshot: nothing in place either
+            try:
+                os.rename(pieces[-1], name, src_dir_fd=staged_parent, dst_dir_fd=target_parent)
+            except FileNotFoundError:
+                continue
+            if tuple(pieces) in modes:
+                mode, mtime = modes[tuple(pieces)]
+                fd = os.open(name, DIR_FLAGS, dir_fd=target_parent)
+                try:
+                    os.fchmod(fd, mode)
+                    os.utime(fd, (mtime, mtime))
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(target_parent)
+            if staged_parent is not None:
+                os.close(staged_parent)

@@ -1,0 +1,273 @@
+"""What every sandbox provider must do, run against each of them (only the local provider now; the
+Modal provider will be added to ``KITS``).
+
+The promises: ``create`` runs the bootstrap and returns with OpenCode healthy; ``exec`` is confined
+(it cannot see the server's files or processes); a snapshot round-trips every workspace a data
+scientist makes (a venv, absolute, relative and dangling links, hard links, a big file, read-only
+files and folders) byte for byte; a restore is all or nothing (a corrupt or truncated snapshot
+leaves nothing in place, its archive untouched, and the session can be started again); and
+``terminate`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tabbi_sandbox import processes
+from tabbi_sandbox.local import LocalProvider
+from tabbi_sandbox.provider import RestoreError, Sandbox, SandboxProvider, SandboxSpec
+from tests.support.waiting import wait_exited
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@dataclass
+class Kit:
+    """A provider under test and what the suite needs to know of it."""
+
+    provider: SandboxProvider
+    #: A copy of the snapshot ``ref`` damaged by ``damage(bytes) -> bytes``; returns its ref.
+    damaged_copy: Callable[[dict[str, Any], Callable[[bytes], bytes]], dict[str, Any]]
+    #: The archive bytes of ``ref`` (to prove a failed restore left it untouched).
+    archive_bytes: Callable[[dict[str, Any]], bytes]
+
+
+def local_kit(data: Path) -> Kit:
+    provider = LocalProvider(data / "sandboxes", isolation_mode="bwrap", start_timeout=120)
+
+    def path(ref: dict[str, Any]) -> Path:
+        return provider._archive(ref)
+
+    def damaged_copy(ref: dict[str, Any], damage: Callable[[bytes], bytes]) -> dict[str, Any]:
+        copy = {**ref, "name": f"{ref['name']}-damaged"}
+        path(copy).write_bytes(damage(path(ref).read_bytes()))
+        return copy
+
+    return Kit(provider, damaged_copy, lambda ref: path(ref).read_bytes())
+
+
+KITS = {"local": local_kit}
+
+
+@pytest.fixture(params=sorted(KITS))
+def kit(request, tmp_path) -> Kit:
+    return KITS[request.param](tmp_path / "tabbi-data")
+
+
+def make_spec(source_repo: Path, sandbox_id: str | None = None) -> SandboxSpec:
+    return SandboxSpec(
+        sandbox_id=sandbox_id or f"ses-{secrets.token_hex(6)}",
+        repo_url=str(source_repo),
+        repo_display=str(source_repo),
+        work_branch="tabbi/contract",
+        read_only_paths=[str(source_repo)],
+    )
+
+
+async def start(kit: Kit, spec: SandboxSpec, restore: dict | None = None) -> tuple[Sandbox, list[str]]:
+    phases: list[str] = []
+
+    async def progress(message: dict) -> None:
+        phases.append(message["phase"])
+
+    return await kit.provider.create(spec, progress, restore=restore), phases
+
+
+async def shell(sandbox: Sandbox, script: str, timeout: float = 120) -> str:
+    done = await sandbox.exec(["bash", "-c", script], timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def healthy(sandbox: Sandbox) -> bool:
+    endpoint = sandbox.endpoint()
+    token = base64.b64encode(f"opencode:{endpoint.password}".encode()).decode()
+    request = urllib.request.Request(f"{endpoint.url}/global/health",
+                                     headers={"Authorization": f"Basic {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read()).get("healthy") is True
+
+
+async def test_start_runs_the_bootstrap_and_terminate_leaves_no_process(kit, source_repo):
+    spec = make_spec(source_repo)
+    sandbox, phases = await start(kit, spec)
+    try:
+        assert phases[0] == "cloning" and "branch" in phases and phases[-1] == "ready"
+        assert sandbox.poll() is None
+        assert healthy(sandbox)
+        branch = await shell(sandbox, "git branch --show-current")
+        assert branch.strip() == "tabbi/contract"
+        assert processes.sandbox_pids(spec.sandbox_id)
+    finally:
+        await sandbox.terminate()
+    await sandbox.terminate()  # idempotent
+    wait_exited(lambda: processes.sandbox_pids(spec.sandbox_id), 30, "every sandbox process ending")
+    assert sandbox.poll() is not None
+    await kit.provider.destroy(spec.sandbox_id)
+
+
+async def test_exec_cannot_see_the_server(kit, source_repo, tmp_path):
+    """Threat: exec runs what the agent's files decide (git config, filters) in the sandbox; it
+    must not see the server's database, its home, its processes or system secrets."""
+    data = tmp_path / "tabbi-data"
+    data.mkdir(parents=True, exist_ok=True)
+    server_db = data / "tabbi.sqlite3"
+    server_db.write_text("server database")
+    home_secret = Path(os.environ["HOME"]) / f"tabbi-contract-{secrets.token_hex(4)}"
+    home_secret.write_text("home secret")
+    try:
+        sandbox, _ = await start(kit, make_spec(source_repo))
+        try:
+            out = await shell(sandbox, f"""
+                for p in {server_db} {home_secret} /etc/shadow /proc/{os.getpid()}/environ; do
+                  test -e "$p" && echo "VISIBLE $p" || echo "hidden $p"; done
+                ls {data}""")
+        finally:
+            await sandbox.terminate()
+    finally:
+        home_secret.unlink()
+    assert "VISIBLE" not in out, out
+    assert out.count("hidden") == 4
+    assert out.splitlines()[-1] == "sandboxes"  # of the data folder, only its own folder's path
+
+
+#: Builds the workspace a data scientist makes: a venv, every kind of link, a big file, read-only
+#: files and folders, odd names; plus what a snapshot leaves out (a FIFO, a git lock).
+WORKSPACE_SCRIPT = r"""
+set -e
+python3 -m venv --without-pip .venv
+mkdir -p data/raw nested/deeper "odd name é"
+head -c 24000000 /dev/urandom > data/raw/big.bin
+printf 'x,y\n1,2\n' > data/small.csv
+ln data/small.csv data/hardlink.csv
+ln data/small.csv nested/deeper/another-hardlink.csv
+ln -s "$PWD/data/small.csv" absolute-link.csv
+ln -s ../data/raw nested/relative-dir-link
+ln -s /nowhere/at/all dangling-link
+ln -s "$PWD/.venv" venv-link
+echo 'frozen' > readonly.txt && chmod 444 readonly.txt
+mkdir locked && echo inside > locked/file.txt && chmod 555 locked
+echo '#!/bin/sh' > run.sh && chmod 755 run.sh
+echo 'é' > "odd name é/ünïcode.txt"
+touch -d '2001-02-03 04:05:06' data/small.csv
+mkfifo a-fifo
+echo stale > .git/index.lock
+"""
+
+#: Prints a manifest of the workspace from inside the sandbox: every path with its type, mode,
+#: link target, content digest, mtime (files) and hard-link group; links are never followed.
+MANIFEST_SCRIPT = r"""
+import hashlib, json, os, stat
+groups, out = {}, {}
+for top, dirs, files in os.walk(".", followlinks=False):
+    for name in dirs + files:
+        path = os.path.join(top, name)
+        st = os.lstat(path)
+        entry = {"mode": oct(stat.S_IMODE(st.st_mode)), "type": stat.S_IFMT(st.st_mode)}
+        if stat.S_ISLNK(st.st_mode):
+            entry = {"type": "link", "target": os.readlink(path)}
+        elif stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+            entry["mtime"] = int(st.st_mtime)
+            if st.st_nlink > 1:
+                entry["group"] = groups.setdefault((st.st_dev, st.st_ino), path)
+        out[path] = entry
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+#: Files OpenCode rewrites whenever it starts (the same content at a new time).
+REWRITTEN_AT_START = {"./.git/opencode"}
+
+
+def comparable(manifest: dict[str, dict]) -> dict[str, dict]:
+    return {path: {k: v for k, v in entry.items() if not (k == "mtime" and path in REWRITTEN_AT_START)}
+            for path, entry in manifest.items()}
+
+
+async def manifest(sandbox: Sandbox) -> dict[str, dict]:
+    return json.loads(await shell(sandbox, f"python3 -c '{MANIFEST_SCRIPT}'"))
+
+
+async def test_a_data_scientists_workspace_round_trips_through_a_snapshot(kit, source_repo):
+    spec = make_spec(source_repo)
+    sandbox, _ = await start(kit, spec)
+    try:
+        await shell(sandbox, WORKSPACE_SCRIPT)
+        before = await manifest(sandbox)
+        ref, size = await kit.provider.snapshot(sandbox, "first")
+        assert size > 20_000_000  # the big random file is in it
+    finally:
+        await sandbox.terminate()
+    await kit.provider.destroy(spec.sandbox_id)  # as a pause does: the snapshot is all that is left
+
+    restored, phases = await start(kit, spec, restore=ref)
+    try:
+        assert "restoring" in phases and "reusing_workspace" in phases
+        after = await manifest(restored)
+        python = await shell(restored, ".venv/bin/python -c 'import sys; print(sys.prefix)'")
+        status = await shell(restored, "git status --porcelain -uno; git branch --show-current")
+        assert healthy(restored)
+    finally:
+        await restored.terminate()
+    left_out = {"./a-fifo", "./.git/index.lock"}
+    assert left_out <= before.keys()
+    expected = {path: entry for path, entry in before.items() if path not in left_out}
+    assert comparable(after) == comparable(expected)
+    assert python.strip().endswith("/workspace/.venv")
+    assert status.strip() == "tabbi/contract"
+
+
+def truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def flip_a_byte(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
+def cut_before_the_end(data: bytes) -> bytes:
+    return data[:-12]  # everything but gzip's trailer (CRC and length) and a little more
+
+
+async def test_a_damaged_snapshot_restores_nothing_and_can_be_retried(kit, source_repo):
+    spec = make_spec(source_repo)
+    sandbox, _ = await start(kit, spec)
+    try:
+        await shell(sandbox, "head -c 3000000 /dev/urandom > noise.bin; echo mine > mine.txt")
+        before = await manifest(sandbox)
+        ref, _ = await kit.provider.snapshot(sandbox, "good")
+    finally:
+        await sandbox.terminate()
+    await kit.provider.destroy(spec.sandbox_id)
+    good = kit.archive_bytes(ref)
+
+    for damage in (truncate, flip_a_byte, cut_before_the_end):
+        bad = kit.damaged_copy(ref, damage)
+        damaged = kit.archive_bytes(bad)
+        with pytest.raises(RestoreError, match="could not be restored"):
+            await start(kit, spec, restore=bad)
+        assert processes.sandbox_pids(spec.sandbox_id) == [], damage.__name__
+        assert kit.archive_bytes(bad) == damaged and kit.archive_bytes(ref) == good  # untouched
+        if isinstance(kit.provider, LocalProvider):  # nothing half-restored, no staging left
+            root = kit.provider.sandbox_root(spec.sandbox_id)
+            assert not (root / "workspace").exists() and not (root / "home").exists(), damage.__name__
+            assert not (root / ".tabbi-restore").exists()
+
+    again, _ = await start(kit, spec, restore=ref)  # a retry with a good snapshot works
+    try:
+        assert comparable(await manifest(again)) == comparable(before)
+    finally:
+        await again.terminate()
