@@ -86,7 +86,7 @@ async def test_interrupting_the_kernel_aborts_the_turn(kernel, llm, source_repo,
 async def test_errors_are_readable_without_tracebacks(kernel, llm, source_repo):
     await kernel.run("%load_ext tabbi_kernel")
     for code, message in [
-        ("%tabbi start /no/such/repo", "no such directory: /no/such/repo"),
+        ("%tabbi start /no/such/repo", "as a local path must be a git repository inside your Jupyter root"),
         ("%tabbi nonsense", "unknown command 'nonsense'"),
         ("%tabbi status", "no current session"),
         ("%tabbi use ses-000000000000", "no session ses-000000000000"),
