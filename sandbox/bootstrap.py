@@ -258,11 +258,13 @@ OFFLINE_SWITCHES = {
 }
 
 
-def opencode_env(env: dict[str, str], password: str, config: dict, secrets: dict[str, str]) -> dict[str, str]:
-    """OpenCode's environment: the sandbox home (``env``), its secrets, its config, offline."""
+def opencode_env(env: dict[str, str], password: str, config: dict) -> dict[str, str]:
+    """OpenCode's environment: the sandbox home (``env``), its password, its config, offline.
+
+    No model key: the config points OpenCode at the server's model gateway with a gateway
+    token. Anything here is OpenCode's alone, not its tools' (see ``start_opencode``)."""
     return {
         **env,
-        **secrets,
         "OPENCODE_SERVER_PASSWORD": password,
         "OPENCODE_CONFIG_CONTENT": json.dumps(config),
         **OFFLINE_SWITCHES,
@@ -273,7 +275,7 @@ def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, i
     emit("starting_agent")
     port = int(spec.get("port") or free_port())
     oc = spec["opencode"]
-    oc_env = opencode_env(env, oc["password"], oc["config"], oc.get("env", {}))
+    oc_env = opencode_env(env, oc["password"], oc["config"])
     if spec.get("marker"):
         oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
     with open(os.path.join(spec["home"], "opencode.log"), "ab") as log:
