@@ -268,6 +268,7 @@ class GatewayHandler(web.RequestHandler):
         self._upstream = response
         try:
             self.set_status(status)
+            self.clear_header("Content-Type")  # tornado's default; the upstream's is added below
             for name, value in response.headers.multi_items():
                 if name.lower() not in DROP_RESPONSE:
                     self.add_header(name, value)

@@ -258,11 +258,17 @@ OFFLINE_SWITCHES = {
 }
 
 
+#: OpenCode plugin that keeps OpenCode's own secrets out of its tools' environment; it sits
+#: beside this script, in a folder every sandbox binds read-only.
+TOOL_ENV_PLUGIN = "file://" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "tool_env.js")
+
+
 def opencode_env(env: dict[str, str], password: str, config: dict) -> dict[str, str]:
     """OpenCode's environment: the sandbox home (``env``), its password, its config, offline.
 
     No model key: the config points OpenCode at the server's model gateway with a gateway
     token. Anything here is OpenCode's alone, not its tools' (see ``start_opencode``)."""
+    config = {**config, "plugin": [*config.get("plugin", []), TOOL_ENV_PLUGIN]}
     return {
         **env,
         "OPENCODE_SERVER_PASSWORD": password,
