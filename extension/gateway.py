@@ -136,9 +136,6 @@ class ModelGateway:
         self._grants.setdefault(session_id, grant)
         return self._grants[session_id]
 
-    def revoke(self, session_id: str) -> None:
-        self._grants.pop(session_id, None)
-
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
