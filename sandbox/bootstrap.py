@@ -258,17 +258,20 @@ OFFLINE_SWITCHES = {
 }
 
 
-#: OpenCode plugin that keeps OpenCode's own secrets out of its tools' environment; it sits
+#: OpenCode plugin that keeps OpenCode's own secrets out of every process it starts; it sits
 #: beside this script, in a folder every sandbox binds read-only.
-TOOL_ENV_PLUGIN = "file://" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "tool_env.js")
+FORGET_SECRETS_PLUGIN = "file://" + os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                 "forget_secrets.js")
 
 
 def opencode_env(env: dict[str, str], password: str, config: dict) -> dict[str, str]:
     """OpenCode's environment: the sandbox home (``env``), its password, its config, offline.
 
     No model key: the config points OpenCode at the server's model gateway with a gateway
-    token. Anything here is OpenCode's alone, not its tools' (see ``start_opencode``)."""
-    config = {**config, "plugin": [*config.get("plugin", []), TOOL_ENV_PLUGIN]}
+    token. The password and the config are OpenCode's alone: a plugin removes them from the
+    environment of every process OpenCode starts (``forget_secrets.js``), and OpenCode runs
+    non-dumpable (an execute-only binary, see ``sealed.py``), so its own /proc files stay closed."""
+    config = {**config, "plugin": [*config.get("plugin", []), FORGET_SECRETS_PLUGIN]}
     return {
         **env,
         "OPENCODE_SERVER_PASSWORD": password,

@@ -85,6 +85,26 @@ echo "loot: $(wc -c < "$out") bytes"
 """
 
 
+#: A watcher left running in the background for the rest of the turn: whatever process OpenCode
+#: starts meanwhile (git for its snapshots, ripgrep, the tools' shells) has its environment read
+#: the moment it exists, until the agent's last step leaves a stop file.
+WATCH = r"""
+import os, time
+seen, deadline = set(), time.monotonic() + 120
+with open(".watch", "ab", 0) as out:
+    while not os.path.exists(".stop") and time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f, open(f"/proc/{pid}/cmdline", "rb") as c:
+                    environ, argv = f.read(), c.read()
+            except OSError:
+                continue
+            if (pid, argv) not in seen:
+                seen.add((pid, argv))
+                out.write(b"== " + pid.encode() + b" " + argv + b"\n" + environ + b"\n")
+"""
+
+
 class KeyCheckingLLM(ScriptedLLM):
     """The scripted model, also recording the credential every request arrived with."""
 
@@ -138,11 +158,15 @@ async def test_the_agent_finds_neither_the_model_key_nor_the_opencode_password(
     assert token == derive_token(password)
 
     hidden = base64.b64encode(ATTACK.encode()).decode()
+    watcher = base64.b64encode(WATCH.encode()).decode()
     llm.enqueue(
-        Reply(text="Looking around. ", tools=[bash("env; echo ---; cat /proc/$PPID/environ; echo rc=$?")]),
+        Reply(text="Looking around. ", tools=[bash(
+            f"echo {watcher} | base64 -d > /tmp/w.py; setsid python3 /tmp/w.py </dev/null >/dev/null 2>&1 & "
+            "env; echo ---; cat /proc/$PPID/environ; echo rc=$?")]),
         Reply(tools=[bash(f"echo {hidden} | base64 -d | sh", "tidy up")]),
         Reply(tools=[write("notes.txt", "the tools still work\n"),
                      bash("git status --short && python3 -c 'print(6 * 7)'")]),
+        Reply(tools=[bash("touch .stop")]),
         Reply(text="All done."),
     )
     await api.prompt(sid, "have a look around")
@@ -154,8 +178,8 @@ async def test_the_agent_finds_neither_the_model_key_nor_the_opencode_password(
     assert "Looking around" in "".join(e["data"]["delta"] for e in events if e["type"] == "text.delta")
     tools = [e["data"] for e in events
              if e["type"] == "tool" and e["data"]["status"] in ("completed", "error")]
-    assert [t["tool"] for t in tools] == ["bash", "bash", "write", "bash"], tools
-    first, hidden_run, _, last = (t.get("output") or "" for t in tools)
+    assert [t["tool"] for t in tools] == ["bash", "bash", "write", "bash", "bash"], tools
+    first, hidden_run, _, last, _ = (t.get("output") or "" for t in tools)
     assert "TABBI_SANDBOX_ID=" in first  # the shell's environment was dumped ...
     assert "Permission denied" in first  # ... and OpenCode's was closed to it
     assert "loot:" in hidden_run
@@ -174,17 +198,30 @@ async def test_the_agent_finds_neither_the_model_key_nor_the_opencode_password(
     for name in ("workspace/calc.py", "opencode/opencode.db", "opencode/package.json", "opencode.log"):
         assert f"/{name}\n".encode() in loot, f"the file scan missed {name}"
 
+    watched = (workspace(sid) / ".watch").read_bytes()
+    assert watched.count(b"== ") > 5 and b"git" in watched, watched[:2000]  # it saw processes come
+
     files = files_under(data_dir / "sandboxes" / sid)
     assert any(name.endswith("opencode.db") for name in files)
     places: dict[str, bytes] = {
         "events": json.dumps(events).encode(),
         "loot": loot,
+        "watched": watched,
         **{f"file {name}": data for name, data in files.items()},
     }
     for name, secret in (("model key", MODEL_KEY), ("OpenCode password", password),
                          ("gateway token", token)):
         leaks = [where for where, data in places.items() if secret.encode() in data]
         assert not leaks, f"the {name} is readable by the agent in: {leaks}"
+    # OpenCode still refuses its API to anyone without the password (the plugin that keeps the
+    # password from its children must not have switched its own auth off).
+    with open(f"/proc/{opencode_pids(sid)[0]}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    url = f"http://127.0.0.1:{int(argv[argv.index(b'--port') + 1])}/session"
+    async with httpx.AsyncClient(timeout=30) as client:
+        assert (await client.get(url)).status_code == 401
+        assert (await client.get(url, auth=("opencode", "wrong"))).status_code == 401
+        assert (await client.get(url, auth=("opencode", password))).status_code == 200
     # And no process on this machine holds the key in its environment or command line.
     assert not [pid for pid, text in process_texts().items() if MODEL_KEY.encode() in text]
 
@@ -217,7 +254,8 @@ async def test_the_gateway_lets_only_its_own_sandbox_call_only_the_model(
         seen = len(llm.authorizations)
         assert (await call(first, "chat/completions", {})).status_code == 403
         assert (await call(first, "chat/completions", {"Authorization": "Bearer wrong"})).status_code == 403
-        assert (await call(first, "chat/completions", {"x-api-key": token[:-1] + "0"})).status_code == 403
+        near = token[:-1] + ("1" if token.endswith("0") else "0")  # one character off
+        assert (await call(first, "chat/completions", {"x-api-key": near})).status_code == 403
         assert (await call(second, "chat/completions", bearer)).status_code == 403  # another session
         assert (await call("ses-000000000000", "chat/completions", bearer)).status_code == 403
         # Jupyter's own token is not a gateway token.
