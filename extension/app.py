@@ -301,7 +301,13 @@ class TabbiExtension(ExtensionApp):
             return self.gateway_url
         app = self.serverapp
         scheme = "https" if app.certfile else "http"
-        host = "[::1]" if app.ip in ("::1", "::") else "127.0.0.1"
+        ip = app.ip or "localhost"
+        if ip in ("localhost", "127.0.0.1", "0.0.0.0", "*"):
+            host = "127.0.0.1"
+        elif ip in ("::", "::1"):
+            host = "[::1]"
+        else:  # listening on one address only
+            host = f"[{ip}]" if ":" in ip else ip
         return f"{scheme}://{host}:{app.port}{app.base_url}"
 
     def make_secret_box(self, data: Path) -> encryption.SecretBox | None:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from tabbi_extension.gateway import derive_token
+from tabbi_extension.app import TabbiExtension
+from tabbi_extension.gateway import UsageMeter, derive_token
 from tests.support.llm import Reply, ScriptedLLM, bash, write
 from tests.test_github_secrets import files_under, process_texts
 from tests.test_sessions import opencode_pids
@@ -287,3 +289,34 @@ async def test_the_gateway_lets_only_its_own_sandbox_call_only_the_model(
         other = {"Authorization": f"Bearer {other_token}"}
         assert (await call(second, "models", other, "GET")).status_code == 200
     assert llm.authorizations[seen:] == [f"Bearer {MODEL_KEY}"] * 3
+
+
+@pytest.mark.parametrize(("ip", "expected"), [
+    ("", "http://127.0.0.1:8888/base/"), ("0.0.0.0", "http://127.0.0.1:8888/base/"),
+    ("localhost", "http://127.0.0.1:8888/base/"), ("::", "http://[::1]:8888/base/"),
+    ("10.1.2.3", "http://10.1.2.3:8888/base/"),
+])
+def test_the_gateway_url_is_where_a_local_sandbox_reaches_the_server(ip, expected):
+    serverapp = SimpleNamespace(ip=ip, port=8888, base_url="/base/", certfile="")
+    assert TabbiExtension.server_url(SimpleNamespace(gateway_url=None, serverapp=serverapp)) == expected
+    configured = SimpleNamespace(gateway_url="https://hub.example/user/x/", serverapp=serverapp)
+    assert TabbiExtension.server_url(configured) == "https://hub.example/user/x/"
+
+
+def test_usage_is_read_from_openai_and_anthropic_streams_split_anywhere():
+    openai = (b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+              b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 7}}\n\n'
+              b"data: [DONE]\n\n")
+    anthropic = (b'event: message_start\ndata: {"type": "message_start", "message": '
+                 b'{"usage": {"input_tokens": 30, "output_tokens": 1}}}\n\n'
+                 b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 9}}\n\n')
+    for stream, expected in ((openai, (12, 7)), (anthropic, (30, 9))):
+        meter = UsageMeter()
+        for i in range(0, len(stream), 7):  # chunk borders fall inside lines
+            meter.feed(stream[i:i + 7], "text/event-stream")
+        meter.finish()
+        assert (meter.input, meter.output) == expected
+    whole = UsageMeter()
+    whole.feed(b'{"usage": {"input_tokens": 5, "output_tokens": 2}}', "application/json")
+    whole.finish()
+    assert (whole.input, whole.output) == (5, 2)
