@@ -193,7 +193,8 @@ class SessionAgent:
 
     async def _boot(self) -> None:
         try:
-            setup = model_config.build(self.settings.model, self.record.model)
+            password = secrets.token_urlsafe(24)  # OpenCode's, random per sandbox start
+            setup = model_config.for_sandbox(self.settings.model, self.id, password, self.record.model)
             repo = parse_repo(self.record.repo, self.settings.github_url)
             access, why_anonymous = await self._clone_access(repo)
             spec = SandboxSpec(
@@ -203,7 +204,7 @@ class SessionAgent:
                 work_branch=self.record.work_branch,
                 base_branch=self.record.base_branch,
                 opencode_config=setup.config,
-                opencode_env=setup.env,
+                password=password,
                 read_only_paths=[repo.local_path] if repo.local_path else [],
                 git_credential=access.credential if access else None,
                 max_seconds=(self.settings.max_lifetime + self.settings.turn_timeout)

@@ -7,6 +7,7 @@ the ones deployments set from secrets also read an environment variable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
 import os
 import time
@@ -22,6 +23,7 @@ from tabbi_sandbox.local import LocalProvider
 from tabbi_sandbox.provider import SandboxProvider
 
 from . import encryption, handlers
+from . import gateway as model_gateway
 from .activity import ActivityReporter
 from .agent import AgentSettings
 from .github import GitHubAccounts, GitHubHosts
@@ -83,12 +85,22 @@ class TabbiExtension(ExtensionApp):
     llm_api_key = Unicode(
         None,
         allow_none=True,
-        help="API key for llm_base_url; reaches only the OpenCode process. Env: TABBI_LLM_API_KEY.",
+        help="API key for llm_base_url; stays in the server (the model gateway adds it to the "
+        "sandbox's model calls). Env: TABBI_LLM_API_KEY.",
     ).tag(config=True)
 
     @default("llm_api_key")
     def _llm_api_key_default(self) -> str | None:
         return _env("TABBI_LLM_API_KEY")
+
+    gateway_url = Unicode(
+        None,
+        allow_none=True,
+        help="This server's base URL as sandboxes reach it, for the model gateway "
+        "(<gateway_url>tabbi/gateway/...). Unset: http://127.0.0.1:<port><base_url>, right for "
+        "local sandboxes, which share the server's network; set it when sandboxes run elsewhere "
+        "(Modal), the server listens on a Unix socket, or serves HTTPS with a private certificate.",
+    ).tag(config=True)
 
     permissions = Dict(
         default_value=DEFAULT_PERMISSIONS,
@@ -263,6 +275,7 @@ class TabbiExtension(ExtensionApp):
     github = Instance(GitHubAccounts, allow_none=True)
     store = Instance(Store, allow_none=True)
     provider = Instance(SandboxProvider, allow_none=True)
+    gateway = Instance(model_gateway.ModelGateway, allow_none=True)
 
     def initialize_settings(self) -> None:
         data = Path(self.data_dir)
@@ -270,14 +283,18 @@ class TabbiExtension(ExtensionApp):
         self.store = self.make_store(data)
         self.provider = self.make_provider(data)
         secrets = self.make_secret_box(data)
+        model_settings = ModelSettings(
+            model=self.model,
+            llm_base_url=self.llm_base_url,
+            llm_api_key=self.llm_api_key,
+            provider_keys={k: os.environ[k] for k in PROVIDER_KEYS if os.environ.get(k)},
+            permissions=dict(self.permissions),
+        )
+        self.gateway = model_gateway.ModelGateway(
+            lambda: model_settings, self.server_url, self.store.get_session, secrets
+        )
         settings = AgentSettings(
-            model=ModelSettings(
-                model=self.model,
-                llm_base_url=self.llm_base_url,
-                llm_api_key=self.llm_api_key,
-                provider_keys={k: os.environ[k] for k in PROVIDER_KEYS if os.environ.get(k)},
-                permissions=dict(self.permissions),
-            ),
+            model=dataclasses.replace(model_settings, gateway=self.gateway),
             github_url=self.github_url,
             turn_timeout=self.turn_timeout,
             model_retries=self.model_retries,
@@ -313,7 +330,24 @@ class TabbiExtension(ExtensionApp):
                 else [contents_root or self.serverapp.root_dir]
             ),
             tabbi_websocket_ping_interval=self.websocket_ping_interval,
+            tabbi_gateway=self.gateway,
         )
+
+    def server_url(self) -> str:
+        """Where a sandbox reaches this server: ``gateway_url``, else loopback on its port (local
+        sandboxes share the server's network namespace)."""
+        if self.gateway_url:
+            return self.gateway_url
+        app = self.serverapp
+        scheme = "https" if app.certfile else "http"
+        ip = app.ip or "localhost"
+        if ip in ("localhost", "127.0.0.1", "0.0.0.0", "*"):
+            host = "127.0.0.1"
+        elif ip in ("::", "::1"):
+            host = "[::1]"
+        else:  # listening on one address only
+            host = f"[{ip}]" if ":" in ip else ip
+        return f"{scheme}://{host}:{app.port}{app.base_url}"
 
     def make_secret_box(self, data: Path) -> encryption.SecretBox | None:
         """The key for secrets at rest, when something needs one: GitHub tokens, or the OpenCode
@@ -358,7 +392,7 @@ class TabbiExtension(ExtensionApp):
         return self.sandbox_provider_class(**options)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend([*handlers.routes(), *github_handlers.routes()])
+        self.handlers.extend([*handlers.routes(), *github_handlers.routes(), *model_gateway.routes()])
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         await self.ensure_started()
@@ -387,6 +421,8 @@ class TabbiExtension(ExtensionApp):
         await self.activity.stop()
         if self.github is not None:
             await self.github.close()
+        if self.gateway is not None:
+            await self.gateway.close()
         if self.manager is not None:
             await self.manager.shutdown()
         if self.store is not None:

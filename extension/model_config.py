@@ -1,27 +1,70 @@
 """OpenCode's configuration for a session: which model, through which provider, with what rights.
 
-Two ways to reach a model:
+Three ways to reach a model:
 - ``TABBI_LLM_BASE_URL`` (+ ``TABBI_LLM_API_KEY``): any OpenAI-compatible server. tabbi declares it
   as the provider ``tabbi`` and the model is the bare id on that server (``llama3.1``).
-- otherwise OpenCode's built-in providers, with ``provider/model`` and the provider's usual key.
+- ``openai/<model>`` with ``OPENAI_API_KEY``, ``anthropic/<model>`` with ``ANTHROPIC_API_KEY``:
+  OpenCode's built-in providers.
 
-Keys never go into the config text: the config refers to them as ``{env:NAME}`` and the values
-travel in the OpenCode process's environment only.
+No key ever reaches the sandbox. OpenCode is pointed at tabbi's model gateway in the Jupyter
+server (``gateway.py``) with a per-sandbox gateway token in place of the key; the gateway swaps
+the token for the real key and forwards to the upstream. Without a gateway (benchmarks driving
+OpenCode directly) the config names the upstream itself and carries no key at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
 CUSTOM_PROVIDER = "tabbi"
 
 DEFAULT_PERMISSIONS = {"edit": "allow", "bash": "allow", "webfetch": "deny", "websearch": "deny"}
 
+#: What OpenCode is given as its API key when it talks to an upstream without the gateway.
+NO_KEY = "none"
+
 
 class ModelConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a provider's model API lives and how it takes its key: the gateway's side."""
+
+    #: ``openai-compatible`` (llm_base_url), ``openai`` or ``anthropic``.
+    kind: str
+    base_url: str
+    key: str | None = field(default=None, repr=False)
+
+    def auth_headers(self) -> dict[str, str]:
+        if not self.key:
+            return {}
+        if self.kind == "anthropic":
+            return {"x-api-key": self.key}
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+#: The providers whose model API the gateway speaks: public base URL and the key's variable.
+PUBLIC_APIS = {
+    "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+    "anthropic": ("https://api.anthropic.com/v1", "ANTHROPIC_API_KEY"),
+}
+
+
+@dataclass(frozen=True)
+class GatewayAccess:
+    """What a sandbox's OpenCode gets instead of a key: the gateway's base URL for its session
+    and a token that is good only there."""
+
+    base_url: str
+    token: str = field(repr=False)
+
+
+class Gateway(Protocol):
+    def issue(self, session_id: str, password: str, model: str | None) -> GatewayAccess: ...
 
 
 @dataclass(frozen=True)
@@ -31,25 +74,19 @@ class ModelSettings:
     llm_api_key: str | None = field(default=None, repr=False)
     provider_keys: dict[str, str] = field(default_factory=dict, repr=False)
     permissions: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PERMISSIONS))
+    #: The server's model gateway (None: OpenCode talks to the upstream directly, keyless).
+    gateway: Gateway | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class OpenCodeSetup:
     config: dict[str, Any]
-    env: dict[str, str] = field(repr=False)
     model_ref: dict[str, str]  # {"providerID", "modelID"}, sent with every prompt
 
 
-def build(settings: ModelSettings, model: str | None = None) -> OpenCodeSetup:
-    """The config, secret environment and model reference for one session."""
+def resolve(settings: ModelSettings, model: str | None = None) -> tuple[dict[str, str], Upstream]:
+    """The model reference OpenCode uses, and the upstream the gateway forwards it to."""
     chosen = model or settings.model
-    base: dict[str, Any] = {
-        "autoupdate": False,
-        "share": "disabled",
-        "lsp": False,
-        "formatter": False,
-        "permission": dict(settings.permissions),
-    }
     if settings.llm_base_url:
         if not chosen:
             raise ModelConfigError(
@@ -57,35 +94,65 @@ def build(settings: ModelSettings, model: str | None = None) -> OpenCodeSetup:
                 "on that server (for example llama3.1)"
             )
         model_id = chosen.split("/", 1)[1] if chosen.startswith(CUSTOM_PROVIDER + "/") else chosen
-        base["provider"] = {
-            CUSTOM_PROVIDER: {
-                "npm": "@ai-sdk/openai-compatible",
-                "name": "tabbi (OpenAI-compatible)",
-                "options": {
-                    "baseURL": settings.llm_base_url.rstrip("/"),
-                    "apiKey": "{env:TABBI_LLM_API_KEY}",
-                },
-                "models": {
-                    model_id: {
-                        "name": model_id,
-                        "tool_call": True,
-                        "limit": {"context": 128000, "output": 8192},
-                    }
-                },
-            }
-        }
-        ref = {"providerID": CUSTOM_PROVIDER, "modelID": model_id}
-        base["enabled_providers"] = [CUSTOM_PROVIDER]
-        env = {"TABBI_LLM_API_KEY": settings.llm_api_key or "none"}
-    else:
-        if not chosen or "/" not in chosen:
-            raise ModelConfigError(
-                "no model configured: set TABBI_MODEL=provider/model (for example "
-                "anthropic/claude-sonnet-4-5), or TABBI_LLM_BASE_URL for an OpenAI-compatible server"
-            )
-        provider, model_id = chosen.split("/", 1)
-        ref = {"providerID": provider, "modelID": model_id}
-        env = {k: v for k, v in settings.provider_keys.items() if k in PROVIDER_KEYS and v}
+        upstream = Upstream("openai-compatible", settings.llm_base_url.rstrip("/"), settings.llm_api_key)
+        return {"providerID": CUSTOM_PROVIDER, "modelID": model_id}, upstream
+    if not chosen or "/" not in chosen:
+        raise ModelConfigError(
+            "no model configured: set TABBI_MODEL=provider/model (for example "
+            "anthropic/claude-sonnet-4-5), or TABBI_LLM_BASE_URL for an OpenAI-compatible server"
+        )
+    provider, model_id = chosen.split("/", 1)
+    if provider not in PUBLIC_APIS:
+        raise ModelConfigError(
+            f"provider {provider!r} is not supported: use openai/... (OPENAI_API_KEY), "
+            "anthropic/... (ANTHROPIC_API_KEY) or TABBI_LLM_BASE_URL for an OpenAI-compatible server"
+        )
+    base_url, key_name = PUBLIC_APIS[provider]
+    upstream = Upstream(provider, base_url, settings.provider_keys.get(key_name))
+    return {"providerID": provider, "modelID": model_id}, upstream
+
+
+def build(settings: ModelSettings, model: str | None = None,
+          access: GatewayAccess | None = None) -> OpenCodeSetup:
+    """The config and model reference for one session. ``access``: the gateway's URL and token
+    for this sandbox (the config then carries those and nothing else about the upstream)."""
+    ref, upstream = resolve(settings, model)
+    base: dict[str, Any] = {
+        "autoupdate": False,
+        "share": "disabled",
+        "lsp": False,
+        "formatter": False,
+        "permission": dict(settings.permissions),
+    }
+    options = (
+        {"baseURL": access.base_url, "apiKey": access.token}
+        if access else {"baseURL": upstream.base_url, "apiKey": NO_KEY}
+    )
+    provider: dict[str, Any] = {"options": options}
+    if upstream.kind == "openai-compatible":
+        model_id = ref["modelID"]
+        provider.update({
+            "npm": "@ai-sdk/openai-compatible",
+            "name": "tabbi (OpenAI-compatible)",
+            "models": {
+                model_id: {
+                    "name": model_id,
+                    "tool_call": True,
+                    "limit": {"context": 128000, "output": 8192},
+                }
+            },
+        })
+    base["provider"] = {ref["providerID"]: provider}
+    base["enabled_providers"] = [ref["providerID"]]
     base["model"] = f"{ref['providerID']}/{ref['modelID']}"
     base["small_model"] = base["model"]
-    return OpenCodeSetup(config=base, env=env, model_ref=ref)
+    return OpenCodeSetup(config=base, model_ref=ref)
+
+
+def for_sandbox(settings: ModelSettings, session_id: str, password: str,
+                model: str | None = None) -> OpenCodeSetup:
+    """The setup of a new sandbox of ``session_id`` whose OpenCode password is ``password``:
+    through the gateway, with a token that replaces the session's previous one."""
+    resolve(settings, model)  # a configuration error surfaces before any token is issued
+    access = settings.gateway.issue(session_id, password, model) if settings.gateway else None
+    return build(settings, model, access)

@@ -264,11 +264,22 @@ OFFLINE_SWITCHES = {
 }
 
 
-def opencode_env(env: dict[str, str], password: str, config: dict, secrets: dict[str, str]) -> dict[str, str]:
-    """OpenCode's environment: the sandbox home (``env``), its secrets, its config, offline."""
+#: OpenCode plugin that keeps OpenCode's own secrets out of every process it starts; it sits
+#: beside this script, in a folder every sandbox binds read-only.
+FORGET_SECRETS_PLUGIN = "file://" + os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                 "forget_secrets.js")
+
+
+def opencode_env(env: dict[str, str], password: str, config: dict) -> dict[str, str]:
+    """OpenCode's environment: the sandbox home (``env``), its password, its config, offline.
+
+    No model key: the config points OpenCode at the server's model gateway with a gateway
+    token. The password and the config are OpenCode's alone: a plugin removes them from the
+    environment of every process OpenCode starts (``forget_secrets.js``), and OpenCode runs
+    non-dumpable (an execute-only binary, see ``sealed.py``), so its own /proc files stay closed."""
+    config = {**config, "plugin": [*config.get("plugin", []), FORGET_SECRETS_PLUGIN]}
     return {
         **env,
-        **secrets,
         "OPENCODE_SERVER_PASSWORD": password,
         "OPENCODE_CONFIG_CONTENT": json.dumps(config),
         **OFFLINE_SWITCHES,
@@ -279,7 +290,7 @@ def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, i
     emit("starting_agent")
     port = int(spec.get("port") or free_port())
     oc = spec["opencode"]
-    oc_env = opencode_env(env, oc["password"], oc["config"], oc.get("env", {}))
+    oc_env = opencode_env(env, oc["password"], oc["config"])
     if spec.get("marker"):
         oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
     with open(os.path.join(spec["home"], "opencode.log"), "ab") as log:

@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import isolation, processes, snapshots
+from . import isolation, processes, sealed, snapshots
 from .binary import find_opencode
 from .provider import (
     BOOTSTRAP_SCRIPT,
@@ -501,7 +501,7 @@ class LocalProvider(SandboxProvider):
     async def create(
         self, spec: SandboxSpec, progress: ProgressCallback, restore: dict[str, Any] | None = None
     ) -> LocalSandbox:
-        opencode_bin = find_opencode(self.opencode_bin)
+        opencode_bin = await asyncio.to_thread(sealed.execute_only, find_opencode(self.opencode_bin))
         confined = await asyncio.to_thread(isolation.choose, self.isolation_mode)
         root = self.sandbox_root(spec.sandbox_id)
         _private_dir(self.root)

@@ -147,7 +147,7 @@ async def test_no_secret_inside_a_snapshot(api, llm, source_repo, data_dir):
     with open(f"/proc/{opencode_pids(sid)[0]}/environ", "rb") as f:
         environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
     password = environ[b"OPENCODE_SERVER_PASSWORD"]
-    assert environ[b"TABBI_LLM_API_KEY"] == SECRET_KEY.encode()  # it does reach OpenCode...
+    assert SECRET_KEY.encode() not in b"".join(environ.values())  # the key stays in the server
     await api.prompt(sid, "hello")
     await api.wait_for(sid, lambda e: e["type"] == "snapshot.saved")
     archive = snapshot_files(data_dir, sid)[0]
@@ -209,32 +209,34 @@ def test_server_killed_mid_turn_then_restarted(tmp_path, llm, source_repo):
 
 def test_server_killed_mid_turn_reattaches_to_its_live_sandbox(tmp_path, llm, source_repo):
     """With detach_sandboxes, a sandbox outlives its crashed server. The next server re-attaches:
-    the same OpenCode process goes on, what the agent did while no server listened (the rest of
-    the turn) is caught up from OpenCode into the log, the turn ends as completed, and the queued
+    the same OpenCode process goes on, the model call the crash cut (model calls go through the
+    server's gateway) is retried by OpenCode and goes through the new server, what the agent did
+    meanwhile is caught up from OpenCode into the log, the turn ends as completed, and the queued
     prompt is delivered. A clean stop of that server then stops the sandbox."""
     from tests.support.server import JupyterProcess
     from tests.test_sessions import opencode_pids as oc_pids
 
-    detach = ["--TabbiExtension.detach_sandboxes=True"]
+    # While no server listens, the model is out of reach (its gateway is in the server): OpenCode
+    # keeps retrying, and must not give up before the next server is there.
+    detach = ["--TabbiExtension.detach_sandboxes=True", "--TabbiExtension.model_retries=100"]
     first = JupyterProcess(llm.url, tmp_path / "srv", extra=detach)
     try:
         sid = first.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
         first.wait_event(sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "running")
         words = " ".join(f"w{i}" for i in range(120))
-        llm.enqueue(Reply(text=words, chunks=60, drip=0.05), Reply(text="delivered after re-attach"))
+        llm.enqueue(Reply(text=words, chunks=60, drip=0.05), Reply(text="answered after re-attach"),
+                    Reply(text="delivered after re-attach"))
         first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "talk for long"})
         first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "the queued one"})
         first.wait_event(sid, lambda e: e["type"] == "text.delta")
         persisted = first.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
         agent = oc_pids(sid)
-        completed = llm.completed
     finally:
         first.kill()
-    # Nobody listens while the agent streams the rest of its answer.
-    llm.wait_completed(completed + 1, 60)  # the model's answer streamed to its end
     assert agent and set(agent) <= set(oc_pids(sid)), "the sandbox outlived the server"
 
-    second = JupyterProcess(llm.url, tmp_path / "srv", extra=detach)
+    # On the same port: the sandbox reaches the model gateway at the URL it was started with.
+    second = JupyterProcess(llm.url, tmp_path / "srv", extra=detach, port=first.port)
     try:
         caught_up = second.wait_event(sid, lambda e: e["type"] == "turn.finished",
                                       after=persisted[-1]["seq"], timeout=120)
@@ -251,7 +253,7 @@ def test_server_killed_mid_turn_reattaches_to_its_live_sandbox(tmp_path, llm, so
     assert ("session.status", "reattached") in [(e["type"], e["data"].get("phase")) for e in after]
     assert not [e for e in after if e["type"] == "error"], after
     texts = [e["data"]["text"] for e in after if e["type"] == "part.updated" and e["data"].get("text")]
-    assert words in texts, "the whole answer, streamed while no server listened, is in the log"
+    assert "answered after re-attach" in texts, "the retried model call went through the new server"
     finished = [(e["data"]["prompt_id"], e["data"]["outcome"]) for e in after if e["type"] == "turn.finished"]
     assert [outcome for _, outcome in finished] == ["completed", "completed"]
     assert done["seq"] > caught_up["seq"]

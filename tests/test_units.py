@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from tabbi_extension.model_config import ModelConfigError, ModelSettings, build
+from tabbi_extension.model_config import GatewayAccess, ModelConfigError, ModelSettings, build, resolve
 from tabbi_extension.states import InvalidTransition, check_transition
 from tabbi_extension.validation import ValidationError, parse_repo, validate_branch
 from tabbi_sandbox import binary
@@ -81,23 +81,38 @@ def test_opencode_lookup_order_and_message(tmp_path, monkeypatch):
         assert tried in message
 
 
-def test_model_config_for_an_openai_compatible_server_keeps_the_key_out_of_the_config():
-    setup = build(ModelSettings(model="llama3.1", llm_base_url="http://127.0.0.1:9/v1",
-                                llm_api_key="sk-secret-value"))
+def test_model_config_for_an_openai_compatible_server_carries_only_the_gateway_token():
+    settings = ModelSettings(model="llama3.1", llm_base_url="http://127.0.0.1:9/v1",
+                             llm_api_key="sk-secret-value")
+    access = GatewayAccess("http://127.0.0.1:8888/tabbi/gateway/ses-0123456789ab/v1", "gw-token")
+    setup = build(settings, access=access)
     assert setup.model_ref == {"providerID": "tabbi", "modelID": "llama3.1"}
     provider = setup.config["provider"]["tabbi"]
-    assert provider["options"] == {"baseURL": "http://127.0.0.1:9/v1",
-                                   "apiKey": "{env:TABBI_LLM_API_KEY}"}
-    assert "sk-secret-value" not in repr(setup.config)
-    assert setup.env == {"TABBI_LLM_API_KEY": "sk-secret-value"}
+    assert provider["options"] == {"baseURL": access.base_url, "apiKey": "gw-token"}
     assert "sk-secret-value" not in repr(setup)
+    # Without a gateway (OpenCode driven directly, as the benchmarks do) there is no key at all.
+    direct = build(settings)
+    assert direct.config["provider"]["tabbi"]["options"] == {"baseURL": "http://127.0.0.1:9/v1",
+                                                             "apiKey": "none"}
+    assert "sk-secret-value" not in repr(direct)
 
 
 def test_model_config_for_builtin_providers():
-    setup = build(ModelSettings(model="anthropic/claude-x",
-                                provider_keys={"ANTHROPIC_API_KEY": "k", "OTHER": "no"}))
+    settings = ModelSettings(model="anthropic/claude-x",
+                             provider_keys={"ANTHROPIC_API_KEY": "k-anthropic", "OTHER": "no"})
+    access = GatewayAccess("http://gw/v1", "gw-token")
+    setup = build(settings, access=access)
     assert setup.model_ref == {"providerID": "anthropic", "modelID": "claude-x"}
-    assert setup.env == {"ANTHROPIC_API_KEY": "k"}
+    assert setup.config["provider"] == {"anthropic": {"options": {"baseURL": "http://gw/v1",
+                                                                  "apiKey": "gw-token"}}}
+    assert "k-anthropic" not in repr(setup)
+    _, upstream = resolve(settings)
+    assert upstream.base_url == "https://api.anthropic.com/v1"
+    assert upstream.auth_headers() == {"x-api-key": "k-anthropic"}
+    _, openai = resolve(ModelSettings(model="openai/gpt-x", provider_keys={"OPENAI_API_KEY": "k-o"}))
+    assert openai.auth_headers() == {"Authorization": "Bearer k-o"}
+    with pytest.raises(ModelConfigError, match="not supported"):
+        build(ModelSettings(model="google/gemini"))
     with pytest.raises(ModelConfigError, match="TABBI_MODEL"):
         build(ModelSettings())
     with pytest.raises(ModelConfigError, match="TABBI_MODEL"):

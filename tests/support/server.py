@@ -22,8 +22,8 @@ from tabbi_sandbox.bootstrap import free_port
 
 class JupyterProcess:
     def __init__(self, llm_url: str, workdir: Path, app: str = "server", extra: list[str] | None = None,
-                 env: dict[str, str] | None = None):
-        self.port = free_port()
+                 env: dict[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.token = secrets.token_hex(16)
         self.workdir = workdir
         home = workdir / "home"
