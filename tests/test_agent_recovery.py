@@ -115,7 +115,10 @@ def test_reattach_while_the_agent_still_works_ends_the_turn_when_it_does(tmp_pat
     it (before, the idle was ignored and the session stayed busy until turn_timeout)."""
     from tests.support.server import JupyterProcess
 
-    extra = ["--TabbiExtension.detach_sandboxes=True", "--TabbiExtension.turn_timeout=900"]
+    # The model is reached through the server's gateway: no model call gets through while no
+    # server listens (OpenCode keeps retrying), and the next server must come back on the same port.
+    extra = ["--TabbiExtension.detach_sandboxes=True", "--TabbiExtension.turn_timeout=900",
+             "--TabbiExtension.model_retries=100"]
     hold = threading.Event()
     first = JupyterProcess(llm.url, tmp_path / "srv", extra=extra)
     try:
@@ -128,13 +131,14 @@ def test_reattach_while_the_agent_still_works_ends_the_turn_when_it_does(tmp_pat
     finally:
         first.kill()
 
-    second = JupyterProcess(llm.url, tmp_path / "srv", extra=extra)
+    second = JupyterProcess(llm.url, tmp_path / "srv", extra=extra, port=first.port)
     try:
         reattached = second.wait_event(
             sid, lambda e: e["type"] == "session.status" and e["data"].get("phase") == "reattached",
             after=persisted[-1]["seq"], timeout=120)
-        # The model's answer is held, so OpenCode is still busy with the turn at this point.
-        hold.set()  # the model finishes its answer now
+        # OpenCode is still busy with the turn here: the held answer was cut with the first
+        # server, and its retry waits for a gateway.
+        hold.set()
         finished = second.wait_event(sid, lambda e: e["type"] == "turn.finished",
                                      after=reattached["seq"], timeout=90)
         session = second.call("GET", f"tabbi/api/sessions/{sid}")
