@@ -400,7 +400,6 @@ class LocalSandbox(Sandbox):
                 "bin": opencode_bin,
                 "password": spec.password,
                 "config": spec.opencode_config,
-                "env": spec.opencode_env,
             },
         }
         argv = self.bootstrap_argv()

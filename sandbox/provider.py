@@ -32,8 +32,9 @@ class RestoreError(SandboxError):
 
 @dataclass
 class SandboxSpec:
-    """Everything a sandbox needs to come up. ``opencode_env`` holds secrets: it goes to the
-    bootstrap's stdin and from there only into OpenCode's environment."""
+    """Everything a sandbox needs to come up. ``password`` (OpenCode's, per start) and
+    ``git_credential`` are secrets: they go to the bootstrap's stdin only. No model key is here:
+    the sandbox reaches the model through the server's gateway."""
 
     sandbox_id: str
     repo_url: str
@@ -43,7 +44,6 @@ class SandboxSpec:
     git_name: str = "tabbi"
     git_email: str = "tabbi@localhost"
     opencode_config: dict[str, Any] = field(default_factory=dict)
-    opencode_env: dict[str, str] = field(default_factory=dict, repr=False)
     #: Host paths the clone must be able to read (a local repository), bound read-only.
     read_only_paths: list[str] = field(default_factory=list)
     password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
