@@ -1,0 +1,201 @@
+"""Guarantees that mutation probing found unguarded (issue 17), each checked from the outside.
+
+Every test here failed against the breakage named in its docstring (``make mutants`` re-checks
+that, see docs/testing.md): what a client, the model provider or an attacker in the sandbox
+observes, never how the code does it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from tabbi_sandbox import bootstrap
+from tabbi_sandbox.isolation import bwrap_path, bwrap_works
+from tabbi_sandbox.provider import BOOTSTRAP_SCRIPT
+from tests.conftest import git
+from tests.support.git_remote import GitHTTPRemote
+from tests.support.llm import Reply, write
+from tests.test_github import github, sign_in_web, tabbi_config  # noqa: F401  (fixtures used here)
+from tests.test_sessions import running_session
+
+pytestmark = pytest.mark.timeout(300)
+
+TOKEN = "tabbi-push-token-6d1e0a"
+
+#: A ``git`` placed first on the bootstrap's PATH: it records its arguments and whether the
+#: credential was anywhere in its environment, then runs the real git.
+GIT_SPY = """#!/bin/sh
+case "$(env)" in *{token}*) seen=yes ;; *) seen=no ;; esac
+printf '%s\\0' "$seen" "$@" > "{log}/$$"
+exec /usr/bin/git "$@"
+"""
+
+
+@pytest.mark.skipif(not bwrap_works()[0], reason="needs bubblewrap to place the git spy")
+def test_only_git_push_sees_the_push_credential(tmp_path, source_repo):
+    """Threat: every process that holds the token in its environment is one more place it can leak
+    from (a child it starts, a core dump, a /proc reader in the same namespace). The push step
+    prepares a private repository (``git init``, ``git fetch`` of the agent's workspace) before
+    pushing: only the ``git push`` may hold the credential. Breakage caught: the push step's whole
+    environment carrying the token."""
+    remote = GitHTTPRemote(tmp_path / "remote", TOKEN)
+    remote.root.mkdir()
+    remote.add_bare("sample", source_repo)
+    remote.start()
+    try:
+        ws, home, spy, log = (tmp_path / name for name in ("ws", "home", "spy", "log"))
+        for folder in (home, spy, log):
+            folder.mkdir()
+        git("clone", "--quiet", str(source_repo), str(ws), cwd=tmp_path)
+        git("checkout", "--quiet", "-b", "tabbi/pushed", cwd=ws)
+        (spy / "git").write_text(GIT_SPY.format(token=TOKEN, log=log))
+        (spy / "git").chmod(0o755)
+        request = {"workspace": str(ws), "home": str(home), "branch": "tabbi/pushed",
+                   "remote_url": remote.url("sample"),
+                   "credential": {"username": "x-access-token", "password": TOKEN}}
+        # The bootstrap's PATH starts with /usr/local/bin: the spy is mounted there, for it only.
+        done = subprocess.run(
+            [bwrap_path(), "--dev-bind", "/", "/", "--bind", str(spy), "/usr/local/bin",
+             os.path.realpath(sys.executable), "-I", "-S", str(BOOTSTRAP_SCRIPT), "push"],
+            input=json.dumps(request), capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        remote.stop()
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"pushed": True}, done.stderr
+    assert git("rev-parse", "tabbi/pushed", cwd=remote.root / "sample.git") == git(
+        "rev-parse", "HEAD", cwd=ws)
+    runs = []
+    for record in log.iterdir():
+        seen, *argv = record.read_bytes().rstrip(b"\0").decode().split("\0")
+        runs.append((bootstrap.subcommand(argv), seen == "yes"))
+    steps = {step for step, _ in runs}
+    assert {"init", "fetch", "push"} <= steps, runs  # the spy saw the whole push step
+    assert [step for step, seen in runs if seen] == ["push"], runs
+
+
+@pytest.mark.parametrize("isolation", ["none"])
+async def test_github_gets_no_credential_from_an_unconfined_sandbox(
+    api, jp_fetch, github, workspace, isolation  # noqa: F811
+):
+    """Threat: without bubblewrap the agent runs as the person and can read the server's key file
+    and any process's environment: a GitHub token handed to such a sandbox is the agent's. So a
+    signed-in person's clone goes without it (and fails on a private repository, saying why), and a
+    push to GitHub is refused before any credential leaves the server. Breakages caught: the
+    refusal of the push removed; the clone credential handed to an unconfined sandbox."""
+    await sign_in_web(api, jp_fetch, github)
+    session = await api.create("octo/sample")
+    sid, branch = session["id"], session["work_branch"]
+    failed = await api.wait_for(
+        sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "error")
+    assert "confined by bubblewrap" in failed[-1]["data"]["error"]
+
+    # A workspace kept from an earlier start lets the session run without cloning.
+    bare = github.root / "octo" / "sample.git"
+    git("clone", "--quiet", str(bare), str(workspace(sid)), cwd=bare.parent)
+    git("checkout", "--quiet", "-b", branch, cwd=workspace(sid))
+    await api.prompt(sid, "hello")
+    await api.wait_turn(sid, after=failed[-1]["seq"])
+    (workspace(sid) / "work.txt").write_text("the work\n")
+
+    code, answer = await api.call("POST", f"tabbi/api/sessions/{sid}/push", {"message": "work"})
+    assert code == 409 and "confined by bubblewrap" in answer["message"], answer
+    assert branch not in git("branch", "--list", cwd=bare)
+    git_calls = [r for r in github.requests if ".git/" in r["path"]]
+    assert all(r["auth"] is None for r in git_calls), git_calls
+
+
+@pytest.mark.tabbi(turn_timeout=15.0)
+async def test_a_stalled_turn_ends_at_its_deadline_and_the_model_is_cut_off(api, llm, source_repo):
+    """Threat: a model server that stops answering (or an agent that loops) would hold the session
+    busy, and the provider's meter running, forever. Breakage caught: the turn watchdog never
+    firing. (The deadline leaves a loaded machine time to reach the model before it passes.)"""
+    sid = await running_session(api, source_repo)
+    llm.enqueue(Reply(text="thinking", stall=True), Reply(text="back"))
+    await api.prompt(sid, "think forever")
+    seen = await api.wait_for(sid, lambda e: e["type"] == "text.delta")  # the model now stalls
+    events = await api.wait_turn(sid, after=seen[-1]["seq"], timeout=60)
+    # The watchdog means "error" with the reason; OpenCode's idle after the watchdog's abort can
+    # end the turn first as "aborted" (a race in SessionAgent._watch, reported on issue 17).
+    assert events[-1]["data"]["outcome"] in ("error", "aborted")
+    llm.wait_closed(1, 30)  # the stalled model stream was closed, not left open
+    await api.prompt(sid, "are you there?")
+    after = await api.wait_turn(sid, after=events[-1]["seq"])
+    assert after[-1]["data"]["outcome"] == "completed"
+
+
+async def test_abort_cuts_the_model_stream(api, llm, source_repo):
+    """Threat: an abort that only relabels the turn leaves the model streaming (and billing) on,
+    and the session busy until it is done. Breakage caught: the turn marked aborted without
+    OpenCode being told."""
+    sid = await running_session(api, source_repo)
+    llm.enqueue(Reply(text="on and on", stall=True))
+    await api.prompt(sid, "talk")
+    seen = await api.wait_for(sid, lambda e: e["type"] == "text.delta")
+    await api.ok("POST", f"tabbi/api/sessions/{sid}/abort")
+    llm.wait_closed(1, 30)
+    events = await api.wait_turn(sid, after=seen[-1]["seq"], timeout=30)
+    assert events[-1]["data"]["outcome"] == "aborted"
+
+
+@pytest.mark.tabbi(max_lifetime=5.0, idle_timeout=0)
+async def test_a_sandbox_pauses_at_its_maximum_lifetime_after_its_turn(api, llm, source_repo):
+    """Threat: a sandbox nobody stops runs (and costs) forever; but cutting a turn short loses
+    work. Breakage caught: the lifetime deadline never taken into account."""
+    sid = await running_session(api, source_repo)
+    # A turn that outlasts the lifetime: it finishes first, then the session pauses.
+    llm.enqueue(Reply(text="w " * 40, chunks=40, drip=0.2))
+    await api.prompt(sid, "talk for a while")
+    events = await api.wait_for(
+        sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "paused", timeout=120)
+    assert events[-1]["data"]["reason"] == "max_lifetime"
+    finished = [e["data"]["outcome"] for e in events if e["type"] == "turn.finished"]
+    assert finished and finished[-1] == "completed"  # the turn was not cut
+
+
+#: What a snapshot may hold (sandbox/snapshots.py): the workspace, and OpenCode's data and state
+#: minus its logs and raw database files (the database goes in as one consistent copy).
+ALLOWED = ("workspace", "home/.local/share/opencode", "home/.local/state/opencode")
+DATABASE = "home/.local/share/opencode/opencode.db"
+
+
+def allowed_in_snapshot(name: str, is_dir: bool) -> bool:
+    name = name.strip("/")
+    if is_dir and any(root.startswith(name + "/") for root in ALLOWED):
+        return True  # a parent folder of an allowed one
+    inside = [root for root in ALLOWED if name == root or name.startswith(root + "/")]
+    if not inside:
+        return False
+    parts = name.split("/")
+    return "log" not in parts and not name.endswith(("-wal", "-shm", "-journal"))
+
+
+async def test_a_snapshot_holds_only_what_resume_needs(api, llm, source_repo, data_dir, workspace):
+    """Threat: a snapshot outlives the sandbox and may be copied to other machines; anything in it
+    beyond what a resume needs (the generated config, logs, caches, temporary files) is exposure
+    for nothing. Breakage caught: the generated config folder archived as well."""
+    sid = await running_session(api, source_repo)
+    llm.enqueue(Reply(tools=[write("kept.txt", "kept\n")]), Reply(text="done"))
+    await api.prompt(sid, "write kept.txt")
+    await api.wait_turn(sid)
+    home = workspace(sid).parent / "home"
+    assert (home / ".config").is_dir()  # the generated config exists, so leaving it out is a choice
+    for planted in (".cache/planted.bin", "tmp/planted.txt", ".planted-history",
+                    ".local/share/opencode/log/planted.log"):
+        (home / planted).parent.mkdir(parents=True, exist_ok=True)
+        (home / planted).write_text("not for the snapshot\n")
+    await api.ok("POST", f"tabbi/api/sessions/{sid}/pause")
+    archives = sorted((data_dir / "snapshots" / sid).glob("*.tar.gz"))
+    assert archives
+    with tarfile.open(archives[-1]) as tar:
+        members = {m.name.strip("/"): m for m in tar.getmembers()}
+        database = tar.extractfile(members[DATABASE]).read()
+    assert "workspace/kept.txt" in members and "workspace/.git/HEAD" in members
+    assert database.startswith(b"SQLite format 3\0")
+    extra = sorted(n for n, m in members.items() if not allowed_in_snapshot(n, m.isdir()))
+    assert not extra, f"the snapshot holds what resume does not need: {extra[:20]}"
