@@ -199,3 +199,59 @@ async def test_a_snapshot_holds_only_what_resume_needs(api, llm, source_repo, da
     assert database.startswith(b"SQLite format 3\0")
     extra = sorted(n for n, m in members.items() if not allowed_in_snapshot(n, m.isdir()))
     assert not extra, f"the snapshot holds what resume does not need: {extra[:20]}"
+
+
+def test_the_credential_helper_answers_only_its_own_host(tmp_path):
+    """Threat: a push or clone redirected elsewhere (an ``insteadOf`` the agent slipped into some
+    config, a URL rewritten on the way) asks the new host for credentials: the helper must give
+    them only to the remote's own protocol and host. Breakage caught: the host check dropped."""
+    url = "https://git.example.com/octo/sample.git"
+    args, env = bootstrap.remote_args(url, {"username": "x-access-token", "password": TOKEN})
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_TERMINAL_PROMPT": "0", **env}
+
+    def fill(protocol: str, host: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args, "credential", "fill"], env=base, cwd=tmp_path,
+                              input=f"protocol={protocol}\nhost={host}\n\n", capture_output=True,
+                              text=True, timeout=30)
+
+    own = fill("https", "git.example.com")
+    assert own.returncode == 0 and f"password={TOKEN}" in own.stdout, own.stderr
+    for protocol, host in (("https", "spy.example.net"), ("http", "git.example.com")):
+        other = fill(protocol, host)
+        assert TOKEN not in other.stdout + other.stderr, (protocol, host)
+
+
+CANARY = "tabbi-server-only-canary-7f2e"
+
+
+async def test_the_sandbox_gets_nothing_of_the_server_and_no_secret_in_argv(
+    api, llm, source_repo, monkeypatch
+):
+    """Threat: the server's environment holds what the agent must not have (cloud credentials, a
+    hub token, tabbi's own keys), and a process's argv is readable by every user of the machine.
+    The sandbox starts from a clean environment, and OpenCode's password travels on stdin.
+    Breakages caught: the server's environment passed on; the password put in the bootstrap's
+    argv."""
+    from tabbi_sandbox import processes
+    from tests.test_github_secrets import process_texts
+    from tests.test_sessions import opencode_pids
+
+    monkeypatch.setenv("TABBI_TEST_SERVER_ONLY", CANARY)  # in the server's own environment now
+    sid = await running_session(api, source_repo)
+    sandbox = processes.sandbox_pids(sid)
+    agent = opencode_pids(sid)
+    assert agent and set(agent) < set(sandbox), "OpenCode and its bootstrap were found"
+    with open(f"/proc/{agent[0]}/environ", "rb") as f:
+        environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    password = environ[b"OPENCODE_SERVER_PASSWORD"]
+    texts = process_texts()  # environment and argv of every process
+    for pid in sandbox:
+        assert CANARY.encode() not in texts.get(pid, b""), f"sandbox process {pid} has the server's env"
+    for pid in texts:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read()
+        except OSError:
+            continue
+        assert password not in argv, f"OpenCode's password is in the argv of process {pid}"
