@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,23 @@ def check(mutant: Mutant) -> Outcome:
     return Outcome(mutant, "ERROR" if broken else "applies", 0.0, broken or "")
 
 
+def kill_leftovers(scratch: Path) -> None:
+    """End what a broken run left behind (a server or a sandbox the mutant kept from stopping):
+    processes of the run inherit the copy's PYTHONPATH, and a sandbox runs the copy's bootstrap,
+    so the copy's path is in their environment or argv. Nothing else names it."""
+    needle = str(scratch).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as argv, open(f"/proc/{entry}/environ", "rb") as env:
+                if needle not in argv.read() and needle not in env.read():
+                    continue
+            os.kill(int(entry), signal.SIGKILL)
+        except OSError:  # ProcessLookupError included: it ended meanwhile
+            continue
+
+
 def run(mutant: Mutant, keep: bool = False, baseline: bool = False) -> Outcome:
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix=f"tabbi-mutant-{mutant.name}-"))
@@ -183,6 +201,7 @@ def run(mutant: Mutant, keep: bool = False, baseline: bool = False) -> Outcome:
     except (OSError, subprocess.SubprocessError) as exc:
         return outcome("ERROR", f"{type(exc).__name__}: {exc}")
     finally:
+        kill_leftovers(scratch)
         if keep:
             print(f"  kept {scratch}", flush=True)
         else:
