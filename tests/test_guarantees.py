@@ -22,7 +22,7 @@ from tests.conftest import git
 from tests.support.git_remote import GitHTTPRemote
 from tests.support.llm import Reply, write
 from tests.test_github import github, sign_in_web, tabbi_config  # noqa: F401  (fixtures used here)
-from tests.test_sessions import running_session
+from tests.test_sessions import read_ws, running_session
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -255,3 +255,31 @@ async def test_the_sandbox_gets_nothing_of_the_server_and_no_secret_in_argv(
         except OSError:
             continue
         assert password not in argv, f"OpenCode's password is in the argv of process {pid}"
+
+
+async def test_an_event_logged_while_a_client_joins_reaches_it_once(
+    api, llm, source_repo, jp_ws_fetch, tabbi_app, monkeypatch
+):
+    """Threat to the log's promise (no gap, no duplicate): a client joining the stream is
+    subscribed to live events before the log is replayed to it, so an event logged in between is
+    in both. It must arrive once. The store is made to log one event exactly then (the window is
+    milliseconds wide in real use). Breakage caught: live events forwarded without skipping what
+    the replay sent."""
+    sid = await running_session(api, source_repo)
+    owner = (await api.ok("GET", "tabbi/api/whoami"))["owner"]
+    agent = await tabbi_app.manager.get(owner, sid)
+    replay = agent.store.list_events
+    joined = []
+
+    async def joining(session_id: str, after: int = 0, limit: int = 1000):
+        if not joined:
+            joined.append(await agent.announce("test.joined", {}))
+        return await replay(session_id, after, limit)
+
+    monkeypatch.setattr(agent.store, "list_events", joining)
+    ws = await jp_ws_fetch("tabbi", "api", "sessions", sid, "stream", params={"after": 0})
+    received = await read_ws(ws, until_type="test.joined")
+    await agent.announce("test.after", {})
+    received += await read_ws(ws, until_type="test.after")
+    ws.close()
+    assert [e["seq"] for e in received] == list(range(1, received[-1]["seq"] + 1))
