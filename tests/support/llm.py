@@ -74,7 +74,6 @@ class ScriptedLLM:
         #: Streams the client closed before their end (an abort, a deadline).
         self.closed = 0
         self._completion = threading.Condition()
-        self.stopping = threading.Event()
         # Written once on stop: wakes every stream waiting in ``select``.
         self._stop_read, self._stop_write = os.pipe()
         self._lock = threading.Lock()
@@ -92,7 +91,6 @@ class ScriptedLLM:
         return self
 
     def stop(self) -> None:
-        self.stopping.set()
         os.write(self._stop_write, b"x")
         self._server.shutdown()
         self._server.server_close()
