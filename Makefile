@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up everything first (scripts/setup.sh is idempotent).
-.PHONY: lab test setup bench lint
+.PHONY: lab test setup bench lint mutants
 
 setup:
 	./scripts/setup.sh
@@ -21,3 +21,8 @@ bench: setup
 	cd bench && ../.venv/bin/python bench_lifecycle.py
 	cd bench && ../.venv/bin/python bench_load.py
 	cd bench && ../.venv/bin/python bench_push.py
+
+# Guarantee mutants (slow, not part of `make test`): break each guarantee of tests/mutants.toml in
+# a scratch copy and check that its tests fail. `make mutants ARGS="-j 2 turn-deadline"` passes on.
+mutants: setup
+	.venv/bin/python scripts/mutants.py $(ARGS)

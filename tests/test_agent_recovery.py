@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 
 import pytest
 
@@ -119,12 +118,11 @@ def test_reattach_while_the_agent_still_works_ends_the_turn_when_it_does(tmp_pat
     # server listens (OpenCode keeps retrying), and the next server must come back on the same port.
     extra = ["--TabbiExtension.detach_sandboxes=True", "--TabbiExtension.turn_timeout=900",
              "--TabbiExtension.model_retries=100"]
-    hold = threading.Event()
     first = JupyterProcess(llm.url, tmp_path / "srv", extra=extra)
     try:
         sid = first.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
         first.wait_event(sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "running")
-        llm.enqueue(Reply(text="part one, then the rest after the re-attach", chunks=4, hold=hold))
+        llm.enqueue(Reply(text="part one, then silence", chunks=4, stall=True))
         first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "talk"})
         first.wait_event(sid, lambda e: e["type"] == "text.delta")
         persisted = first.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
@@ -136,15 +134,13 @@ def test_reattach_while_the_agent_still_works_ends_the_turn_when_it_does(tmp_pat
         reattached = second.wait_event(
             sid, lambda e: e["type"] == "session.status" and e["data"].get("phase") == "reattached",
             after=persisted[-1]["seq"], timeout=120)
-        # OpenCode is still busy with the turn here: the held answer was cut with the first
-        # server, and its retry waits for a gateway.
-        hold.set()
+        # OpenCode was still busy with the turn then: the stalled answer was cut with the first
+        # server, and its retry waited for a gateway.
         finished = second.wait_event(sid, lambda e: e["type"] == "turn.finished",
                                      after=reattached["seq"], timeout=90)
         session = second.call("GET", f"tabbi/api/sessions/{sid}")
         events = second.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
     finally:
-        hold.set()
         second.stop()
     assert finished["data"]["outcome"] == "completed"
     assert not session["busy"]

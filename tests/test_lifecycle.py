@@ -7,8 +7,6 @@ and the scripted model, with what must survive it checked.
 from __future__ import annotations
 
 import gzip
-import os
-import signal
 import tarfile
 
 import pytest
@@ -95,8 +93,10 @@ async def test_killing_the_whole_sandbox_mid_turn(api, llm, source_repo, workspa
     llm.enqueue(Reply(text="z " * 200, chunks=100, drip=0.1))
     await api.prompt(sid, "talk")
     seen = await api.wait_for(sid, lambda e: e["type"] == "text.delta" and "z" in e["data"]["delta"])
-    for pid in processes.sandbox_pids(sid):  # bwrap, bootstrap, OpenCode: everything
-        os.kill(pid, signal.SIGKILL)
+    # bwrap, bootstrap, OpenCode: everything. Killing one takes others with it (the PID
+    # namespace's init, die-with-parent), so a process listed a moment ago may be gone already:
+    # kill_all tolerates that (killing the listed pids one by one raised ProcessLookupError).
+    processes.kill_all(sid)
     events = await api.wait_for(
         sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "error",
         after=seen[-1]["seq"])

@@ -5,14 +5,18 @@ agent's steps). Calls without tools are OpenCode's title requests and get a fixe
 using the script. When the script runs out, the reply is plain text ("OK.").
 
 It speaks the real protocol (``POST /v1/chat/completions`` with ``stream: true``, SSE chunks,
-``[DONE]``), records every request, and can drip slowly (abort tests), fail with an HTTP status,
-or send a malformed chunk.
+``[DONE]``), records every request, and can drip slowly (abort tests), stall until the client
+hangs up (deadline tests), fail with an HTTP status, or send a malformed chunk. It counts the
+streams a client closed before their end (``wait_closed``): that is how a test sees that an abort
+or a deadline really cut the model off, rather than letting it stream (and bill) on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -33,8 +37,7 @@ class Reply:
     drip: float = 0.0  # seconds between chunks
     status: int = 200  # != 200: answer with this HTTP error instead
     malformed: bool = False  # send a broken chunk mid-stream
-    #: Set: stream the first chunk, then wait until this event is set before the rest.
-    hold: threading.Event | None = None
+    stall: bool = False  # after the first chunk, send nothing more until the client hangs up
 
 
 def write(path: str, content: str) -> tuple[str, dict[str, Any]]:
@@ -68,8 +71,11 @@ class ScriptedLLM:
         self.emitted: list[tuple[float, str]] = []
         #: Replies streamed to their end (``wait_completed`` waits for a number of them).
         self.completed = 0
+        #: Streams the client closed before their end (an abort, a deadline).
+        self.closed = 0
         self._completion = threading.Condition()
-        self.stopping = threading.Event()
+        # Written once on stop: wakes every stream waiting in ``select``.
+        self._stop_read, self._stop_write = os.pipe()
         self._lock = threading.Lock()
         self._calls = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -85,9 +91,22 @@ class ScriptedLLM:
         return self
 
     def stop(self) -> None:
-        self.stopping.set()
+        os.write(self._stop_write, b"x")
         self._server.shutdown()
         self._server.server_close()
+        os.close(self._stop_write)  # the read end stays open for streams still winding down
+
+    def wait_closed(self, count: int, timeout: float) -> None:
+        """Until the client has hung up on ``count`` streams before their end."""
+        with self._completion:
+            if not self._completion.wait_for(lambda: self.closed >= count, timeout):
+                raise TimeoutError(f"{count} streams not closed by the client within {timeout} s "
+                                   f"(closed: {self.closed})")
+
+    def _count_closed(self) -> None:
+        with self._completion:
+            self.closed += 1
+            self._completion.notify_all()
 
     def wait_completed(self, count: int, timeout: float) -> None:
         """Until ``count`` replies have been streamed to their end."""
@@ -140,8 +159,29 @@ class ScriptedLLM:
                     )
                     return
                 # The client may go away mid-stream (an abort): that is the point of such tests.
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                try:
                     self._stream(reply, body.get("model", "scripted"))
+                except (BrokenPipeError, ConnectionResetError):
+                    llm._count_closed()
+
+            def _hold(self, seconds: float | None) -> bool:
+                """Send nothing for ``seconds`` (None: until the client hangs up or the server
+                stops). True: the stream is over (the client closed it, or the server stops)."""
+                waiting = [self.connection, llm._stop_read]
+                while True:
+                    ready, _, _ = select.select(waiting, [], [], seconds)
+                    if llm._stop_read in ready:
+                        return True
+                    if not ready:
+                        return False
+                    try:
+                        peeked = self.connection.recv(1, socket.MSG_PEEK)
+                    except OSError:
+                        peeked = b""
+                    if not peeked:  # end of file: the client hung up
+                        llm._count_closed()
+                        return True
+                    waiting = [llm._stop_read]  # unexpected bytes: only a stop ends the wait now
 
             def _json(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -180,16 +220,15 @@ class ScriptedLLM:
                 size = max(1, -(-len(text) // n)) if text else 0
                 pieces = [text[i : i + size] for i in range(0, len(text), size)] if text else []
                 for i, piece in enumerate(pieces):
-                    if i and reply.drip and llm.stopping.wait(reply.drip):
+                    if i and reply.drip and self._hold(reply.drip):
                         return
                     llm.emitted.append((time.time(), piece))
                     self._delta(model, {"content": piece})
-                    if i == 0 and reply.hold is not None:
-                        while not reply.hold.wait(0.1):  # bounded waits, so a stop ends it
-                            if llm.stopping.is_set():
-                                return
                     if reply.malformed and i == 0:
                         self._chunk('{"choices": [{"index": 0, "delta": {"content": ')
+                if reply.stall:
+                    self._hold(None)
+                    return
                 for index, (name, args) in enumerate(reply.tools):
                     call = {
                         "index": index,
