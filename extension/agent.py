@@ -459,6 +459,10 @@ class SessionAgent:
         await asyncio.sleep(self.settings.turn_timeout)  # a deadline, not synchronization
         if self._turn is turn:
             message = f"The turn ran longer than {self.settings.turn_timeout:.0f} s and was stopped."
+            # The outcome is set before the agent hears of the abort: its idle may end the turn
+            # first, and must end it as this error, with the reason shown.
+            turn.outcome, turn.error = "error", message
+            await self._emit("error", {"name": "TurnError", "message": message})
             await self._abort_quietly()
             await self._finish_turn("error", message)
 
