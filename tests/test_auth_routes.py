@@ -37,6 +37,10 @@ SAMPLES = {
     "permission_id": "per_sample",
     "action": "pause",
     "login_id": "login_sample_0123",
+    # The model gateway is for sandboxes, which have no Jupyter token: it lets in only the
+    # gateway token of that session's sandbox (tests/test_gateway.py), so every caller here,
+    # Jupyter-authenticated or not, must get 403 from it as well.
+    "path": "chat/completions",
 }
 #: Routes public by design: none. The OAuth callback is a browser page that needs the person's
 #: Jupyter login too (the sign-in state is tied to that person), so it is walked like the rest.
