@@ -23,7 +23,7 @@ from typing import Any
 from tabbi_sandbox import processes
 from tabbi_sandbox.provider import SandboxProvider
 
-from . import states
+from . import model_config, states
 from .agent import AgentError, AgentSettings, GitAccessLookup, SessionAgent
 from .store import Lease, SessionRecord, Store, StoreError
 from .validation import RepoSpec
@@ -59,6 +59,18 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+def resolved_model(settings: model_config.ModelSettings, requested: str | None) -> str | None:
+    """The model a new session will use, as ``provider/model``, so that the session records
+    (and its clients show) the model actually used rather than "the server's default". A
+    configuration that names no usable model keeps the request: the start then fails with the
+    reason, on the session."""
+    try:
+        ref, _ = model_config.resolve(settings, requested)
+    except model_config.ModelConfigError:
+        return requested
+    return f"{ref['providerID']}/{ref['modelID']}"
+
+
 class SessionManager:
     def __init__(
         self,
@@ -90,6 +102,7 @@ class SessionManager:
     ) -> SessionAgent:
         await self.store.upsert_user(owner, profile or {})
         session_id = "ses-" + secrets.token_hex(6)
+        model = resolved_model(self.settings.model, model)
         record = SessionRecord(
             id=session_id,
             owner=owner,

@@ -213,6 +213,10 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
     url = spec["repo_url"]
     git([*args, "--", url, workspace], os.path.dirname(workspace), safe_env, remote=(url, credential))
     del credential
+    if run_git(["rev-parse", "--verify", "--quiet", "HEAD"], workspace, safe_env).returncode != 0:
+        shutil.rmtree(workspace, ignore_errors=True)  # a later start clones again
+        raise BootstrapError(f"{spec['repo_display']} has no commits yet: make a first commit "
+                             "(and push it), then start again")
     git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], workspace, safe_env)
     identity = spec.get("git_identity") or {}
     git(["config", "user.name", identity.get("name") or "tabbi"], workspace, safe_env)
