@@ -314,7 +314,10 @@ class TabbiMagics(Magics):
         try:
             info = self._wait_running(session)
         except TabbiError as exc:
-            self._discard_failed_start(session, str(exc))
+            if session.info.get("state") == "error":  # not a start still under way
+                self._discard_failed_start(session, str(exc))
+            self.current = session.id
+            raise
         self.current = session.id
         if info is not None:
             print(f"[tabbi] ready: the agent works on branch {info['work_branch']}. "

@@ -1,0 +1,101 @@
+"""The kernel side's small rules, without a server (issue 10, items 7, 8 and 10): where a
+relative repository path points, what an error without a server message says, what an empty
+repository's clone says, and the status line of a long tool call."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from tabbi_kernel.client import _server_message, local_path
+from tabbi_kernel.magics import TurnPrinter
+from tabbi_sandbox import bootstrap
+from tests.conftest import git
+
+
+def test_relative_repository_paths_are_taken_from_the_notebooks_folder(tmp_path, monkeypatch):
+    (tmp_path / "octo" / "hello").mkdir(parents=True)
+    monkeypatch.setenv("HOME", "/home/someone")
+    here = str(tmp_path)
+    assert local_path("repo", here) == f"{here}/repo"
+    assert local_path("./repo/", here) == f"{here}/repo"
+    assert local_path("../up/repo", here) == f"{tmp_path.parent}/up/repo"
+    assert local_path(".", here) == here
+    assert local_path("octo/hello", here) == f"{here}/octo/hello"  # a folder next to the notebook
+    assert local_path("~/work/repo", here) == "/home/someone/work/repo"  # the person's home
+    for as_is in ("octo/world", "/abs/repo", "https://github.com/octo/world.git", "file:///x/y", "-x"):
+        assert local_path(as_is, here) == as_is
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 413, 418, 500, 502, 503])
+@pytest.mark.parametrize("body", [b"", b"<html>Not Found</html>", b'{"message": ""}', b"[1]",
+                                  b'{"reason": "Not Found"}'])
+def test_an_error_without_a_message_of_the_servers_is_still_a_sentence(code, body):
+    error = urllib.error.HTTPError("http://x/", code, "Whatever", {}, io.BytesIO(body))
+    message = _server_message(error)
+    assert "HTTP" not in message and "Whatever" not in message and len(message.split()) >= 5, message
+
+
+def test_the_servers_own_message_is_kept():
+    body = json.dumps({"message": "no session ses-0123456789ab"}).encode()
+    error = urllib.error.HTTPError("http://x/", 404, "Not Found", {}, io.BytesIO(body))
+    assert _server_message(error) == "no session ses-0123456789ab"
+
+
+def test_an_empty_repository_says_so_at_the_clone(tmp_path: Path):
+    """A GitHub repository created without a README has no commit: the clone works, and the
+    session start used to end with git's 'rev-parse failed: git <command> [<revision>...]'."""
+    empty = tmp_path / "empty.git"
+    git("init", "--quiet", "--bare", str(empty), cwd=tmp_path)
+    workspace = tmp_path / "sandbox" / "workspace"
+    spec = {"workspace": str(workspace), "branch": "tabbi/x", "repo_display": "octo/empty",
+            "repo_url": str(empty)}
+    env = bootstrap.prepare_home(str(tmp_path / "home"))
+    with pytest.raises(bootstrap.BootstrapError) as failed:
+        bootstrap.clone_or_reuse(spec, env)
+    assert str(failed.value) == ("octo/empty has no commits yet: make a first commit (and push it), "
+                                 "then start again")
+    assert not workspace.exists()  # the next start clones again, rather than reusing an empty clone
+
+
+class Status:
+    """Stands in for the cell's in-place line."""
+
+    def __init__(self) -> None:
+        self.handle = None
+        self.shown: list[str] = []
+
+    def show(self, text: str) -> None:
+        self.handle = self.handle or object()
+        self.shown.append(text)
+
+    def clear(self) -> None:
+        self.handle = None
+        self.shown.append("")
+
+
+def test_a_long_tool_call_shows_what_runs_and_for_how_long(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("tabbi_kernel.magics.time.monotonic", lambda: clock[0])
+    status, out = Status(), io.StringIO()
+    printer = TurnPrinter(out=out, err=out, status=status)
+    tool = {"message_id": "m", "part_id": "p", "call_id": "c", "tool": "bash",
+            "input": {"command": "pytest -q"}}
+    printer({"type": "tool", "data": {**tool, "status": "running"}})
+    printer.tick()
+    clock[0] += 65
+    printer.tick()
+    printer({"type": "tool", "data": {**tool, "status": "completed"}})
+    printer({"type": "turn.waiting", "data": {"waiting": True}})
+    clock[0] += 2
+    printer({"type": "agent.status", "data": {"status": "retry", "attempt": 2}})
+    printer({"type": "turn.waiting", "data": {"waiting": False}})
+    assert status.shown == [
+        "[tabbi] running bash pytest -q... 1 min 5 s", "",
+        "[tabbi] waiting for the model... 2 s (the model server failed; retrying, attempt 2)", "",
+    ]
+    assert out.getvalue() == "[tool] bash pytest -q: completed\n"
