@@ -39,13 +39,13 @@ HELP = """\
   %%tabbi [ID] [--no-wait]   The cell body is the prompt. Output streams into the cell and the
                              cell returns when the turn ends. The stop button aborts the turn.
   %tabbi ask TEXT            The same, one line.
-  %tabbi abort               Abort the running turn.
+  %tabbi abort [ID]          Abort the running turn.
 
   %tabbi diff                The branch's changes against where it started.
   %tabbi insert              The Python code of the last turn -> one new cell below (percent
                              format: split it at the '# %%' markers with Ctrl+Shift+-).
-  %tabbi pause | stop        Snapshot the session, then stop its sandbox (not during a turn).
-  %tabbi resume              Start it again from the snapshot; a prompt resumes it too.
+  %tabbi pause | stop [ID]   Snapshot the session, then stop its sandbox (not during a turn).
+  %tabbi resume [ID]         Start it again from the snapshot; a prompt resumes it too.
   %tabbi delete [ID]         End a session: its sandbox, workspace and snapshots are removed.
 
   %tabbi push [-m MSG] [--pr] [--cells SEL [--to PATH] [--cells-only]] [--author "N <e>"]
