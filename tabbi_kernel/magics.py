@@ -500,6 +500,24 @@ class TabbiMagics(Magics):
             raise
         display(render.repos(repos, " ".join(argv)), raw=True)
 
+    def _pushable(self, session: Session, pr: bool) -> Session:
+        """Refuse what the server would refuse, before any progress is printed: a pull request
+        of a repository not on GitHub, a session not running, GitHub without a sign-in."""
+        repo, state = session.info.get("repo", ""), session.info.get("state")
+        on_github = not (repo.startswith("/") or "://" in repo)  # what the server names owner/name
+        if pr and not on_github:
+            raise UsageError(f"%tabbi push --pr: pull requests need a GitHub repository (owner/name), "
+                             f"and {session.id} works on {repo}; push without --pr")
+        if state != "running":
+            raise UsageError(f"%tabbi push: {session.id} is {state}; %tabbi resume, then push")
+        if on_github:
+            github = self.client.github_user()
+            if not github.get("configured", True):
+                raise UsageError(NOT_CONFIGURED)
+            if not github.get("signed_in"):
+                raise UsageError("%tabbi push: pushing to GitHub needs you signed in: %tabbi login")
+        return session
+
     def cmd_push(self, argv: list[str]) -> None:
         args = _parser(
             "%tabbi push", (("-m", "--message"), {}), (("--pr",), {"action": "store_true"}),
@@ -513,13 +531,7 @@ class TabbiMagics(Magics):
                              "give it with --notebook PATH.ipynb")
         if (args.to or args.cells_only) and not args.cells:
             raise UsageError("%tabbi push: --to and --cells-only go with --cells")
-        session = self.session(args.id)
-        repo, state = session.info.get("repo", ""), session.info.get("state")
-        if args.pr and (repo.startswith("/") or "://" in repo):
-            raise UsageError(f"%tabbi push --pr: pull requests need a GitHub repository (owner/name), "
-                             f"and {session.id} works on {repo}; push without --pr")
-        if state != "running":
-            raise UsageError(f"%tabbi push: {session.id} is {state}; %tabbi resume, then push")
+        session = self._pushable(self.session(args.id), args.pr)
         if args.cells:
             print("[tabbi] reading the cells from the saved notebook (save it first to include edits)")
         print(f"[tabbi] committing and pushing {session.info.get('work_branch', '')}...")
