@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import shutil
 import ssl
 import tempfile
@@ -127,6 +128,24 @@ class ModalStandIn:
             "MODAL_DISABLE_API_PROXY": "1",
         }
 
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[ModalStandIn]:
+        """This process's ``modal`` client talks to this stand-in inside the block: ``env`` is in
+        ``os.environ`` and the client ``modal.Client.from_env()`` cached is dropped on the way in
+        and out (it would still point at the previous server)."""
+        saved = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+        _forget_modal_client()
+        try:
+            yield self
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            _forget_modal_client()
+
     @property
     def ca_file(self) -> Path:
         """The PEM certificate of the authority that signs tunnel certificates."""
@@ -167,10 +186,19 @@ class ModalStandIn:
 
 @contextlib.contextmanager
 def modal_standin(**options) -> Iterator[ModalStandIn]:
-    """A started stand-in, stopped (every sandbox killed, its data removed) afterwards."""
+    """A started and activated stand-in; afterwards every sandbox is killed, its data removed,
+    and ``check()`` fails the caller if the stand-in failed or was asked for what it lacks."""
     standin = ModalStandIn(**options)
     standin.start()
     try:
-        yield standin
+        with standin.activated():
+            yield standin
+        standin.check()
     finally:
         standin.stop()
+
+
+def _forget_modal_client() -> None:
+    from modal.client import _Client
+
+    _Client._client_from_env = None

@@ -111,11 +111,11 @@ class State:
             raise not_found(f"Sandbox {sandbox_id}")
         return sandbox
 
-    def task(self, task_id: str) -> Sandbox:
+    def task(self, task_id: str, *, ended_too: bool = False) -> Sandbox:
         """The running sandbox of a task: after it ended, its task is gone (NOT_FOUND), as the
         real command router answers once a task has shut down."""
         sandbox = self.by_task.get(task_id)
-        if sandbox is None or not sandbox.running:
+        if sandbox is None or not (sandbox.running or ended_too):
             raise not_found(f"Task {task_id}")
         return sandbox
 
