@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tabbi_sandbox.binary import find_opencode
 from tabbi_sandbox.isolation import bwrap_works
 
 modal = pytest.importorskip("modal")
@@ -63,7 +64,10 @@ def internet():
 
 @pytest.fixture(scope="module")
 def standin(internet):
-    with modal_standin(internet_ports=[internet], list_page_size=2) as api:
+    opencode = find_opencode()
+    with modal_standin(
+        internet_ports=[internet], installed={"/usr/local/bin/opencode": opencode}, list_page_size=2
+    ) as api:
         yield api
 
 
@@ -283,6 +287,48 @@ def test_image_recipe_is_recorded_and_its_files_are_there(standin: ModalStandIn,
     assert again.build(app).object_id == first.build(app).object_id
 
 
+def test_installed_software_and_usr_local_belong_to_the_image(app):
+    """What the recipe's npm/apt layers would install comes from the host read-only; the rest of
+    /usr/local is the image's own, writable and kept by snapshots like any other folder."""
+    sb = modal.Sandbox.create(app=app, timeout=120)
+    try:
+        size = f"{os.path.getsize(find_opencode())}\n"  # (running it takes seconds: not here)
+        assert run(sb, "sh", "-c", "test -x $(command -v opencode) && stat -c %s /usr/local/bin/opencode")[
+            :2
+        ] == (
+            0,
+            size,
+        )
+        code, _, err = run(sb, "sh", "-c", "echo x > /usr/local/bin/opencode")
+        assert code != 0 and "Read-only" in err
+        assert (
+            run(sb, "sh", "-c", "echo tool > /usr/local/bin/mytool && chmod +x /usr/local/bin/mytool")[0] == 0
+        )
+        code, _, err = run(sb, "sh", "-c", "touch /usr/bin/evil")
+        assert code != 0 and "Read-only" in err
+        image = sb.snapshot_filesystem()
+    finally:
+        sb.terminate()
+    restored = modal.Sandbox.create(app=app, image=image, timeout=120)
+    try:
+        assert run(restored, "cat", "/usr/local/bin/mytool")[:2] == (0, "tool\n")
+        assert run(restored, "stat", "-c", "%s", "/usr/local/bin/opencode")[:2] == (0, size)
+    finally:
+        restored.terminate()
+
+
+def test_exec_timeout_kills_the_process(app):
+    sb = modal.Sandbox.create(app=app, timeout=120)
+    try:
+        process = sb.exec("sh", "-c", "echo started; sleep 60", timeout=1)
+        # Whichever comes first: the client's deadline (it then answers -1) or the kill (137).
+        assert process.wait() in (-1, 137)
+        _, out, _ = run(sb, "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        assert "sleep 60" not in out and "cat" in out
+    finally:
+        sb.terminate()
+
+
 def test_snapshot_filesystem_restores_into_a_new_sandbox(app):
     sb = modal.Sandbox.create(app=app, timeout=120, env={"NOT_IN_SNAPSHOT": "1"}, workdir="/workspace")
     try:
@@ -312,11 +358,12 @@ def test_snapshot_filesystem_restores_into_a_new_sandbox(app):
 
 def test_list_by_tags_pages_and_from_id_in_a_fresh_process(standin: ModalStandIn, app):
     tags = {"tabbi_server": f"srv-{time.monotonic_ns()}"}
-    made = [modal.Sandbox.create(app=app, timeout=120, tags=tags) for _ in range(3)]
+    names = [f"s{i}-{time.monotonic_ns()}" for i in range(3)]
+    made = [modal.Sandbox.create(app=app, timeout=120, tags=tags, name=name) for name in names]
     other = modal.Sandbox.create(app=app, timeout=120, tags={"tabbi_server": "someone-else"})
     try:
         run(made[0], "sh", "-c", "echo from-the-first > /tmp/x")
-        listed = [sb.object_id for sb in modal.Sandbox.list(tags=tags)]  # pages of 2
+        listed = [sb.object_id for sb in modal.Sandbox.list(app_id=app.app_id, tags=tags)]  # pages of 2
         assert sorted(listed) == sorted(sb.object_id for sb in made)
         script = (
             "import modal, sys; sb = modal.Sandbox.from_id(sys.argv[1]); p = sb.exec('cat', '/tmp/x'); "
@@ -330,8 +377,13 @@ def test_list_by_tags_pages_and_from_id_in_a_fresh_process(standin: ModalStandIn
             timeout=60,
         )
         assert done.stdout == "from-the-first\n0\n", done.stderr
+        assert modal.Sandbox.from_name("tabbi-standin-test", names[2]).object_id == made[2].object_id
+        with pytest.raises(modal.exception.AlreadyExistsError):
+            modal.Sandbox.create(app=app, timeout=120, name=names[2])
         made[1].terminate()
-        assert made[1].object_id not in [sb.object_id for sb in modal.Sandbox.list(tags=tags)]
+        assert made[1].object_id not in [
+            sb.object_id for sb in modal.Sandbox.list(app_id=app.app_id, tags=tags)
+        ]
     finally:
         for sb in [*made, other]:
             sb.terminate()
@@ -388,7 +440,7 @@ def test_async_api(app):
             await process.stdin.drain.aio()
             assert await process.stdout.read.aio() == "aio\npiped"
             assert await process.wait.aio() == 0
-            assert [s.object_id async for s in modal.Sandbox.list.aio(tags={})] != []
+            assert [s.object_id async for s in modal.Sandbox.list.aio(app_id=app.app_id)] != []
         finally:
             await sb.terminate.aio()
         assert await sb.poll.aio() == 137
@@ -408,7 +460,7 @@ def test_strict_refusals(standin: ModalStandIn, app):
     with pytest.raises(modal.exception.InvalidError):
         modal.Sandbox.create(app=app, timeout=24 * 3600 + 1)
     with pytest.raises(modal.exception.InvalidError):
-        modal.Image.debian_slim().add_local_file(__file__, "/usr/local/bin/x", copy=True).build(app)
+        modal.Image.debian_slim().add_local_file(__file__, "/usr/bin/x", copy=True).build(app)
 
 
 def test_wrong_credentials_and_forged_router_tokens_are_refused(standin: ModalStandIn, app):

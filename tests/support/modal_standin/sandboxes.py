@@ -40,7 +40,7 @@ from modal_proto import api_pb2
 from tabbi_sandbox import isolation
 
 from .ids import new_sandbox_id, new_task_id
-from .images import DEFAULT_DIRS, SYSTEM_TOP, Image, Store, copy_tree
+from .images import DEFAULT_DIRS, IMAGE_USR, SYSTEM_TOP, Image, Store, copy_tree
 
 log = logging.getLogger("modal_standin")
 
@@ -137,6 +137,7 @@ class Sandbox:
         root: Path,
         created_at: float,
         internet_ports: list[int],
+        installed: dict[str, str],
         on_end: Callable[[Sandbox], None],
     ) -> None:
         self.sandbox_id = new_sandbox_id()
@@ -155,6 +156,7 @@ class Sandbox:
         self.processes: dict[str, Process] = {}
         self.tunnels: dict[int, tuple[str, int]] = {}  # container port -> (host, port)
         self.internet_ports = [] if self.blocked else list(internet_ports)
+        self.installed = dict(installed)
         self._on_end = on_end
         self._bwrap: asyncio.subprocess.Process | None = None
         self._channel: socket.socket | None = None
@@ -265,6 +267,10 @@ class Sandbox:
             str(self.fs),
             "/",
             *self._system_args(),
+            "--bind",
+            str(self.fs / IMAGE_USR),
+            "/usr/local",
+            *[arg for path, host in self.installed.items() for arg in ("--ro-bind", host, path)],
             "--ro-bind",
             str(AGENT),
             AGENT_IN_SANDBOX,

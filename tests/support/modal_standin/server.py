@@ -24,7 +24,7 @@ from pathlib import Path
 import grpclib.server
 
 from .control import ControlPlane
-from .images import Image
+from .images import Image, check_target
 from .router import CommandRouter
 from .rpc import Recorder
 from .sandboxes import Sandbox
@@ -39,11 +39,29 @@ class ModalStandIn:
     first used: ``modal.Client.from_env()`` caches one client per process).
     """
 
-    def __init__(self, *, internet_ports: list[int] | None = None, list_page_size: int = 50, data_dir=None):
+    def __init__(
+        self,
+        *,
+        internet_ports: list[int] | None = None,
+        installed: dict[str, str] | None = None,
+        list_page_size: int = 50,
+        data_dir: str | Path | None = None,
+    ):
+        """``internet_ports``: host ports on 127.0.0.1 a sandbox may reach (at the same address
+        inside), standing in for the internet (the LLM, GitHub). ``installed``: what an image's
+        ``RUN``/``apt``/``npm`` layers would have installed, as ``{sandbox path: host path}``
+        bound read-only into every sandbox (for example OpenCode at /usr/local/bin/opencode);
+        the path must be under /usr/local, /opt or another non-system folder."""
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="modal-standin-"))
         self.recorder = Recorder()
-        self.options = Options(internet_ports=list(internet_ports or []), list_page_size=list_page_size)
+        for path in installed or {}:
+            check_target(path)
+        self.options = Options(
+            internet_ports=list(internet_ports or []),
+            installed={path: os.path.realpath(host) for path, host in (installed or {}).items()},
+            list_page_size=list_page_size,
+        )
         self.state: State | None = None
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -167,6 +185,10 @@ class ModalStandIn:
     def image(self, image_id: str) -> Image:
         assert self.state is not None
         return self.state.store.get(image_id)
+
+    def allow_internet(self, port: int) -> None:
+        """Let sandboxes created from now on reach host port ``port`` (see ``internet_ports``)."""
+        self.options.internet_ports.append(port)
 
     def add_secret(self, name: str, env: dict[str, str], environment: str = "main") -> str:
         """A named secret, as if created in Modal's dashboard (``modal.Secret.from_name``)."""

@@ -37,6 +37,7 @@ class Options:
     token_id: str = field(default_factory=lambda: "ak-" + secrets.token_hex(8))
     token_secret: str = field(default_factory=lambda: "as-" + secrets.token_hex(16))
     internet_ports: list[int] = field(default_factory=list)
+    installed: dict[str, str] = field(default_factory=dict)  # sandbox path -> host path (read-only)
     list_page_size: int = 50
 
 
@@ -142,6 +143,7 @@ class State:
             root=self.root / "sandboxes",
             created_at=self._last_created,
             internet_ports=self.options.internet_ports,
+            installed=self.options.installed,
             on_end=self._ended,
         )
         self.create_requests.append(request)
