@@ -76,6 +76,25 @@ def app(standin):
     return modal.App.lookup("tabbi-standin-test", create_if_missing=True)
 
 
+#: Exits 0 once no process in the sandbox has the command line argv[1], 1 after 5 s.
+GONE_WITHIN_5S = """
+import os, sys, time
+def running():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if open(f"/proc/{pid}/cmdline").read().replace("\\0", " ").strip() == sys.argv[1]:
+                return True
+        except OSError:
+            pass
+    return False
+deadline = time.monotonic() + 5
+while running():
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.05)
+"""
+
+
 def run(sb, *args: str, **kwargs) -> tuple[int, str, str]:
     process = sb.exec(*args, **kwargs)
     out, err = process.stdout.read(), process.stderr.read()
@@ -140,6 +159,9 @@ def test_exec_streams_stdin_and_exit_codes(app):
         killed = sb.exec("sh", "-c", "kill -9 $$")
         assert killed.wait() == 137
         assert run(sb, "/no/such/program")[0] == 127
+        with pytest.raises(modal.exception.InvalidError):  # refused, and the sandbox lives on
+            sb.exec("echo", "nul\x00byte")
+        assert run(sb, "true")[0] == 0
         big = sb.exec("python3", "-c", "import sys; sys.stdout.write('x' * 300000)")
         assert len(big.stdout.read()) == 300000
     finally:
@@ -323,8 +345,7 @@ def test_exec_timeout_kills_the_process(app):
         process = sb.exec("sh", "-c", "echo started; sleep 60", timeout=1)
         # Whichever comes first: the client's deadline (it then answers -1) or the kill (137).
         assert process.wait() in (-1, 137)
-        _, out, _ = run(sb, "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
-        assert "sleep 60" not in out and "cat" in out
+        assert run(sb, "python3", "-c", GONE_WITHIN_5S, "sleep 60")[0] == 0
     finally:
         sb.terminate()
 
