@@ -9,6 +9,7 @@ here drives the stand-in through the real client (sync and ``.aio``), never thro
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import ssl
 import subprocess
@@ -251,6 +252,26 @@ def test_tunnel_reaches_a_server_in_the_sandbox_over_tls(standin: ModalStandIn, 
             httpx.get(url, verify=ssl.create_default_context(), timeout=10)
         # A fresh handle asks the control plane for the tunnels (SandboxGetTunnelsV2).
         assert modal.Sandbox.from_id(sb.object_id).tunnels()[8000].url == url
+        # Every sandbox has its own network: another one can listen on the same port.
+        twin = modal.Sandbox.create(
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            "/tmp",
+            app=app,
+            timeout=120,
+            encrypted_ports=[8000],
+            readiness_probe=modal.Probe.with_tcp(8000),
+        )
+        twin.wait_until_ready(timeout=30)
+        assert (
+            httpx.get(twin.tunnels()[8000].url, verify=standin.ssl_context(), timeout=10).status_code == 200
+        )
+        twin.terminate()
     finally:
         sb.terminate()
     with pytest.raises(httpx.HTTPError):
@@ -518,6 +539,31 @@ def test_wrong_credentials_and_forged_router_tokens_are_refused(standin: ModalSt
         assert asyncio.run(forged(other)) == Status.UNAUTHENTICATED
     finally:
         sb.terminate()
+
+
+def test_runs_as_a_process_of_its_own(tmp_path: Path):
+    """``python -m tests.support.modal_standin`` (benchmarks, manual use): env on the first line."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.modal_standin"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        env = json.loads(server.stdout.readline())
+        script = "import modal; print(modal.App.lookup('p', create_if_missing=True).app_id[:3])"
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.stdout == "ap-\n", done.stderr
+    finally:
+        server.stdin.close()  # it stops when its stdin closes
+        assert server.wait(timeout=30) == 0
 
 
 def test_unknown_rpcs_fail_loudly_and_are_logged(standin: ModalStandIn, app):
