@@ -445,11 +445,16 @@ def test_terminated_sandbox_refuses_exec(app):
         fresh.wait()
 
 
-def test_entrypoint_exit_ends_the_sandbox(app):
-    sb = modal.Sandbox.create("sh", "-c", "echo bye; exit 3", app=app, timeout=120)
+def test_entrypoint_stdio_and_exit_end_the_sandbox(app):
+    sb = modal.Sandbox.create(
+        "sh", "-c", 'read line; echo "got $line"; echo err >&2; exit 3', app=app, timeout=120
+    )
+    sb.stdin.write(b"hello\n")
+    sb.stdin.write_eof()
+    sb.stdin.drain()
     sb.wait(raise_on_termination=False)
     assert sb.returncode == 3
-    assert sb.stdout.read() == "bye\n"
+    assert (sb.stdout.read(), sb.stderr.read()) == ("got hello\n", "err\n")  # also after it ended
 
 
 def test_idle_timeout_ends_an_idle_sandbox_but_not_a_busy_one(app):

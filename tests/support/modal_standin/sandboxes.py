@@ -166,6 +166,7 @@ class Sandbox:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._active = 0
         self._tasks: set[asyncio.Task] = set()
+        self._files = asyncio.Lock()  # laying out, snapshotting and removing the root folder
         self.last_active = time.monotonic()
 
     # -- facts ------------------------------------------------------------------------------------
@@ -205,7 +206,10 @@ class Sandbox:
 
     async def start(self, store: Store) -> None:
         """Lay out the root folder and start the container with its agent and entrypoint."""
-        await asyncio.to_thread(self._lay_out, store)
+        async with self._files:
+            await asyncio.to_thread(self._lay_out, store)
+        if not self.running:  # terminated while its files were being laid out
+            raise SandboxGone(self.sandbox_id)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             with open(self.dir / "bwrap.log", "wb") as errors:
@@ -600,9 +604,17 @@ class Sandbox:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def snapshot(self, folder: Path) -> None:
+        """Copy the writable file tree (everything but the host's system) into ``folder``."""
+        async with self._files:
+            if not self.running:
+                raise SandboxGone(self.sandbox_id)
+            await asyncio.to_thread(copy_tree, self.fs, folder)
+
     async def remove(self) -> None:
-        """Forget the sandbox's files (after it ended)."""
-        await asyncio.to_thread(shutil.rmtree, self.dir, True)
+        """Forget the sandbox's files (after it ended; not while they are being copied)."""
+        async with self._files:
+            await asyncio.to_thread(shutil.rmtree, self.dir, True)
 
 
 async def _pipe_writer(fd: int) -> asyncio.StreamWriter:

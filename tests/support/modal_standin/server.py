@@ -179,8 +179,9 @@ class ModalStandIn:
 
     @property
     def sandboxes(self) -> dict[str, Sandbox]:
+        """Every sandbox by id, ended ones too (a copy: the stand-in's thread adds to it)."""
         assert self.state is not None
-        return self.state.sandboxes
+        return dict(self.state.sandboxes)
 
     def image(self, image_id: str) -> Image:
         assert self.state is not None

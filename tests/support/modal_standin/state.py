@@ -23,7 +23,7 @@ from modal_proto import api_pb2
 from .ids import new_id
 from .images import Store
 from .rpc import Recorder, invalid, not_found
-from .sandboxes import Sandbox
+from .sandboxes import Sandbox, SandboxGone
 from .tunnels import Authority, open_tunnel
 
 MAX_TIMEOUT = 24 * 3600  # Modal's maximum sandbox lifetime
@@ -154,6 +154,8 @@ class State:
         ]
         try:
             await sandbox.start(self.store)
+        except SandboxGone:
+            raise GRPCError(Status.NOT_FOUND, f"Sandbox {sandbox.sandbox_id} ended while starting") from None
         except Exception as exc:
             await sandbox.end(api_pb2.GenericResult.GENERIC_STATUS_FAILURE, message=f"could not start: {exc}")
             raise
