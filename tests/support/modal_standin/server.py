@@ -30,6 +30,10 @@ from .rpc import Recorder
 from .sandboxes import Sandbox
 from .state import Options, State
 
+#: Whether ``ModalStandIn(users=...)`` works here: changing user inside a sandbox needs
+#: capabilities that bubblewrap grants only when it runs as root.
+USERS_WORK = os.geteuid() == 0
+
 
 class ModalStandIn:
     """A loopback stand-in of Modal's API for the real ``modal`` client.
@@ -44,6 +48,7 @@ class ModalStandIn:
         *,
         internet_ports: list[int] | None = None,
         installed: dict[str, str] | None = None,
+        users: dict[str, int] | None = None,
         list_page_size: int = 50,
         data_dir: str | Path | None = None,
     ):
@@ -51,16 +56,22 @@ class ModalStandIn:
         inside), standing in for the internet (the LLM, GitHub). ``installed``: what an image's
         ``RUN``/``apt``/``npm`` layers would have installed, as ``{sandbox path: host path}``
         bound read-only into every sandbox (for example OpenCode at /usr/local/bin/opencode);
-        the path must be under /usr/local, /opt or another non-system folder."""
+        the path must be under /usr/local, /opt or another non-system folder. ``users``: what
+        the recipe's ``useradd`` would have made, ``{name: uid}`` (gid = uid, home /home/<name>
+        owned by it); root in the sandbox may then change user (``setpriv``, ``su``), chown and
+        kill, as root in a container can. Needs the stand-in to run as root (``USERS_WORK``)."""
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="modal-standin-"))
         self.recorder = Recorder()
         for path in installed or {}:
             check_target(path)
+        if users and not USERS_WORK:
+            raise RuntimeError("the modal stand-in can give sandboxes users only when it runs as root")
         self.options = Options(
             internet_ports=list(internet_ports or []),
             installed={path: os.path.realpath(host) for path, host in (installed or {}).items()},
             list_page_size=list_page_size,
+            users=dict(users or {}),
         )
         self.state: State | None = None
         self.url = ""
