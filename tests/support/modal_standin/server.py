@@ -114,6 +114,10 @@ class ModalStandIn:
         self._server.close()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 5)
+        # grpclib leaves its clients' connections open (Python 3.11's asyncio.Server cannot close
+        # them): close every transport of this loop so nothing is left for the garbage collector.
+        for transport in list(getattr(asyncio.get_running_loop(), "_transports", {}).values()):
+            transport.close()
         # What is left (output pumps, removal of sandbox folders) finishes or is cancelled.
         rest = asyncio.all_tasks() - {asyncio.current_task()}
         if rest:
