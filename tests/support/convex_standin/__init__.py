@@ -75,7 +75,8 @@ class SigningKey:
             "y": _b64url(numbers.y.to_bytes(32, "big")),
         }
         key_set = json.dumps({"keys": [jwk]}).encode()
-        return "data:application/json;base64," + base64.b64encode(key_set).decode()
+        # The form Convex's own Better Auth integration hands a customJwt provider.
+        return "data:text/plain;charset=utf-8;base64," + base64.b64encode(key_set).decode()
 
     def sign(self, claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
         head = {"alg": "ES256", "typ": "JWT", "kid": self.kid, **(header or {})}

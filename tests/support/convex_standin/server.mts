@@ -113,8 +113,12 @@ async function identityOf(token: string): Promise<Record<string, unknown>> {
   if (provider === undefined) {
     throw new AuthError("NoAuthProvider", "No auth provider found matching the given token. Check that your JWT's issuer and audience match one of your configured providers.");
   }
-  if (audiences.length > 1 || header.alg !== provider.algorithm) throw new AuthError("Unauthenticated", UNVERIFIED);
-  const candidates = (await jwks(provider.jwks!)).filter((k) => header.kid === undefined || k.kid === header.kid);
+  // Convex requires the header fields kid, alg and typ, and one audience at most.
+  if (audiences.length > 1 || header.alg !== provider.algorithm || typeof header.kid !== "string"
+      || typeof header.typ !== "string") {
+    throw new AuthError("Unauthenticated", UNVERIFIED);
+  }
+  const candidates = (await jwks(provider.jwks!)).filter((k) => k.kid === header.kid);
   const signed = Buffer.from(`${parts[0]}.${parts[1]}`);
   const signature = Buffer.from(parts[2], "base64url");
   const valid = candidates.some((jwk) => {
