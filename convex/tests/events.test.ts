@@ -62,7 +62,15 @@ describe("events", () => {
     const tooMany = Array.from({ length: 501 }, () => ev());
     expect(await refused(alice.mutation(api.events.append, { session_id: "ses-1", key: "k", events: tooMany }))).toBe("invalid");
     expect(await refused(alice.mutation(api.events.append, { session_id: "ses-1", key: "", events: [ev()] }))).toBe("invalid");
+    // Sizes are UTF-8 bytes: what fits a Convex document, and a transaction's writes.
+    const euros = JSON.stringify("\u20ac".repeat(300_000)); // 900,002 bytes
+    expect(await refused(alice.mutation(api.events.append, { session_id: "ses-1", key: "k", events: [{ type: "t", data: euros, ts: 1 }] }))).toBe("invalid");
+    const big = JSON.stringify("x".repeat(850_000));
+    const tooBig = Array.from({ length: 10 }, () => ({ type: "t", data: big, ts: 1 }));
+    expect(await refused(alice.mutation(api.events.append, { session_id: "ses-1", key: "k", events: tooBig }))).toBe("invalid");
     expect(await alice.query(api.events.lastSeq, { session_id: "ses-1" })).toBe(0);
+    const fits = await alice.mutation(api.events.append, { session_id: "ses-1", key: "k", events: tooBig.slice(0, 9) });
+    expect(fits.map((e) => e.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9]);
     for (const [after, limit] of [[2 ** 64, 10], [-1, 10], [0.5, 10], [0, 0], [0, 1001]]) {
       expect(await refused(alice.query(api.events.list, { session_id: "ses-1", after, limit }))).toBe("invalid");
     }
