@@ -7,11 +7,16 @@ The attacker here holds a valid JWT of their own (or none) and crafts requests b
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+import tests.support.convex_standin as standin_module
 from tests.support.convex_standin import ConvexStandin, SigningKey, convex_standin  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("convex_standin")
@@ -178,3 +183,18 @@ def test_fault_switches(standin):
     with pytest.raises(httpx.HTTPStatusError):
         standin.faults(error_rate=2)
     assert httpx.post(f"{standin.url}/_standin/reset", timeout=30).status_code == 403  # admin only
+
+
+def test_convexs_own_http_client_accepts_the_answers(standin):
+    """The reference client (ConvexHttpClient of the pinned `convex` package, which sends the
+    `convex_encoded_json` format) reads the stand-in's success and error answers as Convex's."""
+    env = {**os.environ, "STANDIN_URL": standin.url, "STANDIN_TOKEN": standin.user_token("alice")}
+    script = Path(standin_module.__file__).parent / "official_client.mts"
+    done = subprocess.run([str(standin_module.TSX), str(script)], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["ping"] == {"value": True}
+    assert got["created"]["value"]["owner"] == "alice"
+    assert got["appended"]["value"] == [{"seq": 1, "type": "t", "data": "{}", "ts": 1}]
+    assert got["refused"]["error"] == "ConvexError" and got["refused"]["data"]["code"] == "not_found"
+    assert "Could not find public function" in got["missing"]["message"]
