@@ -172,6 +172,17 @@ def test_fault_switches(standin):
     with pytest.raises(httpx.TransportError):
         call(standin, "query", "health:ping", {})
 
+    # No answer: the write happens, the client times out; the retry returns the first result.
+    standin.faults(no_answer=True)
+    second = {**batch, "key": "b2"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{standin.url}/api/mutation", json={"path": "events:append", "args": second},
+                   headers={"Authorization": f"Bearer {alice}"}, timeout=httpx.Timeout(30, read=1))
+    standin.faults()
+    retried = call(standin, "mutation", "events:append", second, alice).json()["value"]
+    assert [e["seq"] for e in retried] == [2]
+    assert call(standin, "query", "events:lastSeq", {"session_id": "ses-1"}, alice).json()["value"] == 2
+
     standin.faults(latency_ms=300)
     started = time.monotonic()
     assert call(standin, "query", "health:ping", {}).status_code == 200
@@ -179,7 +190,7 @@ def test_fault_switches(standin):
 
     standin.faults()
     stats = standin.stats()
-    assert stats["faulted"] == 3 and stats["reset_connections"] == 1
+    assert (stats["faulted"], stats["reset_connections"], stats["unanswered"]) == (3, 1, 1)
     with pytest.raises(httpx.HTTPStatusError):
         standin.faults(error_rate=2)
     assert httpx.post(f"{standin.url}/_standin/reset", timeout=30).status_code == 403  # admin only

@@ -188,13 +188,15 @@ class ConvexStandin:
         """Set the fault switches (all others off): ``latency_ms``, ``error_rate`` (0..1),
         ``fail_next`` (the next N calls), ``status`` (default 503), ``error_phase``
         ("before": nothing runs; "after": the function ran, the answer is lost), ``outage``
-        (connections reset). ``faults()`` turns everything off."""
+        (connections reset), ``no_answer`` (the function runs, no answer ever comes: the client
+        times out). ``faults()`` turns everything off."""
         reply = self._http.post("/_standin/faults", json=switches, headers=self._admin)
         reply.raise_for_status()
         return reply.json()
 
     def stats(self) -> dict[str, Any]:
-        """``{"calls": {"events:append": n, ...}, "faulted": n, "reset_connections": n, "faults"}``."""
+        """``{"calls": {"events:append": n, ...}, "faulted", "reset_connections", "unanswered",
+        "faults"}``: calls counts the functions that ran."""
         reply = self._http.get("/_standin/stats", headers=self._admin)
         reply.raise_for_status()
         return reply.json()

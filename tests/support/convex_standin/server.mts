@@ -13,7 +13,7 @@
 // implement (deploy-key auth, other endpoints, other formats) it refuses and logs to stderr.
 //
 // Switches for the tests (loopback, need X-Standin-Admin: $STANDIN_ADMIN_TOKEN):
-//   POST /_standin/faults {latency_ms, error_rate, fail_next, status, error_phase, outage}
+//   POST /_standin/faults {latency_ms, error_rate, fail_next, status, error_phase, outage, no_answer}
 //   GET  /_standin/stats   POST /_standin/reset
 //
 // Started by tests/support/convex_standin/__init__.py with tsx; prints "listening <port>".
@@ -149,14 +149,15 @@ type Faults = {
   status: number;
   error_phase: "before" | "after"; // answer the error instead of running, or after running
   outage: boolean; // connections are reset, nothing runs
+  no_answer: boolean; // the function runs, the answer never comes (the client times out)
 };
-const NO_FAULTS: Faults = { latency_ms: 0, error_rate: 0, fail_next: 0, status: 503, error_phase: "before", outage: false };
+const NO_FAULTS: Faults = {
+  latency_ms: 0, error_rate: 0, fail_next: 0, status: 503, error_phase: "before", outage: false, no_answer: false,
+};
 let faults: Faults = { ...NO_FAULTS };
-let stats: { calls: Record<string, number>; faulted: number; reset_connections: number } = {
-  calls: {},
-  faulted: 0,
-  reset_connections: 0,
-};
+type Stats = { calls: Record<string, number>; faulted: number; reset_connections: number; unanswered: number };
+const NO_STATS: Stats = { calls: {}, faulted: 0, reset_connections: 0, unanswered: 0 };
+let stats: Stats = structuredClone(NO_STATS);
 
 function setFaults(body: any): Faults {
   const next = { ...NO_FAULTS, ...body };
@@ -166,6 +167,7 @@ function setFaults(body: any): Faults {
     Number.isSafeInteger(next.fail_next) && next.fail_next >= 0 &&
     Number.isSafeInteger(next.status) && next.status >= 400 && next.status <= 599 &&
     (next.error_phase === "before" || next.error_phase === "after") && typeof next.outage === "boolean" &&
+    typeof next.no_answer === "boolean" &&
     Object.keys(next).every((k) => k in NO_FAULTS);
   if (!ok) throw new Error(`bad faults: ${JSON.stringify(body)}`);
   return next;
@@ -289,6 +291,10 @@ async function handleApi(req: IncomingMessage, res: ServerResponse, kind: Kind) 
     return send(res, faults.status, { code: "InternalServerError", message: "stand-in fault (nothing ran)" });
   }
   const [status, answer] = await callFunction(kind, body, req.headers.authorization);
+  if (faults.no_answer) {
+    stats.unanswered += 1;
+    return; // the connection stays open, silent, until the client gives up
+  }
   if (faults.error_phase === "after" && faultNow()) {
     stats.faulted += 1;
     return send(res, faults.status, { code: "InternalServerError", message: "stand-in fault (the function ran)" });
@@ -313,7 +319,7 @@ async function handleAdmin(req: IncomingMessage, res: ServerResponse, path: stri
   if (path === "/_standin/reset" && req.method === "POST") {
     t = convexTest(schema, modules);
     faults = { ...NO_FAULTS };
-    stats = { calls: {}, faulted: 0, reset_connections: 0 };
+    stats = structuredClone(NO_STATS);
     return send(res, 200, {});
   }
   return send(res, 404, { message: `no admin endpoint ${req.method} ${path}` });
