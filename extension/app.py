@@ -12,13 +12,12 @@ import getpass
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Type, Unicode, default
 
-from tabbi_sandbox.binary import OpenCodeNotFound, find_opencode
 from tabbi_sandbox.local import LocalProvider
 from tabbi_sandbox.provider import SandboxProvider
 
@@ -35,6 +34,8 @@ from .model_config import DEFAULT_PERMISSIONS, PROVIDER_KEYS, ModelConfigError, 
 from .model_config import build as build_model_config
 from .push import Publisher
 from .store import SQLiteStore, Store
+
+T = TypeVar("T")
 
 
 def _env(name: str) -> str | None:
@@ -375,21 +376,31 @@ class TabbiExtension(ExtensionApp):
         return GitHubAccounts(self.store, secrets, app, hosts)
 
     def make_store(self, data: Path) -> Store:
-        options: dict[str, Any] = dict(self.store_options)
-        if issubclass(self.store_class, SQLiteStore):
-            options.setdefault("path", data / "tabbi.sqlite3")
-        return self.store_class(**options)
+        defaults: dict[str, Any] = {"path": data / "tabbi.sqlite3"} if issubclass(
+            self.store_class, SQLiteStore) else {}
+        return self.configured(self.store_class, defaults, self.store_options)
 
     def make_provider(self, data: Path) -> SandboxProvider:
-        options: dict[str, Any] = dict(self.sandbox_provider_options)
+        defaults: dict[str, Any] = {}
         if issubclass(self.sandbox_provider_class, LocalProvider):
-            options.setdefault("root", data / "sandboxes")
-            options.setdefault("snapshot_root", data / "snapshots")
-            options.setdefault("isolation_mode", self.isolation)
-            options.setdefault("opencode_bin", self.opencode_bin)
-            options.setdefault("start_timeout", self.start_timeout)
-            options.setdefault("detach", self.detach_sandboxes)
-        return self.sandbox_provider_class(**options)
+            legacy = {"isolation": "isolation", "opencode_bin": "opencode_bin",
+                      "start_timeout": "start_timeout", "detach_sandboxes": "detach"}
+            defaults = {"root": data / "sandboxes", "snapshot_root": data / "snapshots",
+                        "log_root": data / "logs"}
+            defaults.update({mine: getattr(self, ours) for ours, mine in legacy.items()})
+        return self.configured(self.sandbox_provider_class, defaults, self.sandbox_provider_options)
+
+    def configured(self, cls: type[T], defaults: dict[str, Any], options: dict[str, Any]) -> T:
+        """``cls(parent=self)`` given tabbi's defaults and the legacy ``*_options``, except where
+        the class's own config section (``c.LocalProvider.x``, also of a base class) sets the
+        trait: the class's section is where a backend is configured, so it wins."""
+        explicit: set[str] = set()
+        for klass in cls.mro():
+            section = self.config.get(klass.__name__)
+            if section is not None and klass.__name__ != "object":
+                explicit.update(section)
+        kwargs = {k: v for k, v in {**defaults, **options}.items() if k not in explicit}
+        return cls(parent=self, **kwargs)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend([*handlers.routes(), *github_handlers.routes(), *model_gateway.routes()])
@@ -432,23 +443,20 @@ class TabbiExtension(ExtensionApp):
         """``GET /tabbi/api/health``: is every dependency of a session usable right now?"""
         started = time.monotonic()
         store_ok = await self.store.ping() if self.store else False
-        try:
-            opencode: dict[str, Any] = {"found": True, "path": find_opencode(self.opencode_bin)}
-        except OpenCodeNotFound as exc:
-            opencode = {"found": False, "detail": str(exc)}
         check = await asyncio.to_thread(self.provider.check) if self.provider else {}
         sandbox = {"provider": getattr(self.provider, "name", None), **check}
+        opencode = sandbox.pop("opencode", None)  # providers that run a binary of this machine
         model: dict[str, Any] = {"default": self.model, "custom_endpoint": bool(self.llm_base_url)}
         try:
             build_model_config(self.manager.settings.model if self.manager else ModelSettings())
             model["configured"] = True
         except ModelConfigError as exc:
             model.update(configured=False, detail=str(exc))
-        ok = store_ok and opencode["found"] and sandbox.get("usable", False) and model["configured"]
+        ok = store_ok and sandbox.get("usable", False) and model["configured"]
         return {
             "status": "ok" if ok else "degraded",
             "store": {"reachable": store_ok, "backend": type(self.store).__name__},
-            "opencode": opencode,
+            **({"opencode": opencode} if opencode is not None else {}),
             "sandbox": sandbox,
             "model": model,
             "checked_in_ms": round((time.monotonic() - started) * 1000, 1),

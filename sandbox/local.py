@@ -42,12 +42,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from traitlets import Bool, Enum, Float, Unicode, default
+
 from . import isolation, processes, sealed, snapshots
-from .binary import find_opencode
+from .binary import OpenCodeNotFound, find_opencode
 from .provider import (
     BOOTSTRAP_SCRIPT,
     Endpoint,
     ExecResult,
+    PathTrait,
     ProgressCallback,
     RestoreError,
     Sandbox,
@@ -463,34 +466,57 @@ class LocalSandbox(Sandbox):
 
 
 class LocalProvider(SandboxProvider):
-    """Sandboxes as local processes under ``root``; ``isolation`` is "auto", "bwrap" or "none"."""
+    """Sandboxes as local processes (under bubblewrap where it works) in folders under ``root``."""
 
     name = "local"
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        *,
-        snapshot_root: str | os.PathLike | None = None,
-        isolation_mode: str = "auto",
-        opencode_bin: str | None = None,
-        start_timeout: float = 90,
-        stop_grace: float = 5,
-        detach: bool = False,
-        log_root: str | os.PathLike | None = None,
-        snapshot_timeout: float = 900,
-    ):
-        self.root = Path(root)
-        self.snapshot_root = Path(snapshot_root) if snapshot_root else self.root.parent / "snapshots"
-        #: The bootstraps' logs: beside ``root``, never inside a sandbox.
-        self.log_root = Path(log_root) if log_root else self.root.parent / "logs"
-        self.snapshot_timeout = snapshot_timeout
-        self.isolation_mode = isolation_mode
-        self.opencode_bin = opencode_bin
-        self.start_timeout = start_timeout
-        self.stop_grace = stop_grace
-        #: Sandboxes outlive a crashed server and are re-attached by the next one.
-        self.detach = detach
+    root = PathTrait(help="Folder holding one folder per sandbox. Default: DATA_DIR/sandboxes.").tag(
+        config=True
+    )
+    snapshot_root = PathTrait(
+        help="Where snapshot archives are kept, never bound into a sandbox. Default: beside root, "
+        "'snapshots'."
+    ).tag(config=True)
+    log_root = PathTrait(
+        help="Where the bootstraps' logs are written, never bound into a sandbox. Default: beside "
+        "root, 'logs'."
+    ).tag(config=True)
+    isolation = Enum(
+        ["auto", "bwrap", "none"],
+        default_value="auto",
+        help="'bwrap' requires bubblewrap, 'none' runs plain subprocesses (the agent then has the "
+        "server user's rights, so no credential is handed to it), 'auto' uses bubblewrap where it "
+        "works. Also settable as TabbiExtension.isolation.",
+    ).tag(config=True)
+    opencode_bin = Unicode(
+        None,
+        allow_none=True,
+        help="Path of the OpenCode binary. Unset: TABBI_OPENCODE_BIN, then 'opencode' on PATH, then "
+        "the project's pinned install. Also settable as TabbiExtension.opencode_bin.",
+    ).tag(config=True)
+    start_timeout = Float(90.0, help="Seconds a sandbox may take to become ready.").tag(config=True)
+    stop_grace = Float(5.0, help="Seconds between SIGTERM and SIGKILL when a sandbox stops.").tag(
+        config=True
+    )
+    detach = Bool(
+        False,
+        help="Sandboxes outlive a crashed server and the next server re-attaches to them. Also "
+        "settable as TabbiExtension.detach_sandboxes.",
+    ).tag(config=True)
+    snapshot_timeout = Float(900.0, help="Seconds a snapshot or a restore may take.").tag(config=True)
+
+    def __init__(self, root: str | os.PathLike | None = None, **kwargs: Any):
+        if root is not None:
+            kwargs["root"] = root
+        super().__init__(**kwargs)
+
+    @default("snapshot_root")
+    def _snapshot_root_default(self) -> Path:
+        return self.root.parent / "snapshots"
+
+    @default("log_root")
+    def _log_root_default(self) -> Path:
+        return self.root.parent / "logs"
 
     def sandbox_root(self, sandbox_id: str) -> Path:
         if not sandbox_id.replace("-", "").isalnum():
@@ -501,7 +527,7 @@ class LocalProvider(SandboxProvider):
         self, spec: SandboxSpec, progress: ProgressCallback, restore: dict[str, Any] | None = None
     ) -> LocalSandbox:
         opencode_bin = await asyncio.to_thread(sealed.execute_only, find_opencode(self.opencode_bin))
-        confined = await asyncio.to_thread(isolation.choose, self.isolation_mode)
+        confined = await asyncio.to_thread(isolation.choose, self.isolation)
         root = self.sandbox_root(spec.sandbox_id)
         _private_dir(self.root)
         _private_dir(self.log_root)
@@ -518,7 +544,7 @@ class LocalProvider(SandboxProvider):
         return sandbox
 
     async def confines(self) -> bool:
-        return await asyncio.to_thread(isolation.choose, self.isolation_mode)
+        return await asyncio.to_thread(isolation.choose, self.isolation)
 
     @property
     def survives_restart(self) -> bool:
@@ -566,10 +592,16 @@ class LocalProvider(SandboxProvider):
         await asyncio.to_thread(archive.unlink, True)
 
     def check(self) -> dict[str, Any]:
+        """Bubblewrap as configured, and the OpenCode binary every sandbox runs."""
         ok, why = isolation.bwrap_works()
-        confined = ok and self.isolation_mode != "none"
-        usable = confined or self.isolation_mode != "bwrap"
-        return {"usable": usable, "isolation": "bwrap" if confined else "none", "detail": why}
+        confined = ok and self.isolation != "none"
+        try:
+            opencode: dict[str, Any] = {"found": True, "path": find_opencode(self.opencode_bin)}
+        except OpenCodeNotFound as exc:
+            opencode = {"found": False, "detail": str(exc)}
+        usable = (confined or self.isolation != "bwrap") and opencode["found"]
+        return {"usable": usable, "isolation": "bwrap" if confined else "none", "detail": why,
+                "opencode": opencode}
 
 
 def _last_line(data: bytes) -> str:

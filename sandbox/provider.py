@@ -9,16 +9,39 @@ Modal sandboxes implement the same calls, and both run ``bootstrap.py`` inside.
 from __future__ import annotations
 
 import abc
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from traitlets import TraitType
+from traitlets.config import LoggingConfigurable
+from traitlets.traitlets import MetaHasTraits
+
 #: Called with each progress line of the bootstrap (``{"phase": "cloning", ...}``).
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
 
 BOOTSTRAP_SCRIPT = Path(__file__).with_name("bootstrap.py")
+
+
+class ConfigurableABCMeta(abc.ABCMeta, MetaHasTraits):
+    """Lets a pluggable backend be both an abstract base class and a traitlets ``Configurable``
+    (each metaclass alone refuses the other)."""
+
+
+class PathTrait(TraitType[Path, Any]):
+    """A filesystem path: configured as a string, held as a ``Path``."""
+
+    info_text = "a filesystem path"
+
+    def validate(self, obj: Any, value: Any) -> Path | None:
+        if value is None and self.allow_none:
+            return None
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            return Path(value)
+        self.error(obj, value)
 
 
 class SandboxError(Exception):
@@ -116,8 +139,12 @@ class Sandbox(abc.ABC):
         """JSON-able description stored with the session (no secrets)."""
 
 
-class SandboxProvider(abc.ABC):
-    """Creates sandboxes on one substrate."""
+class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
+    """Creates sandboxes on one substrate.
+
+    A provider is configured as its own traitlets class (``c.LocalProvider.isolation``,
+    ``c.ModalProvider.cpu``); the extension constructs it with ``parent=`` itself, so those
+    settings and the server's log reach it."""
 
     #: Short name shown in health output and logs.
     name: str = "abstract"

@@ -93,7 +93,7 @@ def manager(tmp_path, jp_asyncio_loop):
     run = jp_asyncio_loop.run_until_complete
     store = SQLiteStore(tmp_path / "tabbi.sqlite3")
     run(store.open())
-    provider = LocalProvider(tmp_path / "sandboxes", isolation_mode="none")
+    provider = LocalProvider(tmp_path / "sandboxes", isolation="none")
     made = SessionManager(store, provider, AgentSettings(idle_timeout=0), lease_seconds=0.6)
     yield made
     run(made.shutdown())

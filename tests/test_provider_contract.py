@@ -43,7 +43,7 @@ class Kit:
 
 
 def local_kit(data: Path) -> Kit:
-    provider = LocalProvider(data / "sandboxes", isolation_mode="bwrap", start_timeout=120)
+    provider = LocalProvider(data / "sandboxes", isolation="bwrap", start_timeout=120)
 
     def path(ref: dict[str, Any]) -> Path:
         return provider._archive(ref)

@@ -43,6 +43,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from traitlets.config import LoggingConfigurable
+
+from tabbi_sandbox.provider import ConfigurableABCMeta
+
 
 class StoreError(Exception):
     """The store did not do what was asked. Permanent (a broken constraint, bad input, a closed
@@ -158,8 +162,11 @@ SESSION_FIELDS = {
 }
 
 
-class Store(abc.ABC):
-    """Async persistence for users, sessions, messages and parts, events, prompts and tokens."""
+class Store(LoggingConfigurable, metaclass=ConfigurableABCMeta):
+    """Async persistence for users, sessions, messages and parts, events, prompts and tokens.
+
+    A backend is configured as its own traitlets class (``c.SQLiteStore.busy_timeout``,
+    ``c.ConvexStore.url``); the extension constructs it with ``parent=`` itself."""
 
     async def open(self) -> None:
         """Connect and migrate the schema to the current version."""

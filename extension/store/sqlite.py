@@ -20,6 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from traitlets import Float
+
+from tabbi_sandbox.provider import PathTrait
+
 from .base import (
     SESSION_FIELDS,
     Event,
@@ -188,10 +192,17 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str | Path, busy_timeout: float = 5.0):
-        self.path = Path(path)
-        #: Seconds a call waits for another writer's lock before ``StoreUnavailable``.
-        self.busy_timeout = busy_timeout
+    """The embedded default: one SQLite file, written by one thread of the server process."""
+
+    path = PathTrait(help="The database file. Default: DATA_DIR/tabbi.sqlite3.").tag(config=True)
+    busy_timeout = Float(
+        5.0, help="Seconds a call waits for another writer's lock before StoreUnavailable."
+    ).tag(config=True)
+
+    def __init__(self, path: str | Path | None = None, **kwargs: Any):
+        if path is not None:
+            kwargs["path"] = path
+        super().__init__(**kwargs)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tabbi-sqlite")
         self._conn: sqlite3.Connection | None = None
 
