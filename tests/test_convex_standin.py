@@ -111,6 +111,7 @@ def test_jwts_are_checked_as_the_auth_config_says(standin):
     assert refused(f"{head}.{payload}.") == "Unauthenticated"
     assert refused(keys.user.sign(claims, {"alg": "HS256"})) == "Unauthenticated"
     assert refused("not-a-jwt") == "InvalidAuthHeader"
+    assert refused(f"bnVsbA.{payload}.") == "InvalidAuthHeader"  # a header of JSON null
     assert refused(keys.user.sign(claims, {"kid": None})) == "Unauthenticated"  # no kid: refused
     # Deploy keys are not implemented (and must never reach a tabbi server): refused.
     reply = httpx.post(f"{standin.url}/api/query", json={"path": "sessions:list", "args": {}},

@@ -99,7 +99,9 @@ async function identityOf(token: string): Promise<Record<string, unknown>> {
     if (parts.length !== 3) throw new Error("not three parts");
     header = b64json(parts[0]);
     payload = b64json(parts[1]);
-    if (typeof payload !== "object" || payload === null) throw new Error("not an object");
+    for (const part of [header, payload]) {
+      if (typeof part !== "object" || part === null || Array.isArray(part)) throw new Error("not an object");
+    }
   } catch {
     throw new AuthError("InvalidAuthHeader", "Could not parse JWT payload. Check that the token is a valid JWT format with three base64-encoded parts separated by dots.");
   }
