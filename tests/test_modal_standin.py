@@ -403,7 +403,7 @@ def test_exec_timeout_kills_the_process(app):
         sb.terminate()
 
 
-def test_snapshot_filesystem_restores_into_a_new_sandbox(app):
+def test_snapshot_filesystem_restores_into_a_new_sandbox(standin: ModalStandIn, app):
     sb = modal.Sandbox.create(app=app, timeout=120, env={"NOT_IN_SNAPSHOT": "1"}, workdir="/workspace")
     try:
         run(
@@ -428,6 +428,9 @@ def test_snapshot_filesystem_restores_into_a_new_sandbox(app):
         assert (code, out) == (0, "kept\nhome\nfifo\n[]\n")
     finally:
         restored.terminate()
+    standin.expire_image(image.object_id)
+    with pytest.raises(modal.exception.NotFoundError):
+        modal.Sandbox.create(app=app, image=modal.Image.from_id(image.object_id), timeout=60)
 
 
 def test_list_by_tags_pages_and_from_id_in_a_fresh_process(standin: ModalStandIn, app):

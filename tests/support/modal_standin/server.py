@@ -202,6 +202,12 @@ class ModalStandIn:
         assert self.state is not None
         return self.state.store.get(image_id)
 
+    def expire_image(self, image_id: str) -> None:
+        """The image is gone, as a snapshot past its TTL is: ``Image.from_id`` and creating a
+        sandbox from it answer NOT_FOUND from now on."""
+        assert self.state is not None
+        self.state.store.images.pop(image_id)
+
     def allow_internet(self, port: int) -> None:
         """Let sandboxes created from now on reach host port ``port`` (see ``internet_ports``)."""
         self.options.internet_ports.append(port)
