@@ -34,7 +34,8 @@ TITLE = "tabbi demo session"
 NOTES = "tabbi-demo-notes.md"
 DISCLAIMER = (
     "I am tabbi's demo model: I follow a fixed recipe (find the file, read it, write a small "
-    "change) and do not understand requests. Set TABBI_MODEL to a real model for real work."
+    "change) and do not understand requests. Pick a real model (TABBI_MODEL, or --model) for "
+    "real work."
 )
 
 #: Functions the demo writes for real (the quickstart asks for ``slugify``).

@@ -48,7 +48,8 @@ def test_the_recipe_finds_reads_writes_then_says_it_is_a_demo():
     assert args["content"].startswith("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n")
     assert "NotImplementedError" in args["content"]
     done = demo_model.answer(conversation(prompt, (glob("calc.py"), f"{WORKDIR}/calc.py"),
-                                          (read("calc.py"), listing), (written.tools[0], "Wrote file successfully.")))
+                                          (read("calc.py"), listing),
+                                          (written.tools[0], "Wrote file successfully.")))
     assert not done.tools and "Added a stub of `mul(a, b)` to calc.py" in done.text
     # A file of the same name elsewhere in the tree is not the one asked for: write a new one.
     elsewhere = demo_model.answer(conversation(prompt, (glob("calc.py"), f"{WORKDIR}/lib/calc.py")))
@@ -70,7 +71,8 @@ def test_requests_without_a_file_or_outside_the_workspace_become_a_note():
 
 
 @pytest.mark.tabbi(model="demo", llm_base_url=None)
-async def test_a_demo_session_edits_the_repository_through_the_gateway(api, source_repo, tabbi_app, workspace):
+async def test_a_demo_session_edits_the_repository_through_the_gateway(api, source_repo, tabbi_app,
+                                                                       workspace):
     """The whole flow with no key: start, a prompt, a real edit in the diff, a labelled reply.
     The demo's key never reaches the sandbox (OpenCode only has its gateway token), and the
     demo answers nobody who does not hold that key."""
