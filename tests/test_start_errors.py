@@ -9,6 +9,8 @@ import logging
 
 import pytest
 
+from tabbi_extension.demo_model import DemoModel
+from tabbi_extension.model_config import ModelSettings, problem
 from tests.conftest import git
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,3 +42,19 @@ async def test_a_failed_start_is_one_log_line_with_the_session_and_the_reason(ap
     assert "no model configured" in logged["no model"]
     assert "clone" in logged["clone"]
     assert "Traceback" not in caplog.text
+
+
+def test_start_up_names_what_keeps_the_default_model_from_working():
+    """Logged once at start-up (``TabbiExtension.initialize_settings``), so that nobody learns it
+    from a failed first session; the `make lab` test sees the line in a real server's log."""
+    assert "TABBI_MODEL=demo" in problem(ModelSettings())
+    assert problem(ModelSettings(model="anthropic/claude-sonnet-4-5")) == (
+        "TABBI_MODEL is anthropic/claude-sonnet-4-5 but ANTHROPIC_API_KEY is not set")
+    assert problem(ModelSettings(model="anthropic/x", provider_keys={"ANTHROPIC_API_KEY": "k"})) is None
+    assert problem(ModelSettings(model="llama3.1", llm_base_url="http://127.0.0.1:1/v1")) is None
+    assert "not offered" in problem(ModelSettings(model="demo"))
+    demo = DemoModel()
+    try:
+        assert problem(ModelSettings(model="demo", demo=demo)) is None
+    finally:
+        demo.stop()
