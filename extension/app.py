@@ -440,7 +440,7 @@ class TabbiExtension(ExtensionApp):
             await self.github.close()
         if self.gateway is not None:
             await self.gateway.close()
-        self.demo_model.stop()
+        await asyncio.to_thread(self.demo_model.stop)  # waits for its serving thread to end
         if self.manager is not None:
             await self.manager.shutdown()
         if self.store is not None:
