@@ -60,15 +60,16 @@ def _machine() -> dict[str, Any]:
 
 
 def resolved_model(settings: model_config.ModelSettings, requested: str | None) -> str | None:
-    """The model a new session will use, as ``provider/model``, so that the session records
+    """The model a new session will use (the server's default, unless it asked for another),
+    spelled as configured so that it resolves the same way at every start: the session records
     (and its clients show) the model actually used rather than "the server's default". A
     configuration that names no usable model keeps the request: the start then fails with the
     reason, on the session."""
     try:
-        ref, _ = model_config.resolve(settings, requested)
+        model_config.resolve(settings, requested)
     except model_config.ModelConfigError:
         return requested
-    return f"{ref['providerID']}/{ref['modelID']}"
+    return requested or settings.model
 
 
 class SessionManager:

@@ -43,19 +43,10 @@ def diff(result: dict[str, Any]) -> dict[str, str]:
     return bundle(markup, f"{len(files)} file(s) changed: {summary}\n\n{text}")
 
 
-#: The provider name the server gives an OpenAI-compatible server (``TABBI_LLM_BASE_URL``).
-CUSTOM_PROVIDER = "tabbi/"
-
-
 def model_name(model: str | None, short: bool = False) -> str:
-    """The model a session uses, as people know it (sessions made before the server recorded
-    the model it resolved have none)."""
-    if not model:
-        return "" if short else "(the server's default)"
-    if model.startswith(CUSTOM_PROVIDER):
-        bare = model.removeprefix(CUSTOM_PROVIDER)
-        return bare if short else f"{bare} (on the OpenAI-compatible server, TABBI_LLM_BASE_URL)"
-    return model
+    """The model a session uses (sessions made before the server recorded the model it
+    resolved have none)."""
+    return model or ("" if short else "(the server's default)")
 
 
 def sessions(rows: list[dict[str, Any]], current: str | None) -> dict[str, str]:
