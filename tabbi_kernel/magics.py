@@ -91,32 +91,32 @@ def elapsed(seconds: float) -> str:
 
 
 class StatusLine:
-    """One line of the cell's output that changes in place ("waiting for the model... 12 s"): a
-    display with an id, updated at most once a second. Where displays cannot change in place
-    (a terminal), the line is printed once."""
+    """One line at the end of the cell's output that changes in place ("waiting for the model...
+    12 s"), the way progress bars do: rewritten after a carriage return at most once a second,
+    and blanked when done. Front ends (and nbval) fold carriage returns, so a saved notebook
+    keeps no trace of it and gets no extra output, whether a wait showed or not."""
 
-    def __init__(self, live: bool, out: Any = None):
-        self.live = live
+    def __init__(self, out: Any = None):
         self.out = out or sys.stdout
-        self.handle: Any = None
         self.text = ""
+
+    @property
+    def shown(self) -> bool:
+        return bool(self.text)
 
     def show(self, text: str) -> None:
         if text == self.text:
             return
-        bundle = {"text/plain": text}
-        if self.handle is None:
-            self.out.flush()  # what was printed before stays above the line
-            self.handle = display(bundle, raw=True, display_id=True)
-        elif self.live:
-            self.handle.update(bundle, raw=True)
+        self.out.write("\r" + text + " " * max(0, len(self.text) - len(text)))
+        self.out.flush()
         self.text = text
 
     def clear(self) -> None:
-        """The line goes (an empty output stays in its place); the next ``show`` makes a new one."""
-        if self.handle is not None and self.live:
-            self.handle.update({"text/plain": ""}, raw=True)
-        self.handle, self.text = None, ""
+        """Blank the line; what is written next starts where it began."""
+        if self.text:
+            self.out.write("\r" + " " * len(self.text) + "\r")
+            self.out.flush()
+            self.text = ""
 
 
 class TurnPrinter:
@@ -124,12 +124,12 @@ class TurnPrinter:
     and a status line while nothing else shows ("waiting for the model... 12 s", "running bash
     pytest... 40 s") so that a slow model or a long command never looks like a stuck cell."""
 
-    def __init__(self, out: Any = None, err: Any = None, status: StatusLine | None = None):
+    def __init__(self, out: Any = None, err: Any = None):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.line_open = False
         self.message: str | None = None
-        self.status = status
+        self.status = StatusLine(self.out)
         #: What the turn is doing while nothing shows, and since when (monotonic); or None.
         self.activity: tuple[str, float] | None = None
         self.retry = ""
@@ -141,6 +141,8 @@ class TurnPrinter:
 
     def _line(self, text: str, error: bool = False) -> None:
         self._newline()
+        if not error:
+            self.status.clear()  # the line takes the status line's place; a tick shows it again
         stream = self.err if error else self.out
         stream.write(text + "\n")
         stream.flush()
@@ -164,20 +166,19 @@ class TurnPrinter:
     def _set_activity(self, what: str | None) -> None:
         if what is None:
             self.activity, self.retry = None, ""
-            if self.status is not None:
-                self.status.clear()
+            self.status.clear()
         elif self.activity is None or self.activity[0] != what:
             self.activity = (what, time.monotonic())
 
     def tick(self) -> None:
         """Show (or refresh) the activity with the time it has taken; called about once a
         second. A quick one never shows."""
-        if self.activity is None or self.status is None:
+        if self.activity is None:
             return
         what, since = self.activity
         taken = time.monotonic() - since
         if taken >= ACTIVITY_SHOWN_AFTER:
-            if self.status.handle is None:
+            if not self.status.shown:
                 self._newline()
             self.status.show(f"[tabbi] {what}... {elapsed(taken)}{self.retry}")
 
@@ -404,7 +405,7 @@ class TabbiMagics(Magics):
             session.prompt(text)
             print("[tabbi] queued; it streams into the chat panel (%tabbi panel)")
             return
-        printer = TurnPrinter(status=StatusLine(live=getattr(self.shell, "kernel", None) is not None))
+        printer = TurnPrinter()
         result = session.ask(text, on_event=printer, on_tick=printer.tick)
         if result.outcome == "error":
             print(f"[tabbi] the turn ended with an error: {result.error}", file=sys.stderr)

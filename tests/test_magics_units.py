@@ -62,40 +62,37 @@ def test_an_empty_repository_says_so_at_the_clone(tmp_path: Path):
     assert not workspace.exists()  # the next start clones again, rather than reusing an empty clone
 
 
-class Status:
-    """Stands in for the cell's in-place line."""
-
-    def __init__(self) -> None:
-        self.handle = None
-        self.shown: list[str] = []
-
-    def show(self, text: str) -> None:
-        self.handle = self.handle or object()
-        self.shown.append(text)
-
-    def clear(self) -> None:
-        self.handle = None
-        self.shown.append("")
+def folded(text: str) -> str:
+    """What a front end shows of a stream: each carriage return rewrites its line."""
+    lines = []
+    for line in text.split("\n"):
+        shown = ""
+        for piece in line.split("\r"):
+            shown = piece + shown[len(piece):]
+        lines.append(shown.rstrip())
+    return "\n".join(lines)
 
 
 def test_a_long_tool_call_shows_what_runs_and_for_how_long(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr("tabbi_kernel.magics.time.monotonic", lambda: clock[0])
-    status, out = Status(), io.StringIO()
-    printer = TurnPrinter(out=out, err=out, status=status)
+    out = io.StringIO()
+    printer = TurnPrinter(out=out, err=out)
     tool = {"message_id": "m", "part_id": "p", "call_id": "c", "tool": "bash",
             "input": {"command": "pytest -q"}}
+    printer({"type": "text.delta", "data": {"message_id": "m", "delta": "Running the tests"}})
     printer({"type": "tool", "data": {**tool, "status": "running"}})
     printer.tick()
     clock[0] += 65
     printer.tick()
+    printer.tick()
+    assert out.getvalue() == "Running the tests\n\r[tabbi] running bash pytest -q... 1 min 5 s"
     printer({"type": "tool", "data": {**tool, "status": "completed"}})
     printer({"type": "turn.waiting", "data": {"waiting": True}})
     clock[0] += 2
     printer({"type": "agent.status", "data": {"status": "retry", "attempt": 2}})
+    assert out.getvalue().endswith(
+        "\r[tabbi] waiting for the model... 2 s (the model server failed; retrying, attempt 2)")
     printer({"type": "turn.waiting", "data": {"waiting": False}})
-    assert status.shown == [
-        "[tabbi] running bash pytest -q... 1 min 5 s", "",
-        "[tabbi] waiting for the model... 2 s (the model server failed; retrying, attempt 2)", "",
-    ]
-    assert out.getvalue() == "[tool] bash pytest -q: completed\n"
+    printer({"type": "text.delta", "data": {"message_id": "m", "delta": "All pass."}})
+    assert folded(out.getvalue()) == "Running the tests\n[tool] bash pytest -q: completed\nAll pass."

@@ -17,8 +17,6 @@ class Execution:
     stdout: str = ""
     stderr: str = ""
     displays: list[dict[str, Any]] = field(default_factory=list)
-    #: ``update_display_data``: what displays with an id were changed to, in order.
-    updates: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
     payloads: list[dict[str, Any]] = field(default_factory=list)
     status: str = ""
@@ -65,8 +63,6 @@ class Kernel:
                     result.stderr += content["text"]
             elif kind in ("display_data", "execute_result"):
                 result.displays.append(content["data"])
-            elif kind == "update_display_data":
-                result.updates.append(content["data"])
             elif kind == "error":
                 result.error = content
             elif kind == "status" and content["execution_state"] == "idle":
