@@ -213,9 +213,9 @@ def transcript_text(conversation: Conversation, title: str) -> str:
 TRANSCRIPT_STYLE = """<style>
 /* Live: the panel is rendered in this cell's output, so the saved transcript steps aside. */
 .jp-OutputArea:has(.tabbi-panel) > .jp-OutputArea-child:has(.tabbi-transcript) { display: none; }
-/* Saved, kernel gone: the widget output can only say "model not found"; the transcript stands in. */
-.jp-OutputArea:has(.tabbi-transcript)
-  > .jp-OutputArea-child:has(> .jp-OutputArea-output.jupyter-widgets:not(:has(*))) { display: none; }
+/* Saved, kernel gone: the widget output can only say "model not found" (text, no element inside);
+   the transcript stands in. (:has() cannot nest, so the output itself hides, not its row.) */
+.jp-OutputArea:has(.tabbi-transcript) .jp-OutputArea-output.jupyter-widgets:not(:has(*)) { display: none; }
 .tabbi-transcript { font-family: var(--jp-ui-font-family, sans-serif); border-left: 3px solid #8c959f;
   padding: 2px 10px; }
 .tabbi-transcript .tt-row { white-space: pre-wrap; margin: 3px 0; }

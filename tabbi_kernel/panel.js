@@ -219,9 +219,26 @@ function onCustom(store, msg) {
   }
 }
 
+// The notebook keeps the transcript output (see tabbi_kernel/panel.py); JupyterLab and Notebook 7
+// ignore display updates after the displaying cell has finished, so write it into the notebook's
+// output models here, found by their metadata. Where there is no notebook (a console), nothing.
+function saveTranscript(model, msg) {
+  const cells = model.widget_manager?.context?.model?.cells;
+  if (!cells) return;
+  for (const cell of cells) {
+    const outputs = cell.type === "code" ? cell.outputs : null;
+    for (let i = 0; outputs && i < outputs.length; i++) {
+      const metadata = outputs.get(i).metadata || {};
+      if (metadata.tabbi?.transcript === msg.key) {
+        outputs.set(i, { output_type: "display_data", data: msg.bundle, metadata });
+      }
+    }
+  }
+}
+
 function initialize({ model }) {
   const store = storeFor(model);
-  const handler = (msg) => onCustom(store, msg);
+  const handler = (msg) => (msg.type === "transcript" ? saveTranscript(model, msg) : onCustom(store, msg));
   model.on("msg:custom", handler);
   model.send({ type: "sync", nonce: store.nonce });
   return () => { model.off("msg:custom", handler); stores.delete(model.get("key")); };

@@ -264,14 +264,22 @@ class ChatPanel(anywidget.AnyWidget):
         from IPython.display import display
 
         display(self._repr_mimebundle_(), raw=True)
-        display(self.transcript_bundle(), raw=True, display_id=self._transcript_id)
+        display(self.transcript_bundle(), raw=True, display_id=self._transcript_id,
+                metadata={"tabbi": {"transcript": self.key}})
         self._displayed = True
 
     def _refresh_transcript(self) -> None:
-        if self._displayed:
-            from IPython.display import update_display
+        """Once per turn edge. JupyterLab and Notebook 7 drop display updates once the displaying
+        cell has finished, so the page's panel (panel.js) writes the transcript into the notebook's
+        output itself; front ends that route display updates get one too."""
+        if not self._displayed:
+            return
+        from IPython.display import update_display
 
-            update_display(self.transcript_bundle(), raw=True, display_id=self._transcript_id)
+        bundle = self.transcript_bundle()
+        self.send({"type": "transcript", "key": self.key, "bundle": bundle})
+        update_display(bundle, raw=True, display_id=self._transcript_id,
+                       metadata={"tabbi": {"transcript": self.key}})
 
     # -- batches from the follower --------------------------------------------------------------
     def publish(self, ops: list[Op], coarse: bool, turn_edge: bool) -> None:
