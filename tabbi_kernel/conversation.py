@@ -26,6 +26,8 @@ class Turn:
     message_ids: list[str] = field(default_factory=list)
     #: When the turn started (the event's server time, epoch seconds).
     started_at: float | None = None
+    #: Since when the turn waits for the model (``turn.waiting``; None: it does not).
+    waiting_since: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """What the panel's front end needs to label the turn (not its message list)."""
@@ -47,6 +49,8 @@ class Conversation:
     pushes: list[dict[str, Any]] = field(default_factory=list)
     #: The model provider's retry notice while the agent retries (``agent.status`` retry).
     retry: str | None = None
+    #: The server says when a turn waits for the model (``turn.waiting``); older servers do not.
+    waiting_signal: bool = False
     _by_id: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     _ts: float | None = field(default=None, repr=False)
 
@@ -115,6 +119,19 @@ class Conversation:
             turn.end_seq, turn.outcome, turn.error = seq, data.get("outcome"), data.get("error")
         self.busy, self.retry = False, None
         self.permissions.clear()
+
+    def _on_turn_waiting(self, data: dict, seq: int) -> None:
+        self.waiting_signal = True
+        turn = self.current_turn
+        if turn is not None and turn.prompt_id == data.get("prompt_id"):
+            turn.waiting_since = (self._ts or 0.0) if data.get("waiting") else None
+
+    @property
+    def waiting_since(self) -> float | None:
+        """Since when the current turn waits for the model, as the server said (see
+        ``waiting_signal``)."""
+        turn = self.current_turn
+        return turn.waiting_since if turn is not None else None
 
     def _on_agent_status(self, data: dict, seq: int) -> None:
         self.retry = (data.get("message") or "the model provider asked to retry") \

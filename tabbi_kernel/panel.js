@@ -415,17 +415,24 @@ function render({ model, el: root }) {
     pause.textContent = state === "paused" ? "Resume" : "Pause";
     drawWaiting();
   };
-  // "waiting for the model…": the turn has started and nothing of the agent's reply has arrived.
+  // "waiting for the model…" with the time since: as the server says (turn.waiting), or, from a
+  // server that does not say, while a started turn has nothing of the agent's reply yet.
   const currentTurn = () => [...store.turns.values()].reverse().find((t) => !t.outcome) || null;
-  const drawWaiting = () => {
-    const turn = model.get("busy") ? currentTurn() : null;
+  const waitingSince = () => {
+    if (!model.get("busy")) return undefined;
+    if (model.get("waiting_signal")) return model.get("waiting_since") ?? undefined;
+    const turn = currentTurn();
     const replied = turn && store.messages.some((m) => m.turn === turn.prompt_id && m.role === "assistant" &&
       (m.parts || []).some((p) => p.type !== "text" || p.text));
-    if (!turn || replied) { waiting.hidden = true; return; }
-    const since = turn.started_at ? Math.max(0, Math.round(Date.now() / 1000 - turn.started_at)) : null;
+    return !turn || replied ? undefined : (turn.started_at ?? null);
+  };
+  const drawWaiting = () => {
+    const since = waitingSince();
+    if (since === undefined) { waiting.hidden = true; return; }
+    const seconds = since === null ? null : Math.max(0, Math.round(Date.now() / 1000 - since));
     const retry = model.get("retry");
     waiting.hidden = false;
-    waiting.textContent = `waiting for the model…${since === null ? "" : ` ${since} s`}` +
+    waiting.textContent = `waiting for the model…${seconds === null ? "" : ` ${seconds} s`}` +
       (retry ? ` (retrying: ${retry})` : "");
   };
   const ticker = setInterval(drawWaiting, 1000);
@@ -473,7 +480,7 @@ function render({ model, el: root }) {
   view.redraw();
   drawStatus(); drawPermissions(); drawNotice(); drawExtra(); drawTurnError(); drawPushed(); drawPushing();
   const listeners = [
-    [["state", "phase", "error", "busy", "connected", "retry"], drawStatus],
+    [["state", "phase", "error", "busy", "connected", "retry", "waiting_since", "waiting_signal"], drawStatus],
     [["permissions"], drawPermissions], [["notice"], drawNotice], [["turn_error"], drawTurnError],
     [["pushed"], drawPushed], [["pushing"], drawPushing], [["code", "diff_html"], drawExtra],
   ];

@@ -201,6 +201,10 @@ class ChatPanel(anywidget.AnyWidget):
     busy = traitlets.Bool(False).tag(sync=True)
     #: The model provider's retry notice while the agent retries.
     retry = traitlets.Unicode("").tag(sync=True)
+    #: Since when (server epoch seconds) the turn waits for the model, when the server says so
+    #: (``waiting_signal``); without the signal the front end infers it (no reply yet).
+    waiting_since = traitlets.Float(None, allow_none=True).tag(sync=True)
+    waiting_signal = traitlets.Bool(False).tag(sync=True)
     connected = traitlets.Bool(False).tag(sync=True)
     #: The last seq of a batch that changed coarse state (deltas carry their own seq).
     last_seq = traitlets.Int(0).tag(sync=True)
@@ -305,6 +309,8 @@ class ChatPanel(anywidget.AnyWidget):
             self.error = conv.error or ""
             self.busy = conv.busy
             self.retry = conv.retry or ""
+            self.waiting_since = conv.waiting_since
+            self.waiting_signal = conv.waiting_signal
             self.last_seq = conv.last_seq
             self.permissions = list(conv.permissions.values())
             self.turn_error = conv.turn_error or ""

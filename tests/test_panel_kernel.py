@@ -254,3 +254,22 @@ async def test_an_action_in_flight_does_not_block_the_kernel(kernel):
     await kernel.run("gate.set()")
     await kernel.drain_comms(lambda: "No changes" in kernel.widget_state(model_id).get("diff_html", ""),
                              timeout=30)
+
+
+async def test_the_panel_says_when_the_turn_waits_for_the_model(kernel):
+    """Item 10's panel half: the server's ``turn.waiting`` reaches the panel as coarse state (the
+    front end shows "waiting for the model…" and the time since), and ends with the model's output."""
+    shown = await kernel.run(fake_panel())
+    model_id = shown.displays[0][WIDGET]["model_id"]
+    await wait_gone(kernel)
+    feed = ("def ev(seq, t, **data):\n"
+            "    p._follower.receive({'seq': seq, 'type': t, 'data': data, 'ts': 1000.0 + seq})\n"
+            "    p._follower.flush()\n"
+            "ev(1, 'turn.started', prompt_id='q', text='hi')\n"
+            "ev(2, 'turn.waiting', prompt_id='q', waiting=True)\n")
+    assert (await kernel.run(feed)).status == "ok"
+    await kernel.drain_comms(lambda: kernel.widget_state(model_id).get("waiting_since") == 1002.0)
+    assert kernel.widget_state(model_id)["waiting_signal"] is True
+    await kernel.run("ev(3, 'turn.waiting', prompt_id='q', waiting=False)\n"
+                     "ev(4, 'text.delta', message_id='m', part_id='t', field='text', delta='hello')")
+    await kernel.drain_comms(lambda: kernel.widget_state(model_id).get("waiting_since") is None)
