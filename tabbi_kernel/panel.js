@@ -324,7 +324,9 @@ function logView(store, log) {
       stick(() => {
         for (const { message, part, turn } of changes) {
           if (turn) putLabel(turn);
-          else if (part && part.type === "text" && boxes.has(message.id)) dirty.set(`${message.id}/${part.id}`, [message, part]);
+          else if (part && part.type === "text" && boxes.get(message.id)?.parts.has(part.id)) {
+            dirty.set(`${message.id}/${part.id}`, [message, part]); // a new part is placed at once, in order
+          }
           else if (part) putPart(message, part);
           else if (message) boxFor(message);
         }
