@@ -95,6 +95,9 @@ def test_panel_chat_in_the_browser(lab, llm, source_repo, variant):
             expect(panel.locator(".tb-tool.tb-tool-completed")).to_contain_text("write", timeout=120_000)
             expect(panel.locator(".tb-assistant strong")).to_have_text("hello.py", timeout=60_000)
             expect(panel.locator(".tb-user")).to_have_text("create hello.py")
+            # Streamed parts keep their order: the reply's text, then its tool call.
+            expect(panel.locator(".tb-assistant").first.locator(":scope > :first-child")).to_have_text(
+                "I'll create hello.py.")
             expect(box).to_have_value("")
             # Threat: script injection through the model's text. It is shown, never run.
             expect(panel.locator(".tb-assistant").last).to_contain_text("<script>window.__pwned=2</script>")
