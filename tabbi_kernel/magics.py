@@ -22,7 +22,7 @@ from . import render
 from .client import Client, Event, Session, TabbiError, connect
 from .conversation import Conversation
 from .discovery import ServerNotFound
-from .snippets import cell_source, turn_snippets
+from .snippets import cell_source, earlier_note, latest_code
 
 HELP = """\
 %tabbi: AI coding-agent sessions in this notebook.
@@ -421,18 +421,19 @@ class TabbiMagics(Magics):
     def cmd_insert(self, argv: list[str]) -> None:
         session = self.session()
         conversation = Conversation().apply_all(session.all_events())
-        turn = conversation.last_finished_turn()
-        if turn is None:
+        if conversation.last_finished_turn() is None:
             print("[tabbi] no finished turn yet: nothing to insert")
             return
         reader = session.read_file if session.info.get("state") == "running" else None
-        snippets = turn_snippets(conversation, turn, reader)
-        if not snippets:
-            print("[tabbi] the last turn produced no Python code to insert")
+        found = latest_code(conversation, reader)
+        if found is None:
+            print("[tabbi] no turn has produced Python code yet: nothing to insert")
             return
+        turn, snippets = found
         self.shell.set_next_input(cell_source(snippets), replace=False)
         origins = "; ".join(s.origin for s in snippets)
-        print(f"[tabbi] inserted {len(snippets)} snippet(s) into a new cell below: {origins}")
+        where = earlier_note(conversation, turn)
+        print(f"[tabbi] inserted {len(snippets)} snippet(s) into a new cell below{where}: {origins}")
 
     # -- who and what ---------------------------------------------------------------------------
     def cmd_whoami(self, argv: list[str]) -> None:

@@ -43,7 +43,7 @@ import traitlets
 from . import render
 from .client import Session, TabbiError
 from .conversation import Conversation, transcript_html, transcript_text
-from .snippets import cell_source, turn_snippets
+from .snippets import cell_source, earlier_note, latest_code
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -383,7 +383,7 @@ class ChatPanel(anywidget.AnyWidget):
         The code is that of the last finished turn that produced any (an aborted or chatty turn
         after it does not hide it); the files are read back off the loop."""
         conv = self._conversation
-        found = next(((t, s) for t in conv.finished_turns() if (s := turn_snippets(conv, t))), None)
+        found = latest_code(conv)
         if found is None:
             self.notice = "No turn has produced Python code yet."
             return
@@ -398,8 +398,7 @@ class ChatPanel(anywidget.AnyWidget):
             return cell_source(snippets)
 
         def show(code: str) -> None:
-            latest = conv.last_finished_turn()
-            older = "" if latest is turn else f" (from an earlier turn: {turn.text[:60]!r})"
+            older = earlier_note(conv, turn)
             with self.hold_sync():
                 self.code = code
                 self.notice = ("Copy the code below" + older +

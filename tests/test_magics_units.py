@@ -96,3 +96,31 @@ def test_a_long_tool_call_shows_what_runs_and_for_how_long(monkeypatch):
     printer({"type": "turn.waiting", "data": {"waiting": False}})
     printer({"type": "text.delta", "data": {"message_id": "m", "delta": "All pass."}})
     assert folded(out.getvalue()) == "Running the tests\n[tool] bash pytest -q: completed\nAll pass."
+
+
+def test_insert_takes_the_code_of_the_last_turn_that_produced_any():
+    """An aborted (or chatty) turn after the one that wrote code must not hide that code from
+    ``%tabbi insert`` and the panel's "Insert code" (one function serves both)."""
+    from tabbi_kernel.conversation import Conversation
+    from tabbi_kernel.snippets import earlier_note, latest_code
+
+    def turn(seq, prompt, outcome, tool=None):
+        events = [{"seq": seq, "type": "turn.started", "data": {"prompt_id": prompt, "text": prompt}},
+                  {"seq": seq + 1, "type": "message", "data": {"message_id": f"m{seq}", "role": "assistant"}}]
+        if tool:
+            events.append({"seq": seq + 2, "type": "tool", "data": {
+                "message_id": f"m{seq}", "part_id": f"p{seq}", "tool": "write", "status": "completed",
+                "input": {"filePath": "calc.py", "content": tool}}})
+        events.append({"seq": seq + 3, "type": "turn.finished",
+                       "data": {"prompt_id": prompt, "outcome": outcome}})
+        return events
+
+    code = "def add(a, b):\n    return a + b\n"
+    conversation = Conversation().apply_all(turn(1, "write add", "completed", code)
+                                            + turn(10, "stop that", "aborted"))
+    found = latest_code(conversation)
+    assert found is not None
+    chosen, snippets = found
+    assert chosen.text == "write add" and "def add" in snippets[0].code
+    assert "from an earlier turn: 'write add'" in earlier_note(conversation, chosen)
+    assert latest_code(Conversation().apply_all(turn(1, "chat", "completed"))) is None
