@@ -1,0 +1,176 @@
+"""Running the stand-in: a grpclib server on 127.0.0.1 in its own thread and event loop.
+
+In-process rather than a subprocess so tests can read what it saw (``recorder``, ``sandboxes``,
+``images``) directly, and fast to start (~0.1 s). Its own thread and loop keep it independent of
+the test's loop and of the client's (synchronicity runs the ``modal`` client on a loop thread of
+its own): a blocked test never blocks the stand-in. Its sandboxes die with the process that
+runs it (bubblewrap's ``--die-with-parent``), never with a Jupyter server under test, which is a
+separate process talking to it over ``MODAL_SERVER_URL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import shutil
+import ssl
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpclib.server
+
+from .control import ControlPlane
+from .images import Image
+from .router import CommandRouter
+from .rpc import Recorder
+from .sandboxes import Sandbox
+from .state import Options, State
+
+
+class ModalStandIn:
+    """A loopback stand-in of Modal's API for the real ``modal`` client.
+
+    ``start()``/``stop()`` or ``with ModalStandIn() as modal_api:``; ``env`` is what the client
+    needs (put it in ``os.environ`` or a server subprocess's environment before the client is
+    first used: ``modal.Client.from_env()`` caches one client per process).
+    """
+
+    def __init__(self, *, internet_ports: list[int] | None = None, list_page_size: int = 50, data_dir=None):
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="modal-standin-"))
+        self.recorder = Recorder()
+        self.options = Options(internet_ports=list(internet_ports or []), list_page_size=list_page_size)
+        self.state: State | None = None
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpclib.server.Server | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> ModalStandIn:
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="modal-standin", daemon=True)
+        self._thread.start()
+        started.result(timeout=30)
+        return self
+
+    def _run(self, started: concurrent.futures.Future) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as exc:
+            started.set_exception(exc)
+            raise
+        started.set_result(None)
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self.state = State(self.data_dir, self.options, self.recorder)
+        self._server = grpclib.server.Server([ControlPlane(self.state), CommandRouter(self.state)])
+        await self._server.start("127.0.0.1", 0)
+        port = self._server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        self.state.router_url = self.url
+
+    async def _shutdown(self) -> None:
+        assert self.state is not None and self._server is not None
+        await self.state.close()
+        self._server.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 5)
+        # What is left (output pumps, removal of sandbox folders) finishes or is cancelled.
+        rest = asyncio.all_tasks() - {asyncio.current_task()}
+        if rest:
+            _, pending = await asyncio.wait(rest, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        with contextlib.suppress(Exception):
+            self.call(self._shutdown(), timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop = None
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> ModalStandIn:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def call(self, coro, timeout: float = 30):
+        """Run a coroutine on the stand-in's loop from another thread and return its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # -- what the client needs --------------------------------------------------------------------
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables that point the real ``modal`` client here."""
+        return {
+            "MODAL_SERVER_URL": self.url,
+            "MODAL_TOKEN_ID": self.options.token_id,
+            "MODAL_TOKEN_SECRET": self.options.token_secret,
+            "MODAL_CONFIG_PATH": "/nonexistent",
+            "MODAL_DISABLE_API_PROXY": "1",
+        }
+
+    @property
+    def ca_file(self) -> Path:
+        """The PEM certificate of the authority that signs tunnel certificates."""
+        assert self.state is not None
+        return self.state.authority.ca_file
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client TLS context that trusts the stand-in's tunnels (and nothing else)."""
+        assert self.state is not None
+        return self.state.authority.client_context()
+
+    # -- what tests read and arrange --------------------------------------------------------------
+
+    @property
+    def sandboxes(self) -> dict[str, Sandbox]:
+        assert self.state is not None
+        return self.state.sandboxes
+
+    def image(self, image_id: str) -> Image:
+        assert self.state is not None
+        return self.state.store.get(image_id)
+
+    def add_secret(self, name: str, env: dict[str, str], environment: str = "main") -> str:
+        """A named secret, as if created in Modal's dashboard (``modal.Secret.from_name``)."""
+        assert self.state is not None
+        return self.state.store.add_secret(env, name, environment)
+
+    def sandbox_path(self, sandbox_id: str, path: str) -> Path:
+        """Where a path of a running sandbox's writable file tree is on the host."""
+        return self.sandboxes[sandbox_id].fs / path.lstrip("/")
+
+    def check(self) -> None:
+        """Fail if the stand-in had an internal error or was asked for what it does not implement."""
+        problems = [*self.recorder.errors, *(f"unimplemented RPC {n}" for n in self.recorder.unimplemented)]
+        if problems:
+            raise AssertionError("modal stand-in: " + "\n".join(problems))
+
+
+@contextlib.contextmanager
+def modal_standin(**options) -> Iterator[ModalStandIn]:
+    """A started stand-in, stopped (every sandbox killed, its data removed) afterwards."""
+    standin = ModalStandIn(**options)
+    standin.start()
+    try:
+        yield standin
+    finally:
+        standin.stop()
