@@ -84,6 +84,7 @@ class ModalSandbox(Sandbox):
         self.lineage = list(lineage or [])
         self._endpoint: Endpoint | None = None
         self._returncode: int | None = None
+        self._terminated = False
         self._watcher: asyncio.Task | None = None
         self._process: Any = None
 
@@ -123,14 +124,23 @@ class ModalSandbox(Sandbox):
         return ExecResult(code, out.decode(errors="replace"), err.decode(errors="replace"))
 
     async def terminate(self) -> None:
-        if self._returncode is None:
+        # The whole sandbox, even when the agent already ended: its container would idle on.
+        if not self._terminated:
             try:
                 await self.provider.call(self.sb.terminate.aio(), 60, "stopping the sandbox")
+                self._terminated = True
             except SandboxError as exc:  # gone already, or Modal unreachable: said, not raised
                 log.info("tabbi: terminating Modal sandbox %s: %s", self.modal_id, exc)
-            self._returncode = self._returncode if self._returncode is not None else -1
-        if self._watcher is not None:
-            self._watcher.cancel()
+        watcher = self._watcher
+        if watcher is not None and not watcher.done():
+            # It ends with the sandbox; one that cannot tell (Modal unreachable) is given up on.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(watcher), 10)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if self._returncode is None:
+            self._returncode = -1
         self._endpoint = None
 
     def get_state(self) -> dict[str, Any]:
@@ -290,6 +300,20 @@ class ModalProvider(SandboxProvider):
         help="Identifies this tabbi deployment in the sandboxes' 'tabbi_server' tag (reconcile ends "
         "only sandboxes with this tag). Default: derived from the host name and the data folder.",
     ).tag(config=True)
+    image_id = Unicode(
+        None,
+        allow_none=True,
+        help="Start sandboxes from this Modal image (an id, 'im-...') instead of tabbi's recipe: an "
+        "image a team built itself (see docs/deploy-modal.md for what it must contain). Unset: the "
+        "recipe, with apt_packages and pip_packages.",
+    ).tag(config=True)
+    publish_image = Bool(
+        True,
+        help="Publish the built image under a name made of the tabbi version and the recipe's hash, "
+        "and look it up by that name first (one call instead of resolving every layer). Off: the "
+        "recipe is resolved at the first start of each server process (Modal's layer cache still "
+        "builds it only once).",
+    ).tag(config=True)
     start_timeout = Float(
         300.0, help="Seconds a sandbox may take to become ready (image pull included)."
     ).tag(config=True)
@@ -392,46 +416,61 @@ class ModalProvider(SandboxProvider):
     async def image(self, progress: ProgressCallback) -> Any:
         """The sandbox image: the published image of this recipe, else built (once) and published."""
         async with self._setup_lock:
-            if self._image is not None:
-                return self._image
-            app = await self.app()
-            recipe = modal_image.Recipe.default(self.apt_packages, self.pip_packages)
-            tag = modal_image.image_tag(recipe)
-            errors = self.modal.exception
-            image = self.modal.Image.from_name(
-                tag, client=self.client, environment_name=self.environment_name
+            if self._image is None and self.image_id:
+                image = self.modal.Image.from_id(self.image_id, client=self.client)
+                await self.call(
+                    image.build.aio(await self.app()),
+                    self.call_timeout,
+                    f"looking up the image {self.image_id} (c.ModalProvider.image_id)",
+                )
+                self._image = image
+            if self._image is None:
+                recipe = modal_image.Recipe.default(self.apt_packages, self.pip_packages)
+                tag = modal_image.image_tag(recipe)
+                image = await self.published(tag) if self.publish_image else None
+                if image is None:
+                    await progress({"phase": "building_image"})
+                    image = await self.build(recipe)
+                    if self.publish_image:
+                        try:
+                            await asyncio.wait_for(
+                                image.publish.aio(tag, client=self.client), self.call_timeout
+                            )
+                        except Exception:  # built all the same; the next server resolves its layers again
+                            log.info("tabbi: could not publish the sandbox image as %s", tag, exc_info=True)
+                self._image = image
+            return self._image
+
+    async def published(self, tag: str) -> Any:
+        """The image published as ``tag``, or None."""
+        image = self.modal.Image.from_name(tag, client=self.client, environment_name=self.environment_name)
+        try:
+            await self.call(
+                image.build.aio(await self.app()), self.call_timeout, "looking up the sandbox image"
             )
-            try:
-                await asyncio.wait_for(image.build.aio(app), self.call_timeout)
-            except (errors.NotFoundError, errors.UnimplementedError):
-                await progress({"phase": "building_image"})
-                image = modal_image.build_definition(self.modal, recipe)
-                try:
-                    await asyncio.wait_for(image.build.aio(app), self.build_timeout)
-                except asyncio.TimeoutError:
-                    raise SandboxError(
-                        f"building the sandbox image took longer than {self.build_timeout:.0f} s "
-                        "(c.ModalProvider.build_timeout)"
-                    ) from None
-                except Exception as exc:
-                    raise SandboxError(
-                        f"the sandbox image could not be built ({self.readable(exc, 'building it')}); "
-                        "check c.ModalProvider.apt_packages and pip_packages, and the build log in "
-                        "Modal's dashboard"
-                    ) from exc
-                try:
-                    await asyncio.wait_for(image.publish.aio(tag, client=self.client), self.call_timeout)
-                except Exception:  # it is built; the next server process just resolves it again
-                    log.info("tabbi: could not publish the sandbox image as %s", tag, exc_info=True)
-            except asyncio.TimeoutError:
-                raise SandboxError(
-                    f"Modal did not answer within {self.call_timeout:.0f} s while looking "
-                    "up the sandbox image"
-                ) from None
-            except Exception as exc:
-                raise self.readable(exc, "looking up the sandbox image") from exc
-            self._image = image
-            return image
+        except SandboxError as exc:
+            if isinstance(
+                exc.__cause__, (self.modal.exception.NotFoundError, self.modal.exception.UnimplementedError)
+            ):
+                return None
+            raise
+        return image
+
+    async def build(self, recipe: modal_image.Recipe) -> Any:
+        image = modal_image.build_definition(self.modal, recipe)
+        try:
+            await asyncio.wait_for(image.build.aio(await self.app()), self.build_timeout)
+        except asyncio.TimeoutError:
+            raise SandboxError(
+                f"building the sandbox image took longer than {self.build_timeout:.0f} s "
+                "(c.ModalProvider.build_timeout)"
+            ) from None
+        except Exception as exc:
+            raise SandboxError(
+                f"the sandbox image could not be built ({self.readable(exc, 'building it')}); check "
+                "c.ModalProvider.apt_packages and pip_packages, and the build log in Modal's dashboard"
+            ) from exc
+        return image
 
     # -- creating -----------------------------------------------------------------------------
     def lifetimes(self, spec: SandboxSpec) -> tuple[int, int]:
