@@ -13,12 +13,13 @@ leaves nothing in place, its archive untouched, and the session can be started a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,35 +90,47 @@ class ModalWorld:
         return ModalProvider(**settings)
 
 
-@pytest.fixture(scope="module")
-def modal_world() -> Any:
-    """One stand-in per module (tests share it; each makes its own sandboxes)."""
+def tabbi_image(standin: ModalStandIn, client: Any) -> str:
+    """Build tabbi's sandbox image in ``standin`` (its recipe, as the provider builds it) and put
+    the pinned OpenCode binary into it; the image's id."""
     import asyncio
-
-    import modal
 
     from tabbi_sandbox import binary, modal_image
     from tabbi_sandbox.modal import ModalProvider
 
-    with ModalStandIn() as standin, pytest.MonkeyPatch.context() as env:
-        for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE", "MODAL_ENVIRONMENT"):
+    async def noop(_: dict) -> None:
+        return None
+
+    image = asyncio.run(ModalProvider(client=client, publish_image=False).image(noop))
+    target = standin.image(image.object_id).files / modal_image.OPENCODE_BIN.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(os.path.realpath(binary.find_opencode()), target)
+    return str(image.object_id)
+
+
+@contextlib.contextmanager
+def modal_environment(standin: ModalStandIn) -> Iterator[dict[str, str]]:
+    """This process's environment pointed at ``standin`` (the real client reads it), with the
+    tunnels' certificate authority trusted (httpx reads SSL_CERT_FILE); the variables set."""
+    variables = {**standin.env, "SSL_CERT_FILE": str(standin.ca_file)}
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("MODAL_PROFILE", "MODAL_ENVIRONMENT"):
             env.delenv(name, raising=False)
-        for name, value in standin.env.items():
+        for name, value in variables.items():
             env.setenv(name, value)
-        env.setenv("SSL_CERT_FILE", str(standin.ca_file))  # the tunnels' certificates (httpx reads it)
+        yield variables
+
+
+@pytest.fixture(scope="module")
+def modal_world() -> Iterator[ModalWorld]:
+    """One stand-in per module (tests share it; each makes its own sandboxes)."""
+    import modal
+
+    with ModalStandIn() as standin, modal_environment(standin):
         client = modal.Client.from_credentials(
             standin.env["MODAL_TOKEN_ID"], standin.env["MODAL_TOKEN_SECRET"]
         )
-        builder = ModalProvider(client=client, publish_image=False)
-
-        async def noop(_: dict) -> None:
-            return None
-
-        image = asyncio.run(builder.image(noop))
-        target = standin.image(image.object_id).files / modal_image.OPENCODE_BIN.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(os.path.realpath(binary.find_opencode()), target)
-        yield ModalWorld(standin, client, image.object_id)
+        yield ModalWorld(standin, client, tabbi_image(standin, client))
         standin.check()
 
 
