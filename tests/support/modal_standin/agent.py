@@ -52,7 +52,7 @@ def run_exec(channel, request):
             env=env,
             cwd=request.get("cwd") or None,
             close_fds=True,
-            start_new_session=False,
+            start_new_session=True,  # its own process group: a timeout kills what it started too
             **streams,
         )
     except OSError as exc:
@@ -81,7 +81,7 @@ def kill(request):
     child = _children.get(request["id"])
     if child is not None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, request.get("signal", signal.SIGKILL))
+            os.killpg(child.pid, request.get("signal", signal.SIGKILL))
 
 
 def connect(channel, request):

@@ -9,7 +9,8 @@ image sees is the host's own system (``/usr``, ``/bin``, ``/lib``, the ``/etc`` 
 added at start) and, for an image made by ``snapshot_filesystem``, everything the sandbox had
 written. ``ENV`` and ``WORKDIR`` commands are honoured, because they change what a process sees.
 Files aimed under the system folders (``/usr/...``, ``/etc/...``) are refused at build time: they
-would be hidden by the host's read-only system.
+would be hidden by the host's read-only system. ``/usr/local`` is the exception: it belongs to the
+image, as on a Debian image where ``npm install -g`` and ``pip`` install there.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from modal_proto import api_pb2
 from .ids import new_id
 from .rpc import invalid, not_found
 
-#: Folders of a sandbox that come from the host read-only, never from an image or a snapshot.
+#: Folders of a sandbox that come from the host read-only, never from an image or a snapshot,
+#: except ``/usr/local``: it is the image's (where ``npm install -g`` or ``pip`` put things).
 SYSTEM_TOP = frozenset(
     {"usr", "bin", "sbin", "lib", "lib32", "lib64", "etc", "proc", "dev", "sys", "__modal"}
 )
+IMAGE_USR = "usr/local"
 #: Folders every sandbox has, writable (a container's home, scratch space and the usual roots).
-DEFAULT_DIRS = ("root", "tmp", "home", "opt", "srv", "var/tmp", "mnt")
+DEFAULT_DIRS = ("root", "tmp", "home", "opt", "srv", "var/tmp", "mnt", "usr/local/bin")
 BUILDER_VERSION = "2025.06"
 PYTHON_VERSION = "3.11"
 
@@ -237,11 +240,12 @@ def check_target(path: str) -> PurePosixPath:
     target = PurePosixPath(path)
     if not target.is_absolute() or ".." in target.parts:
         raise invalid(f"{path!r}: files in an image need an absolute path without '..'")
-    if len(target.parts) < 2 or target.parts[1] in SYSTEM_TOP:
+    under_usr_local = target.parts[1:3] == ("usr", "local") and len(target.parts) > 3
+    if len(target.parts) < 2 or (target.parts[1] in SYSTEM_TOP and not under_usr_local):
         top = target.parts[1] if len(target.parts) > 1 else ""
         raise invalid(
             f"{path!r}: the modal stand-in cannot add files under /{top} (its sandboxes see the host's"
-            " system there read-only); use /opt, /root or another folder"
+            " system there read-only); use /usr/local, /opt, /root or another folder"
         )
     return target
 
@@ -259,6 +263,10 @@ def copy_tree(source: Path, dest: Path) -> None:
     is followed or opened), skipping the system folders. Blocking: call it off the event loop."""
     dest.mkdir(parents=True, exist_ok=True)
     entries = [e.path for e in os.scandir(source) if e.name not in SYSTEM_TOP]
+    if os.path.isdir(source / IMAGE_USR):
+        (dest / IMAGE_USR).parent.mkdir(parents=True, exist_ok=True)
+        command = ["cp", "-a", "--reflink=auto", "--", str(source / IMAGE_USR), str(dest / "usr")]
+        subprocess.run(command, check=True, capture_output=True)
     if entries:
         command = ["cp", "-a", "--reflink=auto", "--", *entries, str(dest)]
         subprocess.run(command, check=True, capture_output=True)

@@ -32,12 +32,12 @@ class CommandRouter(task_command_router_grpc.TaskCommandRouterBase):
         self.state = state
         self.recorder = state.recorder
 
-    def _task(self, stream, task_id: str) -> Sandbox:
+    def _task(self, stream, task_id: str, *, ended_too: bool = False) -> Sandbox:
         header = stream.metadata.get("authorization", "")
         claims = self.state.claims(header.removeprefix("Bearer ")) if header.startswith("Bearer ") else None
         if claims is None or claims.get("task_id") != task_id:
             raise GRPCError(Status.UNAUTHENTICATED, "invalid or expired command router token")
-        return self.state.task(task_id)
+        return self.state.task(task_id, ended_too=ended_too)
 
     def _process(self, stream, task_id: str, exec_id: str) -> tuple[Sandbox, Process]:
         sandbox = self._task(stream, task_id)
@@ -144,7 +144,8 @@ class CommandRouter(task_command_router_grpc.TaskCommandRouterBase):
 
     @server_stream
     async def SandboxStdioReadV2(self, request, stream):
-        sandbox = self._task(stream, request.task_id)
+        """The entrypoint's output, live or after the sandbox ended (the client reads it then)."""
+        sandbox = self._task(stream, request.task_id, ended_too=True)
         main = sandbox.processes.get("main")
         if main is None:
             return

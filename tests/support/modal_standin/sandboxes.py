@@ -40,7 +40,7 @@ from modal_proto import api_pb2
 from tabbi_sandbox import isolation
 
 from .ids import new_sandbox_id, new_task_id
-from .images import DEFAULT_DIRS, SYSTEM_TOP, Image, Store, copy_tree
+from .images import DEFAULT_DIRS, IMAGE_USR, SYSTEM_TOP, Image, Store, copy_tree
 
 log = logging.getLogger("modal_standin")
 
@@ -113,6 +113,7 @@ class Process:
     returncode: int | None = None  # negative: killed by that signal
     done: asyncio.Event = field(default_factory=asyncio.Event)
     pumps: list[asyncio.Task] = field(default_factory=list)
+    counts: bool = True  # keeps the sandbox from being idle while it runs
 
     def finish(self, returncode: int) -> None:
         if self.returncode is None:
@@ -136,6 +137,7 @@ class Sandbox:
         root: Path,
         created_at: float,
         internet_ports: list[int],
+        installed: dict[str, str],
         on_end: Callable[[Sandbox], None],
     ) -> None:
         self.sandbox_id = new_sandbox_id()
@@ -154,6 +156,7 @@ class Sandbox:
         self.processes: dict[str, Process] = {}
         self.tunnels: dict[int, tuple[str, int]] = {}  # container port -> (host, port)
         self.internet_ports = [] if self.blocked else list(internet_ports)
+        self.installed = dict(installed)
         self._on_end = on_end
         self._bwrap: asyncio.subprocess.Process | None = None
         self._channel: socket.socket | None = None
@@ -205,14 +208,15 @@ class Sandbox:
         await asyncio.to_thread(self._lay_out, store)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._bwrap = await asyncio.create_subprocess_exec(
-                *self._bwrap_argv(child.fileno()),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=open(self.dir / "bwrap.log", "wb"),  # noqa: SIM115 - the child keeps it
-                pass_fds=(child.fileno(),),
-                env=self._container_env(),
-            )
+            with open(self.dir / "bwrap.log", "wb") as errors:
+                self._bwrap = await asyncio.create_subprocess_exec(
+                    *self._bwrap_argv(child.fileno()),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=errors,
+                    pass_fds=(child.fileno(),),
+                    env=self._container_env(),
+                )
         finally:
             child.close()
         parent.setblocking(False)
@@ -224,7 +228,8 @@ class Sandbox:
         if self.definition.timeout_secs:
             self._later(self.definition.timeout_secs, self.end, Result.GENERIC_STATUS_TIMEOUT)
         if self.definition.entrypoint_args:
-            main = await self.exec("main", list(self.definition.entrypoint_args), {}, self.workdir)
+            args = list(self.definition.entrypoint_args)
+            main = await self.exec("main", args, {}, self.workdir, counts=False)
             self._spawn(self._entrypoint_exit(main))
         self._spawn(self._probe())
         self._arm_idle()
@@ -262,6 +267,10 @@ class Sandbox:
             str(self.fs),
             "/",
             *self._system_args(),
+            "--bind",
+            str(self.fs / IMAGE_USR),
+            "/usr/local",
+            *[arg for path, host in self.installed.items() for arg in ("--ro-bind", host, path)],
             "--ro-bind",
             str(AGENT),
             AGENT_IN_SANDBOX,
@@ -338,7 +347,7 @@ class Sandbox:
             process = self.processes.get(message["id"])
             if process is not None:
                 process.finish(message["returncode"])
-                if process.exec_id != "main":
+                if process.counts:
                     self._activity(-1)
         elif op == "inbound":
             self._spawn(self._outbound(message["port"], fds[0]))
@@ -382,12 +391,15 @@ class Sandbox:
         stdout: bool = True,
         stderr: bool = True,
         timeout: int = 0,
+        counts: bool = True,
     ) -> Process:
+        """Start a process in the container. ``counts``: whether it keeps the sandbox from being
+        idle (execs do; the entrypoint and readiness probes do not)."""
         if not self.running:
             raise SandboxGone(self.sandbox_id)
-        process = Process(exec_id, argv)
+        process = Process(exec_id, argv, counts=counts)
         self.processes[exec_id] = process
-        if exec_id != "main":
+        if counts:
             self._activity(+1)
         request = {
             "op": "exec",
@@ -406,7 +418,7 @@ class Sandbox:
             process.stdout.close()
             process.stderr.close()
             process.finish(127)
-            if exec_id != "main":
+            if counts:
                 self._activity(-1)
             return process
         named = dict(zip(reply["fds"], fds, strict=True))
@@ -508,9 +520,9 @@ class Sandbox:
                 if probe.tcp_port:
                     (await self.connect(probe.tcp_port)).close()
                     break
-                process = await self.exec(
-                    f"probe-{next(self._ids)}", list(probe.exec_command.argv), {}, self.workdir, stdin=False
-                )
+                argv = list(probe.exec_command.argv)
+                probe_id = f"probe-{next(self._ids)}"
+                process = await self.exec(probe_id, argv, {}, self.workdir, stdin=False, counts=False)
                 await process.done.wait()
                 if process.returncode == 0:
                     break

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import shutil
 import ssl
 import tempfile
@@ -23,7 +24,7 @@ from pathlib import Path
 import grpclib.server
 
 from .control import ControlPlane
-from .images import Image
+from .images import Image, check_target
 from .router import CommandRouter
 from .rpc import Recorder
 from .sandboxes import Sandbox
@@ -38,11 +39,29 @@ class ModalStandIn:
     first used: ``modal.Client.from_env()`` caches one client per process).
     """
 
-    def __init__(self, *, internet_ports: list[int] | None = None, list_page_size: int = 50, data_dir=None):
+    def __init__(
+        self,
+        *,
+        internet_ports: list[int] | None = None,
+        installed: dict[str, str] | None = None,
+        list_page_size: int = 50,
+        data_dir: str | Path | None = None,
+    ):
+        """``internet_ports``: host ports on 127.0.0.1 a sandbox may reach (at the same address
+        inside), standing in for the internet (the LLM, GitHub). ``installed``: what an image's
+        ``RUN``/``apt``/``npm`` layers would have installed, as ``{sandbox path: host path}``
+        bound read-only into every sandbox (for example OpenCode at /usr/local/bin/opencode);
+        the path must be under /usr/local, /opt or another non-system folder."""
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="modal-standin-"))
         self.recorder = Recorder()
-        self.options = Options(internet_ports=list(internet_ports or []), list_page_size=list_page_size)
+        for path in installed or {}:
+            check_target(path)
+        self.options = Options(
+            internet_ports=list(internet_ports or []),
+            installed={path: os.path.realpath(host) for path, host in (installed or {}).items()},
+            list_page_size=list_page_size,
+        )
         self.state: State | None = None
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,6 +146,24 @@ class ModalStandIn:
             "MODAL_DISABLE_API_PROXY": "1",
         }
 
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[ModalStandIn]:
+        """This process's ``modal`` client talks to this stand-in inside the block: ``env`` is in
+        ``os.environ`` and the client ``modal.Client.from_env()`` cached is dropped on the way in
+        and out (it would still point at the previous server)."""
+        saved = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+        _forget_modal_client()
+        try:
+            yield self
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            _forget_modal_client()
+
     @property
     def ca_file(self) -> Path:
         """The PEM certificate of the authority that signs tunnel certificates."""
@@ -149,6 +186,10 @@ class ModalStandIn:
         assert self.state is not None
         return self.state.store.get(image_id)
 
+    def allow_internet(self, port: int) -> None:
+        """Let sandboxes created from now on reach host port ``port`` (see ``internet_ports``)."""
+        self.options.internet_ports.append(port)
+
     def add_secret(self, name: str, env: dict[str, str], environment: str = "main") -> str:
         """A named secret, as if created in Modal's dashboard (``modal.Secret.from_name``)."""
         assert self.state is not None
@@ -167,10 +208,19 @@ class ModalStandIn:
 
 @contextlib.contextmanager
 def modal_standin(**options) -> Iterator[ModalStandIn]:
-    """A started stand-in, stopped (every sandbox killed, its data removed) afterwards."""
+    """A started and activated stand-in; afterwards every sandbox is killed, its data removed,
+    and ``check()`` fails the caller if the stand-in failed or was asked for what it lacks."""
     standin = ModalStandIn(**options)
     standin.start()
     try:
-        yield standin
+        with standin.activated():
+            yield standin
+        standin.check()
     finally:
         standin.stop()
+
+
+def _forget_modal_client() -> None:
+    from modal.client import _Client
+
+    _Client._client_from_env = None

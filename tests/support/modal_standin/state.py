@@ -37,6 +37,7 @@ class Options:
     token_id: str = field(default_factory=lambda: "ak-" + secrets.token_hex(8))
     token_secret: str = field(default_factory=lambda: "as-" + secrets.token_hex(16))
     internet_ports: list[int] = field(default_factory=list)
+    installed: dict[str, str] = field(default_factory=dict)  # sandbox path -> host path (read-only)
     list_page_size: int = 50
 
 
@@ -111,11 +112,11 @@ class State:
             raise not_found(f"Sandbox {sandbox_id}")
         return sandbox
 
-    def task(self, task_id: str) -> Sandbox:
+    def task(self, task_id: str, *, ended_too: bool = False) -> Sandbox:
         """The running sandbox of a task: after it ended, its task is gone (NOT_FOUND), as the
         real command router answers once a task has shut down."""
         sandbox = self.by_task.get(task_id)
-        if sandbox is None or not sandbox.running:
+        if sandbox is None or not (sandbox.running or ended_too):
             raise not_found(f"Task {task_id}")
         return sandbox
 
@@ -142,6 +143,7 @@ class State:
             root=self.root / "sandboxes",
             created_at=self._last_created,
             internet_ports=self.options.internet_ports,
+            installed=self.options.installed,
             on_end=self._ended,
         )
         self.create_requests.append(request)
