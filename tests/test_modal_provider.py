@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tabbi_sandbox import modal_push
+from tabbi_sandbox.binary import PINNED_VERSION
 from tabbi_sandbox.provider import RestoreError, SandboxError
 from tests.conftest import git
 from tests.support.git_remote import GitHTTPRemote
@@ -169,7 +170,13 @@ async def test_reattach_by_id_and_reconcile_by_tags(modal_world: ModalWorld, sou
 async def test_tags_secrets_and_limits_of_a_created_sandbox(modal_world: ModalWorld, source_repo):
     """The create call carries the tags and Modal's limits, and no secret: the OpenCode password
     and the clone's credential go on the bootstrap's stdin only."""
-    provider = modal_world.provider(server_tag="limits", timeout=7200, idle_timeout=1800)
+    provider = modal_world.provider(
+        server_tag="limits",
+        timeout=7200,
+        idle_timeout=1800,
+        apt_packages=["graphviz"],
+        pip_packages=["pandas==2.2.3"],
+    )
     spec = make_spec(source_repo)
     spec.owner = "alice"
     spec.git_credential = {"username": "x-access-token", "password": "ghs_" + secrets.token_hex(8)}
@@ -177,9 +184,12 @@ async def test_tags_secrets_and_limits_of_a_created_sandbox(modal_world: ModalWo
     sandbox = await provider.create(spec, _quiet)
     try:
         request = modal_world.standin.state.create_requests[-1]
+        recipe = "\n".join(modal_world.standin.sandboxes[sandbox.modal_id].image.commands)
         ps = await shell(sandbox, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
     finally:
         await sandbox.terminate()
+    # The image is tabbi's recipe: OpenCode at the pinned version, the team's packages.
+    assert f"opencode-ai@{PINNED_VERSION}" in recipe and "graphviz" in recipe and "pandas==2.2.3" in recipe
     tags = {t.tag_name: t.tag_value for t in request.tags}
     assert tags == {"tabbi_session": spec.sandbox_id, "tabbi_owner": "alice", "tabbi_server": "limits"}
     assert request.definition.timeout_secs == 9000 + 600  # covers max_lifetime + turn_timeout

@@ -18,19 +18,17 @@ import pytest
 from tabbi_sandbox.bootstrap import free_port
 from tests.conftest import git
 from tests.support.llm import Reply, write
-from tests.support.modal_standin import ModalStandIn
 from tests.test_lifecycle import contiguous
-from tests.test_provider_contract import modal_environment, tabbi_image
+from tests.test_provider_contract import modal_environment, modal_standin
 
 pytestmark = pytest.mark.timeout(600)
 
 SERVER_TAG = "tabbi-test-server"
 
 
-def modal_options(image_id: str, idle_timeout: float) -> list[str]:
+def modal_options(idle_timeout: float) -> list[str]:
     return [
         "--TabbiExtension.sandbox_provider_class=tabbi_sandbox.modal.ModalProvider",
-        f"--ModalProvider.image_id={image_id}",
         "--ModalProvider.agent_user=",  # the stand-in's images run no RUN step: no user is made
         "--ModalProvider.allow_private_gateway=True",  # the stand-in forwards the server's port
         "--ModalProvider.publish_image=False",
@@ -42,7 +40,7 @@ def modal_options(image_id: str, idle_timeout: float) -> list[str]:
     ]
 
 
-def orphan(standin: ModalStandIn, client, session_id: str) -> str:
+def orphan(client, session_id: str) -> str:
     """A sandbox tagged for this server whose session is not live (as a crash mid-start leaves)."""
     import modal
 
@@ -62,9 +60,9 @@ def test_a_session_runs_end_to_end_on_modal(tmp_path, llm, source_repo):
     from tests.support.server import JupyterProcess
 
     port = free_port()
-    with ModalStandIn(internet_ports=[port]) as standin, modal_environment(standin) as env:
+    with modal_standin(internet_ports=[port]) as standin, modal_environment(standin) as env:
         client = modal.Client.from_credentials(env["MODAL_TOKEN_ID"], env["MODAL_TOKEN_SECRET"])
-        options = modal_options(tabbi_image(standin, client), idle_timeout=900)
+        options = modal_options(idle_timeout=900)
         first = JupyterProcess(llm.url, tmp_path / "srv", extra=options, env=env, port=port)
         try:
             sid = first.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
@@ -95,7 +93,7 @@ def test_a_session_runs_end_to_end_on_modal(tmp_path, llm, source_repo):
         finally:
             first.kill()
         assert len(running) == 1 and running[0].running, "the Modal sandbox outlived its server"
-        stray = orphan(standin, client, "ses-000000000000")
+        stray = orphan(client, "ses-000000000000")
 
         second = JupyterProcess(llm.url, tmp_path / "srv", extra=options, env=env, port=port)
         try:

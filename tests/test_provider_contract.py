@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,22 +64,17 @@ def local_kit(request: pytest.FixtureRequest, data: Path) -> Kit:
 
 @dataclass
 class ModalWorld:
-    """The stand-in of Modal's API, a client of the real ``modal`` library pointed at it, and the
-    id of tabbi's sandbox image built there once (with OpenCode in it: the stand-in records an
-    image's ``RUN`` steps but runs none, so the npm install of the recipe is stood in for by
-    placing the pinned binary into the built image's files)."""
+    """The stand-in of Modal's API and a client of the real ``modal`` library pointed at it."""
 
     standin: ModalStandIn
     client: Any
-    image_id: str
 
     def provider(self, **options: Any) -> Any:
         from tabbi_sandbox.modal import ModalProvider
 
         settings = {
             "client": self.client,
-            "image_id": self.image_id,
-            "agent_user": "",
+            "agent_user": "",  # the stand-in runs no RUN step of the recipe: no user is made
             "allow_private_gateway": True,
             "publish_image": False,
             "start_timeout": 120.0,
@@ -90,22 +84,13 @@ class ModalWorld:
         return ModalProvider(**settings)
 
 
-def tabbi_image(standin: ModalStandIn, client: Any) -> str:
-    """Build tabbi's sandbox image in ``standin`` (its recipe, as the provider builds it) and put
-    the pinned OpenCode binary into it; the image's id."""
-    import asyncio
-
+def modal_standin(**options: Any) -> ModalStandIn:
+    """A stand-in whose images hold what tabbi's recipe installs with npm (the stand-in records an
+    image's ``RUN`` steps but runs none): the pinned OpenCode binary, bound read-only."""
     from tabbi_sandbox import binary, modal_image
-    from tabbi_sandbox.modal import ModalProvider
 
-    async def noop(_: dict) -> None:
-        return None
-
-    image = asyncio.run(ModalProvider(client=client, publish_image=False).image(noop))
-    target = standin.image(image.object_id).files / modal_image.OPENCODE_BIN.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(os.path.realpath(binary.find_opencode()), target)
-    return str(image.object_id)
+    installed = {modal_image.OPENCODE_BIN: os.path.realpath(binary.find_opencode())}
+    return ModalStandIn(installed=installed, **options)
 
 
 @contextlib.contextmanager
@@ -126,11 +111,9 @@ def modal_world() -> Iterator[ModalWorld]:
     """One stand-in per module (tests share it; each makes its own sandboxes)."""
     import modal
 
-    with ModalStandIn() as standin, modal_environment(standin):
-        client = modal.Client.from_credentials(
-            standin.env["MODAL_TOKEN_ID"], standin.env["MODAL_TOKEN_SECRET"]
-        )
-        yield ModalWorld(standin, client, tabbi_image(standin, client))
+    with modal_standin() as standin, modal_environment(standin) as env:
+        client = modal.Client.from_credentials(env["MODAL_TOKEN_ID"], env["MODAL_TOKEN_SECRET"])
+        yield ModalWorld(standin, client)
         standin.check()
 
 
