@@ -264,10 +264,10 @@ class ModalProvider(SandboxProvider):
     idle_timeout = Int(
         None,
         allow_none=True,
-        help="Seconds Modal lets a sandbox idle (no tunnel connection, no command) before it "
-        "terminates it: the safety net for a sandbox no server comes back for. Unset: "
-        "TabbiExtension.idle_timeout + turn_timeout + 10 min (at least 1 h), so that tabbi's own "
-        "idle pause, which snapshots, always comes first.",
+        help="Seconds Modal lets a sandbox idle (no command, no stdin, no tunnel connection) before "
+        "it ends it. The bootstrap is a command for as long as OpenCode runs, so this ends a sandbox "
+        "whose agent stopped. Unset: TabbiExtension.idle_timeout + turn_timeout + 10 min (at least "
+        "1 h): above tabbi's own idle pause, which snapshots first.",
     ).tag(config=True)
     block_network = Bool(
         False,

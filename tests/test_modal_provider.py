@@ -185,7 +185,12 @@ async def test_tags_secrets_and_limits_of_a_created_sandbox(modal_world: ModalWo
     try:
         request = modal_world.standin.state.create_requests[-1]
         recipe = "\n".join(modal_world.standin.sandboxes[sandbox.modal_id].image.commands)
-        ps = await shell(sandbox, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        # What the agent can read of every process: command lines, environments (OpenCode's holds
+        # its password: closed, as it runs from an execute-only binary).
+        ps = await shell(
+            sandbox, "for p in /proc/[0-9]*; do cat $p/cmdline $p/environ; done 2>/dev/null | tr '\\0' ' '"
+        )
+        assert "TABBI_SANDBOX_ID" in ps  # the scan reads environments at all
     finally:
         await sandbox.terminate()
     # The image is tabbi's recipe: OpenCode at the pinned version, the team's packages.

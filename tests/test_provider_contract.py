@@ -87,9 +87,10 @@ class ModalWorld:
 def modal_standin(**options: Any) -> ModalStandIn:
     """A stand-in whose images hold what tabbi's recipe installs with npm (the stand-in records an
     image's ``RUN`` steps but runs none): the pinned OpenCode binary, bound read-only."""
-    from tabbi_sandbox import binary, modal_image
+    from tabbi_sandbox import binary, modal_image, sealed
 
-    installed = {modal_image.OPENCODE_BIN: os.path.realpath(binary.find_opencode())}
+    # Execute-only, as the recipe installs it (so OpenCode runs non-dumpable there too).
+    installed = {modal_image.OPENCODE_BIN: sealed.execute_only(os.path.realpath(binary.find_opencode()))}
     return ModalStandIn(installed=installed, **options)
 
 
