@@ -517,7 +517,8 @@ class ModalProvider(SandboxProvider):
         self, spec: SandboxSpec, progress: ProgressCallback, restore: dict[str, Any] | None = None
     ) -> ModalSandbox:
         hosts = self.gateway_hosts(spec)
-        bundle = await self.source_bundle(spec)
+        # A restored sandbox reuses its workspace: nothing to upload.
+        bundle = await self.source_bundle(spec) if restore is None else None
         app = await self.app()
         lineage: list[str] = []
         if restore is not None:
