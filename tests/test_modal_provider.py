@@ -1,7 +1,7 @@
 """What is particular to ModalProvider, through the real ``modal`` client and the stand-in: the push
 that never lets the token into the sandbox, snapshots whose image is gone, re-attaching and
 reconciling by tags, and errors a person can act on. (What every provider does is in
-test_provider_contract.py; a whole session on Modal is in test_modal_sessions.py.)
+test_provider_contract.py, a whole session too.)
 """
 
 from __future__ import annotations

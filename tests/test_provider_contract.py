@@ -348,3 +348,175 @@ async def test_a_damaged_snapshot_restores_nothing_and_can_be_retried(kit, sourc
         assert comparable(await manifest(again)) == comparable(before)
     finally:
         await again.terminate()
+
+
+# -- a whole session, through a real Jupyter server process, on each substrate ------------------------
+
+SERVER_TAG = "tabbi-contract-server"
+
+
+class LocalSubstrate:
+    """Detached local sandboxes (they outlive a crashed server), confined by bubblewrap."""
+
+    def __init__(self, port: int):
+        self.env: dict[str, str] = {}
+        self.options = ["--TabbiExtension.detach_sandboxes=True", "--TabbiExtension.isolation=bwrap"]
+
+    def alive(self, sid: str) -> bool:
+        from tests.test_sessions import opencode_pids
+
+        return bool(opencode_pids(sid))
+
+    def orphan(self) -> Callable[[], bool] | None:
+        return None  # a local orphan is found by its marker at load_state (test_lifecycle.py)
+
+    def create_requests(self, sid: str) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class ModalSubstrate:
+    """ModalProvider in the server process, its real client pointed at the stand-in, which lets the
+    sandboxes reach the server's port (the model gateway)."""
+
+    def __init__(self, port: int):
+        import modal
+
+        self._stack = contextlib.ExitStack()
+        self.standin = self._stack.enter_context(modal_standin(internet_ports=[port]))
+        self.env = self._stack.enter_context(modal_environment(self.standin))
+        self.client = modal.Client.from_credentials(
+            self.env["MODAL_TOKEN_ID"], self.env["MODAL_TOKEN_SECRET"]
+        )
+        self.options = [
+            "--TabbiExtension.sandbox_provider_class=tabbi_sandbox.modal.ModalProvider",
+            "--ModalProvider.agent_user=",  # the stand-in runs no RUN step: no user is made
+            "--ModalProvider.allow_private_gateway=True",  # the stand-in forwards the server's port
+            "--ModalProvider.publish_image=False",
+            f"--ModalProvider.server_tag={SERVER_TAG}",
+            "--ModalProvider.reconcile_interval=0",
+            "--ModalProvider.start_timeout=180",
+        ]
+
+    def sandboxes(self, sid: str) -> list[Any]:
+        return [s for s in self.standin.sandboxes.values() if s.tags.get("tabbi_session") == sid]
+
+    def alive(self, sid: str) -> bool:
+        return any(s.running for s in self.sandboxes(sid))
+
+    def orphan(self) -> Callable[[], bool] | None:
+        """A sandbox tagged for this server whose session is not live (a crash mid-start leaves
+        one); returns whether it still runs."""
+        import modal
+
+        app = modal.App.lookup("tabbi", create_if_missing=True, client=self.client)
+        tags = {"tabbi_session": "ses-000000000000", "tabbi_server": SERVER_TAG, "tabbi_owner": "nobody"}
+        sb = modal.Sandbox.create(app=app, tags=tags, client=self.client, timeout=600)
+        return lambda: self.standin.sandboxes[sb.object_id].running
+
+    def create_requests(self, sid: str) -> list[Any]:
+        return [
+            r
+            for r in self.standin.state.create_requests
+            if any(t.tag_name == "tabbi_session" and t.tag_value == sid for t in r.tags)
+        ]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+SUBSTRATES = {"local": LocalSubstrate, "modal": ModalSubstrate}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("substrate_name", sorted(SUBSTRATES))
+def test_a_session_end_to_end(substrate_name, tmp_path, llm, source_repo):
+    """One journey per substrate (kept to one to keep the suite lean): start from a local repository
+    (on Modal uploaded as a bundle), a streamed turn, diff, push (on Modal the branch leaves as a
+    bundle and is pushed from the server), the server SIGKILLed mid-turn and a new one
+    re-attaching to the live sandbox with nothing lost, orphans reconciled, a pause into a snapshot
+    and a resume from it with the conversation kept (the model gets the whole conversation)."""
+    from tabbi_sandbox.bootstrap import free_port
+    from tests.conftest import git
+    from tests.support.llm import Reply, write
+    from tests.support.server import JupyterProcess
+    from tests.test_lifecycle import contiguous
+
+    port = free_port()
+    substrate = SUBSTRATES[substrate_name](port)
+    idle = ["--TabbiExtension.idle_timeout=900", "--TabbiExtension.model_retries=100"]
+    options, env = [*substrate.options, *idle], substrate.env
+    try:
+        first = JupyterProcess(llm.url, tmp_path / "srv", extra=options, env=env, port=port)
+        try:
+            sid = first.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
+            first.wait_event(
+                sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "running", timeout=240
+            )
+            llm.enqueue(Reply(tools=[write("hello.py", "print('hi')\n")]), Reply(text="wrote it"))
+            first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "write hello.py"})
+            done = first.wait_event(sid, lambda e: e["type"] == "turn.finished", timeout=180)
+            assert done["data"]["outcome"] == "completed", done
+            streamed = first.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
+            assert [f["path"] for f in first.call("GET", f"tabbi/api/sessions/{sid}/diff")["files"]] == [
+                "hello.py"
+            ]
+            pushed = first.call("POST", f"tabbi/api/sessions/{sid}/push", {"message": "pushed"}, timeout=120)
+            assert git("show", f"{pushed['branch']}:hello.py", cwd=source_repo) == "print('hi')"
+
+            # Mid-turn, the server dies; the sandbox does not.
+            words = " ".join(f"w{i}" for i in range(120))
+            llm.enqueue(Reply(text=words, chunks=60, drip=0.05), Reply(text="answered after re-attach"))
+            first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "talk for long"})
+            first.wait_event(sid, lambda e: e["type"] == "text.delta", after=done["seq"])
+            persisted = first.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
+        finally:
+            first.kill()
+        assert substrate.alive(sid), "the sandbox outlived its server"
+        orphan_alive = substrate.orphan()
+
+        second = JupyterProcess(llm.url, tmp_path / "srv", extra=options, env=env, port=port)
+        try:
+            caught_up = second.wait_event(
+                sid, lambda e: e["type"] == "turn.finished", after=persisted[-1]["seq"], timeout=180
+            )
+            assert orphan_alive is None or not orphan_alive(), "the orphan was ended by the reconcile"
+            assert substrate.alive(sid), "the session's own sandbox was kept"
+            before = second.call("GET", f"tabbi/api/sessions/{sid}/messages")["messages"]
+            second.call("POST", f"tabbi/api/sessions/{sid}/pause", timeout=300)
+            assert not substrate.alive(sid), "a pause ends the sandbox (its snapshot remains)"
+            llm.enqueue(Reply(text="resumed and remembering"))
+            second.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "after the pause"})
+            resumed = second.wait_event(
+                sid, lambda e: e["type"] == "turn.finished", after=caught_up["seq"], timeout=240
+            )
+            after_messages = second.call("GET", f"tabbi/api/sessions/{sid}/messages")["messages"]
+            events = second.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
+            diff_after = second.call("GET", f"tabbi/api/sessions/{sid}/diff")
+        finally:
+            second.stop()
+        requests = substrate.create_requests(sid)
+    finally:
+        substrate.close()
+    assert "text.delta" in [e["type"] for e in streamed]  # the answer streamed
+    assert contiguous(events) and events[: len(persisted)] == persisted
+    later = events[len(persisted) :]
+    assert ("session.status", "reattached") in [(e["type"], e["data"].get("phase")) for e in later]
+    texts = [e["data"]["text"] for e in later if e["type"] == "part.updated" and e["data"].get("text")]
+    assert "answered after re-attach" in texts and "resumed and remembering" in texts
+    assert resumed["data"]["outcome"] == "completed"
+    phases = [e["data"].get("phase") for e in later if e["type"] == "session.status"]
+    assert "restoring" in phases and "reusing_workspace" in phases
+    # The conversation is kept: the messages from before the pause are still there, in order, and
+    # OpenCode (restored from the snapshot) sent the model the whole conversation.
+    assert [m["id"] for m in after_messages][: len(before)] == [m["id"] for m in before]
+    last = json.dumps(llm.agent_requests()[-1])
+    assert "write hello.py" in last and "talk for long" in last and "after the pause" in last
+    assert [f["path"] for f in diff_after["files"]] == ["hello.py"]
+    # On Modal: its idle timeout above tabbi's idle pause (900 s), its lifetime above that.
+    for request in requests:
+        assert request.definition.idle_timeout_secs > 900
+        assert request.definition.timeout_secs >= request.definition.idle_timeout_secs
+    assert len(requests) == (2 if substrate_name == "modal" else 0)  # the first start, the resume
