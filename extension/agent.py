@@ -288,7 +288,7 @@ class SessionAgent:
         if phase == "branch" and message.get("base_commit"):
             self.record.base_commit = message["base_commit"]
             await self.store.update_session(self.id, base_commit=self.record.base_commit)
-        detail = {k: v for k, v in message.items() if k in ("repo", "branch")}
+        detail = {k: v for k, v in message.items() if k in ("repo", "branch", "files")}
         await self._emit("session.status", {"state": states.STARTING, "phase": phase, **detail})
 
     async def _fault(self, message: str, restart_queued: bool = True) -> None:
