@@ -9,6 +9,7 @@ here drives the stand-in through the real client (sync and ``.aio``), never thro
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import ssl
 import subprocess
@@ -76,6 +77,25 @@ def app(standin):
     return modal.App.lookup("tabbi-standin-test", create_if_missing=True)
 
 
+#: Exits 0 once no process in the sandbox has the command line argv[1], 1 after 5 s.
+GONE_WITHIN_5S = """
+import os, sys, time
+def running():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if open(f"/proc/{pid}/cmdline").read().replace("\\0", " ").strip() == sys.argv[1]:
+                return True
+        except OSError:
+            pass
+    return False
+deadline = time.monotonic() + 5
+while running():
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.05)
+"""
+
+
 def run(sb, *args: str, **kwargs) -> tuple[int, str, str]:
     process = sb.exec(*args, **kwargs)
     out, err = process.stdout.read(), process.stderr.read()
@@ -140,6 +160,9 @@ def test_exec_streams_stdin_and_exit_codes(app):
         killed = sb.exec("sh", "-c", "kill -9 $$")
         assert killed.wait() == 137
         assert run(sb, "/no/such/program")[0] == 127
+        with pytest.raises(modal.exception.InvalidError):  # refused, and the sandbox lives on
+            sb.exec("echo", "nul\x00byte")
+        assert run(sb, "true")[0] == 0
         big = sb.exec("python3", "-c", "import sys; sys.stdout.write('x' * 300000)")
         assert len(big.stdout.read()) == 300000
     finally:
@@ -229,6 +252,26 @@ def test_tunnel_reaches_a_server_in_the_sandbox_over_tls(standin: ModalStandIn, 
             httpx.get(url, verify=ssl.create_default_context(), timeout=10)
         # A fresh handle asks the control plane for the tunnels (SandboxGetTunnelsV2).
         assert modal.Sandbox.from_id(sb.object_id).tunnels()[8000].url == url
+        # Every sandbox has its own network: another one can listen on the same port.
+        twin = modal.Sandbox.create(
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            "/tmp",
+            app=app,
+            timeout=120,
+            encrypted_ports=[8000],
+            readiness_probe=modal.Probe.with_tcp(8000),
+        )
+        twin.wait_until_ready(timeout=30)
+        assert (
+            httpx.get(twin.tunnels()[8000].url, verify=standin.ssl_context(), timeout=10).status_code == 200
+        )
+        twin.terminate()
     finally:
         sb.terminate()
     with pytest.raises(httpx.HTTPError):
@@ -323,8 +366,7 @@ def test_exec_timeout_kills_the_process(app):
         process = sb.exec("sh", "-c", "echo started; sleep 60", timeout=1)
         # Whichever comes first: the client's deadline (it then answers -1) or the kill (137).
         assert process.wait() in (-1, 137)
-        _, out, _ = run(sb, "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
-        assert "sleep 60" not in out and "cat" in out
+        assert run(sb, "python3", "-c", GONE_WITHIN_5S, "sleep 60")[0] == 0
     finally:
         sb.terminate()
 
@@ -497,6 +539,31 @@ def test_wrong_credentials_and_forged_router_tokens_are_refused(standin: ModalSt
         assert asyncio.run(forged(other)) == Status.UNAUTHENTICATED
     finally:
         sb.terminate()
+
+
+def test_runs_as_a_process_of_its_own(tmp_path: Path):
+    """``python -m tests.support.modal_standin`` (benchmarks, manual use): env on the first line."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.modal_standin"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        env = json.loads(server.stdout.readline())
+        script = "import modal; print(modal.App.lookup('p', create_if_missing=True).app_id[:3])"
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.stdout == "ap-\n", done.stderr
+    finally:
+        server.stdin.close()  # it stops when its stdin closes
+        assert server.wait(timeout=30) == 0
 
 
 def test_unknown_rpcs_fail_loudly_and_are_logged(standin: ModalStandIn, app):

@@ -58,6 +58,9 @@ def run_exec(channel, request):
     except OSError as exc:
         send(channel, {"op": "error", "id": ident, "message": f"{request['argv'][0]}: {exc.strerror}"})
         return
+    except Exception as exc:  # the agent must outlive any request
+        send(channel, {"op": "error", "id": ident, "message": f"{request['argv'][0]}: {exc}"})
+        return
     _children[ident] = child
     fds, names = [], []
     for name in ("stdin", "stdout", "stderr"):

@@ -53,6 +53,8 @@ class CommandRouter(task_command_router_grpc.TaskCommandRouterBase):
         sandbox = self._task(stream, request.task_id)
         if not request.exec_id or not request.command_args:
             raise invalid("exec_id and command_args are required")
+        if any("\0" in arg for arg in request.command_args):
+            raise invalid("command arguments cannot contain NUL bytes")
         if request.HasField("pty_info") or request.container_id:
             self.recorder.missing("TaskExecStart.pty_info/container_id")
             raise GRPCError(Status.UNIMPLEMENTED, "the modal stand-in does not implement PTYs or sidecars")
