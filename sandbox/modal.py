@@ -385,7 +385,8 @@ class ModalProvider(SandboxProvider):
                 f"Modal's quota or concurrency limit was reached while {what} ({detail}): stop or "
                 "pause other sessions, or raise the limit in Modal's dashboard, then try again"
             )
-        if isinstance(exc, (errors.NotFoundError, errors.SandboxTerminatedError)):
+        finished = isinstance(exc, errors.ConflictError) and "finished" in detail.lower()
+        if finished or isinstance(exc, (errors.NotFoundError, errors.SandboxTerminatedError)):
             return SandboxError(
                 f"the Modal sandbox is gone ({detail}) while {what}: send a prompt "
                 "to start the session again; its snapshots are kept"

@@ -165,6 +165,8 @@ async def test_reattach_by_id_and_reconcile_by_tags(modal_world: ModalWorld, sou
         await sandbox.terminate()
         await stray.terminate()
     assert await provider.load_state(state, spec.password) is None  # gone: nothing to re-attach
+    with pytest.raises(SandboxError, match=r"the Modal sandbox is gone .* start the session again"):
+        await again.exec(["true"])  # a handle to a sandbox that ended meanwhile
 
 
 async def test_tags_secrets_and_limits_of_a_created_sandbox(modal_world: ModalWorld, source_repo):
