@@ -240,6 +240,8 @@ class SessionManager:
         """Let the provider end its sandboxes that no live session owns (a sandbox whose server
         crashed while starting it, or whose session was deleted meanwhile), so none bills forever.
         A starting session owns whatever sandbox it has (its state is stored once it runs)."""
+        if type(self.provider).reconcile is SandboxProvider.reconcile:
+            return  # this provider has nothing to list (local orphans are found by their marker)
         live = {r.id: (r.sandbox_state if r.state != states.STARTING else None)
                 for r in await self.store.list_sessions() if r.state in states.LIVE}
         try:
