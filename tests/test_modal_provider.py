@@ -146,10 +146,18 @@ async def test_a_missing_snapshot_image_falls_back_to_the_last_good_one(modal_wo
 
 
 async def test_reattach_by_id_and_reconcile_by_tags(modal_world: ModalWorld, source_repo):
+    import modal
+
     provider = modal_world.provider(server_tag="reconcile-" + secrets.token_hex(4))
     spec = make_spec(source_repo)
     sandbox = await provider.create(spec, _quiet)
-    stray = await provider.create(make_spec(source_repo), _quiet)
+    # Another sandbox of this server whose session is not live (a crash mid-start leaves one).
+    stray = await modal.Sandbox.create.aio(
+        app=await provider.app(),
+        client=modal_world.client,
+        timeout=600,
+        tags={"tabbi_session": "ses-000000000001", "tabbi_server": provider.server_tag, "tabbi_owner": "x"},
+    )
     try:
         state = sandbox.get_state()
         assert "password" not in str(state) and spec.password not in str(state)
@@ -159,11 +167,11 @@ async def test_reattach_by_id_and_reconcile_by_tags(modal_world: ModalWorld, sou
         # Only the sandbox a live session owns stays.
         ended = await provider.reconcile({spec.sandbox_id: state})
         assert ended == 1
-        assert modal_world.standin.sandboxes[stray.modal_id].running is False
+        assert modal_world.standin.sandboxes[stray.object_id].running is False
         assert modal_world.standin.sandboxes[sandbox.modal_id].running is True
     finally:
         await sandbox.terminate()
-        await stray.terminate()
+        await stray.terminate.aio()
     assert await provider.load_state(state, spec.password) is None  # gone: nothing to re-attach
     with pytest.raises(SandboxError, match=r"the Modal sandbox is gone .* start the session again"):
         await again.exec(["true"])  # a handle to a sandbox that ended meanwhile
