@@ -71,18 +71,41 @@ async def watch(sandbox, needle: str, stop: str) -> asyncio.Task:
     return asyncio.ensure_future(sandbox.exec(["python3", sandbox_dir, encoded, stop], timeout=200))
 
 
-async def test_a_push_never_lets_the_token_into_the_sandbox(modal_world: ModalWorld, source_repo, tmp_path):
-    """Threat: the agent has a shell in the same container as every exec (on Modal an exec has no
-    PID namespace or /tmp of its own), and watches /proc and the filesystem while a push runs; a
-    token handed to any process in there would be seen. With the bundle route the token stays in
-    the server's git process. The positive control proves the watcher would see a secret given
-    to an exec the way the local provider's push gets its token."""
+async def test_a_sandbox_keeps_its_secrets_and_a_push_never_lets_the_token_in(
+    modal_world: ModalWorld, source_repo, tmp_path
+):
+    """The create call carries the tags, Modal's limits and tabbi's recipe, and no secret: the
+    OpenCode password and the clone's credential go on the bootstrap's stdin only, and the agent
+    cannot read them in any process.
+
+    Threat (the push): the agent has a shell in the same container as every exec (on Modal an exec
+    has no PID namespace or /tmp of its own), and watches /proc and the filesystem while a push
+    runs; a token handed to any process in there would be seen. With the bundle route the token
+    stays in the server's git process. The positive control proves the watcher would see a secret
+    given to an exec the way the local provider's push gets its token."""
     token = "ghs_" + secrets.token_hex(16)
     remote = GitHTTPRemote(tmp_path / "remote", token).start()
-    provider = modal_world.provider()
+    provider = modal_world.provider(
+        server_tag="limits",
+        timeout=7200,
+        idle_timeout=1800,
+        apt_packages=["graphviz"],
+        pip_packages=["pandas==2.2.3"],
+    )
     spec = make_spec(source_repo)
+    spec.owner = "alice"
+    spec.git_credential = {"username": "x-access-token", "password": "ghs_" + secrets.token_hex(8)}
+    spec.max_seconds = 9000
     sandbox = await provider.create(spec, _quiet)
     try:
+        request = modal_world.standin.state.create_requests[-1]
+        recipe = "\n".join(modal_world.standin.sandboxes[sandbox.modal_id].image.commands)
+        # What the agent can read of every process: command lines, environments (OpenCode's holds
+        # its password: closed, as it runs from an execute-only binary).
+        ps = await shell(
+            sandbox, "for p in /proc/[0-9]*; do cat $p/cmdline $p/environ; done 2>/dev/null | tr '\\0' ' '"
+        )
+        assert "TABBI_SANDBOX_ID" in ps  # the scan reads environments at all
         remote.add_bare("o/r", source_repo)
         await shell(
             sandbox,
@@ -110,6 +133,16 @@ async def test_a_push_never_lets_the_token_into_the_sandbox(modal_world: ModalWo
     head = git("rev-parse", "refs/heads/tabbi/contract", cwd=tmp_path / "remote" / "o" / "r.git")
     assert head and "ROUNDS" in watched
     assert "SEEN" not in watched, watched
+    # The image is tabbi's recipe: OpenCode at the pinned version, the team's packages.
+    assert f"opencode-ai@{PINNED_VERSION}" in recipe and "graphviz" in recipe and "pandas==2.2.3" in recipe
+    tags = {t.tag_name: t.tag_value for t in request.tags}
+    assert tags == {"tabbi_session": spec.sandbox_id, "tabbi_owner": "alice", "tabbi_server": "limits"}
+    assert request.definition.timeout_secs == 9000 + 600  # covers max_lifetime + turn_timeout
+    assert request.definition.idle_timeout_secs == 1800
+    wire = request.SerializeToString()
+    for secret in (spec.password, spec.git_credential["password"]):
+        assert secret.encode() not in wire
+        assert secret not in ps
 
 
 async def _quiet(_: dict) -> None:
@@ -175,44 +208,6 @@ async def test_reattach_by_id_and_reconcile_by_tags(modal_world: ModalWorld, sou
     assert await provider.load_state(state, spec.password) is None  # gone: nothing to re-attach
     with pytest.raises(SandboxError, match=r"the Modal sandbox is gone .* start the session again"):
         await again.exec(["true"])  # a handle to a sandbox that ended meanwhile
-
-
-async def test_tags_secrets_and_limits_of_a_created_sandbox(modal_world: ModalWorld, source_repo):
-    """The create call carries the tags and Modal's limits, and no secret: the OpenCode password
-    and the clone's credential go on the bootstrap's stdin only."""
-    provider = modal_world.provider(
-        server_tag="limits",
-        timeout=7200,
-        idle_timeout=1800,
-        apt_packages=["graphviz"],
-        pip_packages=["pandas==2.2.3"],
-    )
-    spec = make_spec(source_repo)
-    spec.owner = "alice"
-    spec.git_credential = {"username": "x-access-token", "password": "ghs_" + secrets.token_hex(8)}
-    spec.max_seconds = 9000
-    sandbox = await provider.create(spec, _quiet)
-    try:
-        request = modal_world.standin.state.create_requests[-1]
-        recipe = "\n".join(modal_world.standin.sandboxes[sandbox.modal_id].image.commands)
-        # What the agent can read of every process: command lines, environments (OpenCode's holds
-        # its password: closed, as it runs from an execute-only binary).
-        ps = await shell(
-            sandbox, "for p in /proc/[0-9]*; do cat $p/cmdline $p/environ; done 2>/dev/null | tr '\\0' ' '"
-        )
-        assert "TABBI_SANDBOX_ID" in ps  # the scan reads environments at all
-    finally:
-        await sandbox.terminate()
-    # The image is tabbi's recipe: OpenCode at the pinned version, the team's packages.
-    assert f"opencode-ai@{PINNED_VERSION}" in recipe and "graphviz" in recipe and "pandas==2.2.3" in recipe
-    tags = {t.tag_name: t.tag_value for t in request.tags}
-    assert tags == {"tabbi_session": spec.sandbox_id, "tabbi_owner": "alice", "tabbi_server": "limits"}
-    assert request.definition.timeout_secs == 9000 + 600  # covers max_lifetime + turn_timeout
-    assert request.definition.idle_timeout_secs == 1800
-    wire = request.SerializeToString()
-    for secret in (spec.password, spec.git_credential["password"]):
-        assert secret.encode() not in wire
-        assert secret not in ps
 
 
 async def test_errors_say_what_to_do(modal_world: ModalWorld, source_repo, monkeypatch):
