@@ -30,6 +30,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -86,7 +87,6 @@ class ModalSandbox(Sandbox):
         self._returncode: int | None = None
         self._terminated = False
         self._watcher: asyncio.Task | None = None
-        self._process: Any = None
 
     @property
     def modal_id(self) -> str:
@@ -163,11 +163,17 @@ class ModalSandbox(Sandbox):
     def exec_env(self) -> dict[str, str]:
         return {"HOME": self.home_path, "LANG": "C.UTF-8", "TABBI_SANDBOX_ID": self.id}
 
-    async def start_process(self, argv: list[str], as_agent: bool = True) -> Any:
-        """Start ``argv`` in the sandbox (in the workspace); the process handle (byte streams)."""
+    async def start_process(
+        self, argv: list[str], as_agent: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Start ``argv`` in the sandbox (in the workspace); the process handle (byte streams).
+        With ``timeout``, Modal ends the process after that many seconds."""
         command = self.as_agent(argv) if as_agent else argv
+        limit = math.ceil(timeout) if timeout else None
         return await self.provider.call(
-            self.sb.exec.aio(*command, workdir=self.workspace_path, env=self.exec_env(), text=False),
+            self.sb.exec.aio(
+                *command, workdir=self.workspace_path, env=self.exec_env(), text=False, timeout=limit
+            ),
             self.provider.call_timeout,
             "starting a command in the sandbox",
         )
@@ -181,7 +187,7 @@ class ModalSandbox(Sandbox):
         as_agent: bool = True,
     ) -> tuple[int, bytes, bytes]:
         """Run ``argv`` to its end: ``(status, stdout, stderr)``, each stream cut at ``max_output``."""
-        process = await self.start_process(argv, as_agent)
+        process = await self.start_process(argv, as_agent, timeout)
 
         async def talk() -> tuple[int, bytes, bytes]:
             if input is not None:
@@ -639,7 +645,6 @@ class ModalProvider(SandboxProvider):
         process.stdin.write(json.dumps(payload).encode())
         process.stdin.write_eof()
         await self.call(process.stdin.drain.aio(), self.call_timeout, "starting the bootstrap")
-        sandbox._process = process
         lines = _lines(process.stdout)
         while True:
             try:

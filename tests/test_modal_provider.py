@@ -187,6 +187,7 @@ async def test_reattach_by_id_and_reconcile_by_tags(modal_world: ModalWorld, sou
     # Another sandbox of this server whose session is not live (a crash mid-start leaves one).
     stray = await modal.Sandbox.create.aio(
         app=await provider.app(),
+        image=modal.Image.debian_slim(),  # not the client's cached default (of another stand-in)
         client=modal_world.client,
         timeout=600,
         tags={"tabbi_session": "ses-000000000001", "tabbi_server": provider.server_tag, "tabbi_owner": "x"},

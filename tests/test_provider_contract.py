@@ -413,7 +413,10 @@ class ModalSubstrate:
 
         app = modal.App.lookup("tabbi", create_if_missing=True, client=self.client)
         tags = {"tabbi_session": "ses-000000000000", "tabbi_server": SERVER_TAG, "tabbi_owner": "nobody"}
-        sb = modal.Sandbox.create(app=app, tags=tags, client=self.client, timeout=600)
+        # An explicit image: the client's cached default may be another stand-in's.
+        sb = modal.Sandbox.create(
+            app=app, image=modal.Image.debian_slim(), tags=tags, client=self.client, timeout=600
+        )
         return lambda: self.standin.sandboxes[sb.object_id].running
 
     def create_requests(self, sid: str) -> list[Any]:
