@@ -32,7 +32,7 @@ from grpclib.client import Channel  # noqa: E402
 from modal_proto import task_command_router_pb2 as router_pb2  # noqa: E402
 from modal_proto.task_command_router_grpc import TaskCommandRouterStub  # noqa: E402
 
-from tests.support.modal_standin import ModalStandIn, modal_standin  # noqa: E402
+from tests.support.modal_standin import USERS_WORK, ModalStandIn, modal_standin  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not bwrap_works()[0], reason="the Modal stand-in runs sandboxes under bubblewrap"),
@@ -67,7 +67,10 @@ def internet():
 def standin(internet):
     opencode = find_opencode()
     with modal_standin(
-        internet_ports=[internet], installed={"/usr/local/bin/opencode": opencode}, list_page_size=2
+        internet_ports=[internet],
+        installed={"/usr/local/bin/opencode": opencode},
+        users={"agent": 1000} if USERS_WORK else {},
+        list_page_size=2,
     ) as api:
         yield api
 
@@ -186,6 +189,35 @@ def test_exec_shares_the_container_with_the_entrypoint(app):
         assert out.startswith("started\nsecret-ish\n")
         assert "sleep 300" in out  # the entrypoint and the other exec are visible
         assert marker.poll() is None
+    finally:
+        sb.terminate()
+
+
+@pytest.mark.skipif(not USERS_WORK, reason="users in sandboxes need the stand-in to run as root")
+def test_users_the_recipe_would_make(app):
+    """Root in the sandbox drops to the recipe's user as on Modal; that user then cannot read
+    root's files or the environment of root's processes (the threat: the agent, as that user,
+    reading a secret tabbi's root exec holds)."""
+    sb = modal.Sandbox.create(
+        "sleep", "300", app=app, timeout=120, env={"CONTAINER_WIDE": "everyone"}, workdir="/workspace"
+    )
+    try:
+        prepare = "echo mine > /root/private && chmod 600 /root/private && chown agent /workspace"
+        assert run(sb, "sh", "-c", prepare)[0] == 0
+        holder = sb.exec("sh", "-c", "echo up; exec sleep 300", env={"EXEC_SECRET": "s3cret"}, bufsize=1)
+        assert next(iter(holder.stdout)) == "up\n"  # it runs, holding the secret
+        _, out, err = run(
+            sb, "setpriv", "--reuid=agent", "--regid=agent", "--init-groups", "--",
+            "sh", "-c", "id -un; touch /workspace/ok && echo wrote; cat /root/private; "
+            "cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep SECRET; cd /home/agent && touch h && pwd; "
+            "echo $CONTAINER_WIDE",
+        )  # fmt: skip
+        # Create-time env and secrets reach every exec, whatever user it then becomes (as on Modal).
+        assert out.splitlines() == ["agent", "wrote", "/home/agent", "everyone"], err
+        assert "/root/private: Permission denied" in err
+        assert "s3cret" not in out
+        # Positive control: the secret is there to be read, by root.
+        assert "EXEC_SECRET=s3cret" in run(sb, "sh", "-c", "cat /proc/[0-9]*/environ | tr '\\0' '\\n'")[1]
     finally:
         sb.terminate()
 
@@ -371,7 +403,7 @@ def test_exec_timeout_kills_the_process(app):
         sb.terminate()
 
 
-def test_snapshot_filesystem_restores_into_a_new_sandbox(app):
+def test_snapshot_filesystem_restores_into_a_new_sandbox(standin: ModalStandIn, app):
     sb = modal.Sandbox.create(app=app, timeout=120, env={"NOT_IN_SNAPSHOT": "1"}, workdir="/workspace")
     try:
         run(
@@ -396,6 +428,9 @@ def test_snapshot_filesystem_restores_into_a_new_sandbox(app):
         assert (code, out) == (0, "kept\nhome\nfifo\n[]\n")
     finally:
         restored.terminate()
+    standin.expire_image(image.object_id)
+    with pytest.raises(modal.exception.NotFoundError):
+        modal.Sandbox.create(app=app, image=modal.Image.from_id(image.object_id), timeout=60)
 
 
 def test_list_by_tags_pages_and_from_id_in_a_fresh_process(standin: ModalStandIn, app):
@@ -445,11 +480,16 @@ def test_terminated_sandbox_refuses_exec(app):
         fresh.wait()
 
 
-def test_entrypoint_exit_ends_the_sandbox(app):
-    sb = modal.Sandbox.create("sh", "-c", "echo bye; exit 3", app=app, timeout=120)
+def test_entrypoint_stdio_and_exit_end_the_sandbox(app):
+    sb = modal.Sandbox.create(
+        "sh", "-c", 'read line; echo "got $line"; echo err >&2; exit 3', app=app, timeout=120
+    )
+    sb.stdin.write(b"hello\n")
+    sb.stdin.write_eof()
+    sb.stdin.drain()
     sb.wait(raise_on_termination=False)
     assert sb.returncode == 3
-    assert sb.stdout.read() == "bye\n"
+    assert (sb.stdout.read(), sb.stderr.read()) == ("got hello\n", "err\n")  # also after it ended
 
 
 def test_idle_timeout_ends_an_idle_sandbox_but_not_a_busy_one(app):
@@ -506,15 +546,10 @@ def test_strict_refusals(standin: ModalStandIn, app):
 
 
 def test_wrong_credentials_and_forged_router_tokens_are_refused(standin: ModalStandIn, app):
-    env = {**os.environ, **standin.env, "MODAL_TOKEN_SECRET": "as-wrong"}
-    done = subprocess.run(
-        [sys.executable, "-c", "import modal; modal.App.lookup('x', create_if_missing=True)"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0 and "AuthError" in done.stderr
+    wrong = modal.Client.from_credentials(standin.env["MODAL_TOKEN_ID"], "as-wrong")
+    with pytest.raises(modal.exception.AuthError):
+        modal.App.lookup("x", create_if_missing=True, client=wrong)
+    assert "unauthenticated:AppGetOrCreate" in standin.recorder.calls
     sb = modal.Sandbox.create(app=app, timeout=120)
     task_id = standin.sandboxes[sb.object_id].task_id
 

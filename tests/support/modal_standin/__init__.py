@@ -4,6 +4,6 @@ See docs/modal-standin.md. Entry points: ``ModalStandIn`` (start/stop or a ``wit
 ``modal_standin(...)``; ``ModalStandIn.env`` points the client at it.
 """
 
-from .server import ModalStandIn, modal_standin
+from .server import USERS_WORK, ModalStandIn, modal_standin
 
-__all__ = ["ModalStandIn", "modal_standin"]
+__all__ = ["USERS_WORK", "ModalStandIn", "modal_standin"]

@@ -17,7 +17,6 @@ from grpclib import GRPCError, Status
 from modal_proto import task_command_router_grpc
 from modal_proto import task_command_router_pb2 as pb
 
-from .images import copy_tree
 from .rpc import invalid, not_found, server_stream, strict, unary
 from .sandboxes import Process, Sandbox, SandboxGone
 from .state import State
@@ -192,7 +191,10 @@ class CommandRouter(task_command_router_grpc.TaskCommandRouterBase):
         if request.container_id:
             raise invalid("the modal stand-in has no sidecar containers")
         folder = self.state.store.new_image_dir()
-        await asyncio.to_thread(copy_tree, sandbox.fs, folder)
+        try:
+            await sandbox.snapshot(folder)
+        except SandboxGone:
+            raise not_found(f"Task {request.task_id}") from None
         image = self.state.store.from_files(folder, base=sandbox.image, snapshot_of=sandbox.sandbox_id)
         return pb.TaskSnapshotFilesystemResponse(image_id=image.image_id)
 

@@ -49,6 +49,9 @@ AGENT_IN_SANDBOX = "/__modal/standin-agent.py"
 SANDBOX_PYTHON = "/usr/bin/python3"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHUNK = 64 * 1024
+#: What root in a container may do (a subset of Docker's defaults: no MKNOD, no NET_RAW), given
+#: only when the stand-in has users: root's execs then drop to them with ``setpriv``/``su``.
+ROOT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SETUID", "CAP_SETGID", "CAP_KILL")
 Result = api_pb2.GenericResult
 
 
@@ -138,6 +141,8 @@ class Sandbox:
         created_at: float,
         internet_ports: list[int],
         installed: dict[str, str],
+        users: dict[str, int],
+        etc: dict[str, str],
         on_end: Callable[[Sandbox], None],
     ) -> None:
         self.sandbox_id = new_sandbox_id()
@@ -157,6 +162,8 @@ class Sandbox:
         self.tunnels: dict[int, tuple[str, int]] = {}  # container port -> (host, port)
         self.internet_ports = [] if self.blocked else list(internet_ports)
         self.installed = dict(installed)
+        self.users = dict(users)
+        self._etc = dict(etc)
         self._on_end = on_end
         self._bwrap: asyncio.subprocess.Process | None = None
         self._channel: socket.socket | None = None
@@ -166,6 +173,7 @@ class Sandbox:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._active = 0
         self._tasks: set[asyncio.Task] = set()
+        self._files = asyncio.Lock()  # laying out, snapshotting and removing the root folder
         self.last_active = time.monotonic()
 
     # -- facts ------------------------------------------------------------------------------------
@@ -205,7 +213,10 @@ class Sandbox:
 
     async def start(self, store: Store) -> None:
         """Lay out the root folder and start the container with its agent and entrypoint."""
-        await asyncio.to_thread(self._lay_out, store)
+        async with self._files:
+            await asyncio.to_thread(self._lay_out, store)
+        if not self.running:  # terminated while its files were being laid out
+            raise SandboxGone(self.sandbox_id)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             with open(self.dir / "bwrap.log", "wb") as errors:
@@ -242,6 +253,11 @@ class Sandbox:
         for name in DEFAULT_DIRS:
             (self.fs / name).mkdir(parents=True, exist_ok=True)
         os.chmod(self.fs / "tmp", 0o1777)
+        for name, uid in self.users.items():
+            home = self.fs / "home" / name
+            if not home.exists():
+                home.mkdir(parents=True)
+                os.chown(home, uid, uid)
         workdir = self.workdir.strip("/").split("/")[0]
         if workdir and workdir not in SYSTEM_TOP:
             (self.fs / self.workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
@@ -263,6 +279,7 @@ class Sandbox:
             "modal",
             "--cap-drop",
             "ALL",
+            *[arg for cap in (ROOT_CAPS if self.users else ()) for arg in ("--cap-add", cap)],
             "--bind",
             str(self.fs),
             "/",
@@ -299,6 +316,8 @@ class Sandbox:
                 continue
             if op == "--symlink" and os.path.lexists(self.fs / item[2].lstrip("/")):
                 continue
+            if op == "--ro-bind" and item[2] in self._etc:
+                item = [op, self._etc[item[2]], item[2]]
             kept += item
         return kept
 
@@ -600,9 +619,17 @@ class Sandbox:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def snapshot(self, folder: Path) -> None:
+        """Copy the writable file tree (everything but the host's system) into ``folder``."""
+        async with self._files:
+            if not self.running:
+                raise SandboxGone(self.sandbox_id)
+            await asyncio.to_thread(copy_tree, self.fs, folder)
+
     async def remove(self) -> None:
-        """Forget the sandbox's files (after it ended)."""
-        await asyncio.to_thread(shutil.rmtree, self.dir, True)
+        """Forget the sandbox's files (after it ended; not while they are being copied)."""
+        async with self._files:
+            await asyncio.to_thread(shutil.rmtree, self.dir, True)
 
 
 async def _pipe_writer(fd: int) -> asyncio.StreamWriter:

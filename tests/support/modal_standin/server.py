@@ -30,6 +30,10 @@ from .rpc import Recorder
 from .sandboxes import Sandbox
 from .state import Options, State
 
+#: Whether ``ModalStandIn(users=...)`` works here: changing user inside a sandbox needs
+#: capabilities that bubblewrap grants only when it runs as root.
+USERS_WORK = os.geteuid() == 0
+
 
 class ModalStandIn:
     """A loopback stand-in of Modal's API for the real ``modal`` client.
@@ -44,6 +48,7 @@ class ModalStandIn:
         *,
         internet_ports: list[int] | None = None,
         installed: dict[str, str] | None = None,
+        users: dict[str, int] | None = None,
         list_page_size: int = 50,
         data_dir: str | Path | None = None,
     ):
@@ -51,16 +56,22 @@ class ModalStandIn:
         inside), standing in for the internet (the LLM, GitHub). ``installed``: what an image's
         ``RUN``/``apt``/``npm`` layers would have installed, as ``{sandbox path: host path}``
         bound read-only into every sandbox (for example OpenCode at /usr/local/bin/opencode);
-        the path must be under /usr/local, /opt or another non-system folder."""
+        the path must be under /usr/local, /opt or another non-system folder. ``users``: what
+        the recipe's ``useradd`` would have made, ``{name: uid}`` (gid = uid, home /home/<name>
+        owned by it); root in the sandbox may then change user (``setpriv``, ``su``), chown and
+        kill, as root in a container can. Needs the stand-in to run as root (``USERS_WORK``)."""
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="modal-standin-"))
         self.recorder = Recorder()
         for path in installed or {}:
             check_target(path)
+        if users and not USERS_WORK:
+            raise RuntimeError("the modal stand-in can give sandboxes users only when it runs as root")
         self.options = Options(
             internet_ports=list(internet_ports or []),
             installed={path: os.path.realpath(host) for path, host in (installed or {}).items()},
             list_page_size=list_page_size,
+            users=dict(users or {}),
         )
         self.state: State | None = None
         self.url = ""
@@ -103,6 +114,10 @@ class ModalStandIn:
         self._server.close()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 5)
+        # grpclib leaves its clients' connections open (Python 3.11's asyncio.Server cannot close
+        # them): close every transport of this loop so nothing is left for the garbage collector.
+        for transport in list(getattr(asyncio.get_running_loop(), "_transports", {}).values()):
+            transport.close()
         # What is left (output pumps, removal of sandbox folders) finishes or is cancelled.
         rest = asyncio.all_tasks() - {asyncio.current_task()}
         if rest:
@@ -179,12 +194,19 @@ class ModalStandIn:
 
     @property
     def sandboxes(self) -> dict[str, Sandbox]:
+        """Every sandbox by id, ended ones too (a copy: the stand-in's thread adds to it)."""
         assert self.state is not None
-        return self.state.sandboxes
+        return dict(self.state.sandboxes)
 
     def image(self, image_id: str) -> Image:
         assert self.state is not None
         return self.state.store.get(image_id)
+
+    def expire_image(self, image_id: str) -> None:
+        """The image is gone, as a snapshot past its TTL is: ``Image.from_id`` and creating a
+        sandbox from it answer NOT_FOUND from now on."""
+        assert self.state is not None
+        self.state.store.images.pop(image_id)
 
     def allow_internet(self, port: int) -> None:
         """Let sandboxes created from now on reach host port ``port`` (see ``internet_ports``)."""

@@ -23,7 +23,7 @@ from modal_proto import api_pb2
 from .ids import new_id
 from .images import Store
 from .rpc import Recorder, invalid, not_found
-from .sandboxes import Sandbox
+from .sandboxes import Sandbox, SandboxGone
 from .tunnels import Authority, open_tunnel
 
 MAX_TIMEOUT = 24 * 3600  # Modal's maximum sandbox lifetime
@@ -38,6 +38,7 @@ class Options:
     token_secret: str = field(default_factory=lambda: "as-" + secrets.token_hex(16))
     internet_ports: list[int] = field(default_factory=list)
     installed: dict[str, str] = field(default_factory=dict)  # sandbox path -> host path (read-only)
+    users: dict[str, int] = field(default_factory=dict)  # name -> uid (and gid), as `useradd` makes
     list_page_size: int = 50
 
 
@@ -56,6 +57,7 @@ class State:
         self._key = secrets.token_bytes(32)
         self._tunnel_servers: dict[str, list[asyncio.Server]] = {}
         self._last_created = 0.0
+        self.etc = user_files(root / "etc", options.users)
 
     # -- credentials ------------------------------------------------------------------------------
 
@@ -144,6 +146,8 @@ class State:
             created_at=self._last_created,
             internet_ports=self.options.internet_ports,
             installed=self.options.installed,
+            users=self.options.users,
+            etc=self.etc,
             on_end=self._ended,
         )
         self.create_requests.append(request)
@@ -154,6 +158,8 @@ class State:
         ]
         try:
             await sandbox.start(self.store)
+        except SandboxGone:
+            raise GRPCError(Status.NOT_FOUND, f"Sandbox {sandbox.sandbox_id} ended while starting") from None
         except Exception as exc:
             await sandbox.end(api_pb2.GenericResult.GENERIC_STATUS_FAILURE, message=f"could not start: {exc}")
             raise
@@ -215,3 +221,20 @@ class State:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def user_files(folder: Path, users: dict[str, int]) -> dict[str, str]:
+    """``/etc/passwd`` and ``/etc/group`` with ``users`` added to the host's, as the recipe's
+    ``useradd`` would have made them: {sandbox path: host file} (none without users)."""
+    if not users:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    taken = {*users, *(str(uid) for uid in users.values())}
+    for name, line in (("passwd", "{0}:x:{1}:{1}::/home/{0}:/bin/bash"), ("group", "{0}:x:{1}:")):
+        # The host's entries, but none with these names or ids (a fresh image has no uid 1000).
+        host = [e for e in Path("/etc", name).read_text().splitlines() if not taken & set(e.split(":")[:3])]
+        added = [line.format(user, uid) for user, uid in users.items()]
+        (folder / name).write_text("\n".join([*host, *added]) + "\n")
+        files[f"/etc/{name}"] = str(folder / name)
+    return files
