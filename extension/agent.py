@@ -214,6 +214,7 @@ class SessionAgent:
                 password=password,
                 read_only_paths=[repo.local_path] if repo.local_path else [],
                 git_credential=access.credential if access else None,
+                owner=self.record.owner,
                 max_seconds=(self.settings.max_lifetime + self.settings.turn_timeout)
                 if self.settings.max_lifetime else None,
             )
