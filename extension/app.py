@@ -48,6 +48,9 @@ class TabbiExtension(ExtensionApp):
     name = "tabbi"
     description = "AI coding-agent sessions in Jupyter"
     load_other_extensions = True
+    #: The embedded backends, so ``--help-all`` shows their traits (Modal's and Convex's classes are
+    #: imported only when selected).
+    classes = [LocalProvider, SQLiteStore]
 
     data_dir = Unicode(
         help="Where tabbi keeps its database, sandboxes and snapshots. Env: TABBI_DATA_DIR."
