@@ -395,6 +395,7 @@ class SessionAgent:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self._release_sandbox()
+        await self.events.drain()
 
     async def delete(self) -> None:
         async with self._lifecycle:
@@ -726,6 +727,9 @@ class SessionAgent:
             message_id, part_id, part = signals.part
             await self._retry_store(lambda: self.store.upsert_part(self.id, message_id, part_id, part))
         for event in update.events:
+            if event.type == "text.delta":  # streamed: batched with what follows (``EventLog``)
+                await self.events.post(event.type, event.data)
+                continue
             await self._emit(event.type, event.data)
             if event.type == "agent.status" and event.data["status"] == "retry":
                 await self._on_retry(event.data)
