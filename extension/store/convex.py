@@ -219,6 +219,8 @@ class ConvexStore(Store):
         self._failing: tuple[float, str] | None = None
         #: Calls waiting to try again.
         self._retrying = 0
+        #: Why the last health check failed (None: it worked).
+        self._ping_failure: str | None = None
 
     # -- the connection -----------------------------------------------------------------------
     async def open(self) -> None:
@@ -259,17 +261,19 @@ class ConvexStore(Store):
         try:
             await self._post("query", "health:ping", {}, SERVER, self._server_subject,
                              timeout=self.ping_timeout)
-        except StoreError:
+        except StoreError as exc:
+            self._ping_failure = str(exc)
             return False
+        self._ping_failure = None
         if not self._retrying:  # Convex is back, and no call is still waiting for it
             self._failing = None
         return True
 
     def trouble(self) -> str | None:
-        if self._failing is None:
-            return None
-        since, why = self._failing
-        return f"Convex calls failing for {time.time() - since:.0f} s ({why})"
+        if self._failing is not None:
+            since, why = self._failing
+            return f"Convex calls failing for {time.time() - since:.0f} s, retried: {why}"
+        return self._ping_failure
 
     async def _call(self, kind: str, path: str, args: dict[str, Any], role: str, subject: str) -> Any:
         """One function call, retried with backoff while Convex cannot answer (see the module
@@ -294,7 +298,7 @@ class ConvexStore(Store):
             delay = min(delay * 2, 2.0)
         if self._failing is not None:
             log.info("tabbi: Convex answers again")
-            self._failing = None
+        self._failing = self._ping_failure = None
         return value
 
     async def _post(self, kind: str, path: str, args: dict[str, Any], role: str, subject: str,
