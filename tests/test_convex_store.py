@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,20 +25,11 @@ from tabbi_extension.store import (
 )
 from tabbi_extension.store.convex import ConvexRefused
 from tests.support.convex_standin import ConvexStandin, convex_standin  # noqa: F401 (a fixture)
-from tests.support.convex_store import make_store, store_env
+from tests.support.convex_store import make_store, store_env, wait_until
 
 
 def record(session_id: str, owner: str = "alice") -> SessionRecord:
     return SessionRecord(id=session_id, owner=owner, repo="/r", work_branch="tabbi/x")
-
-
-async def wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    """Poll ``condition`` (cheap, local) until true, failing after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)  # a poll interval; the condition is what is waited for
 
 
 @pytest.fixture

@@ -3,6 +3,9 @@ deployment sets: ``TABBI_CONVEX_*``) and the Jupyter config that selects it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 from tabbi_extension.store import ConvexStore
@@ -41,3 +44,13 @@ def store_env(standin: ConvexStandin) -> dict[str, str]:
 
 def make_store(standin: ConvexStandin, **traits: Any) -> ConvexStore:
     return ConvexStore(**{**store_traits(standin), **traits})
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` (cheap and local: a store's state, the stand-in's counters) until it
+    holds, failing after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.02)  # a poll interval; the condition is what is waited for
