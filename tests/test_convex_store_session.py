@@ -49,8 +49,8 @@ def read_in_a_new_notebook(server: JupyterProcess, sid: str, workdir: Path) -> d
         "import json, tabbi_kernel\n"
         f"session = tabbi_kernel.connect().session({sid!r})\n"
         "events = session.all_events()\n"
-        "print(json.dumps({'state': session.state, 'seqs': [e['seq'] for e in events],\n"
-        "                  'text': [e['data'].get('text') for e in events if e['type'] == 'part.updated']}))\n"
+        "texts = [e['data'].get('text') for e in events if e['type'] == 'part.updated']\n"
+        "print(json.dumps({'state': session.state, 'seqs': [e['seq'] for e in events], 'text': texts}))\n"
     )
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
     client = NotebookClient(notebook, timeout=120, kernel_name="python3",
