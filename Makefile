@@ -12,6 +12,7 @@ lint: setup
 
 test: setup
 	.venv/bin/ruff check .
+	cd convex && npx vitest run
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 bench: setup

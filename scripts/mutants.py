@@ -87,6 +87,8 @@ def prepare(scratch: Path) -> dict[str, str]:
     copy = scratch / "repo"
     shutil.copytree(ROOT, copy, ignore=SKIP, symlinks=True)
     (copy / "node_modules").symlink_to(ROOT / "node_modules")
+    if (ROOT / "convex" / "node_modules").exists():  # the Convex functions' npm project
+        (copy / "convex" / "node_modules").symlink_to(ROOT / "convex" / "node_modules")
     links = scratch / "imports"
     links.mkdir()
     for name, folder in PACKAGES.items():

@@ -39,4 +39,10 @@ if [ "$(node_modules/.bin/opencode --version 2>/dev/null || true)" != "$(node -p
   echo "setup: npm install (OpenCode, pinned)"
   npm install --no-audit --no-fund --loglevel=error
 fi
+# The Convex functions' own tests and the loopback Convex stand-in: convex/ is its own npm project
+# (convex, convex-test, vitest, tsx), pinned by its lock file.
+if [ ! -e convex/node_modules/.package-lock.json ] || [ convex/package-lock.json -nt convex/node_modules/.package-lock.json ]; then
+  echo "setup: npm ci in convex/"
+  (cd convex && npm ci --no-audit --no-fund --loglevel=error)
+fi
 echo "setup: ready (OpenCode $(node_modules/.bin/opencode --version))"

@@ -5,12 +5,14 @@
 import { v } from "convex/values";
 import type { Doc } from "./_generated/dataModel";
 import { mutation, query } from "./_generated/server";
-import { finite, id, int, json, text } from "./lib/checks";
+import { finite, id, int, json, text, utf8Over } from "./lib/checks";
 import { fail } from "./lib/errors";
 import { ownSession, requireOwnSession, user } from "./lib/identity";
 
-/** The most events one append takes (the store splits bigger batches, a key per part). */
+/** The most events one append takes, and the most bytes of event data (a transaction writes at
+ * most 16 MiB): the store splits bigger batches, a key per part. */
 export const MAX_BATCH = 500;
+export const MAX_BATCH_BYTES = 8_000_000;
 export const MAX_LIST = 1000;
 
 const eventValidator = v.object({ seq: v.number(), type: v.string(), data: v.string(), ts: v.number() });
@@ -37,6 +39,9 @@ export const append = mutation({
       data: json(e.data, `events[${n}].data`),
       ts: finite(e.ts, `events[${n}].ts`),
     }));
+    if (utf8Over(events.map((e) => e.data).join(""), MAX_BATCH_BYTES)) {
+      fail("invalid", `at most ${MAX_BATCH_BYTES} bytes of event data per append`);
+    }
     const session = await requireOwnSession(ctx, owner, args.session_id);
     if (events.length === 0) return [];
     const earlier = await ctx.db

@@ -56,6 +56,8 @@ describe("sessions", () => {
     expect(await refused(alice.mutation(api.sessions.update, { id: "ses-1", fields: { sandbox_state: "{" } }))).toBe("invalid");
     expect(await refused(alice.mutation(api.sessions.create, { session: session("ses-2", "alice", { repo: "\ud800" }) }))).toBe("invalid");
     expect(await refused(alice.mutation(api.sessions.create, { session: session("") }))).toBe("invalid");
+    expect(await refused(alice.mutation(api.sessions.create, { session: session("s".repeat(201)) }))).toBe("invalid");
+    expect((await alice.mutation(api.sessions.create, { session: session("s".repeat(200)) })).id).toHaveLength(200);
   });
 
   test("remove deletes the session and every child, all at once; a new session with the id starts empty", async () => {

@@ -2,16 +2,25 @@
 // are checked at the edge, so a bad one is refused as `invalid` instead of being stored.
 import { fail } from "./errors";
 
-/** The longest string the functions accept (a document is at most 1 MiB). */
-export const MAX_TEXT = 1_000_000;
+/** The longest string the functions accept, in UTF-8 bytes: a Convex document is at most 1 MiB,
+ * and the rest of the document needs room. */
+export const MAX_TEXT = 900_000;
 export const MAX_ID = 200;
 
 const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
 
-/** A string that UTF-8 can carry (no lone surrogate), of at most ``max`` characters. */
+/** Whether UTF-8 needs more than ``max`` bytes for a well-formed string (at most 3 per UTF-16 unit: encoded only
+ * when that bound is over ``max``). */
+export function utf8Over(value: string, max: number): boolean {
+  return value.length > max || (value.length * 3 > max && new TextEncoder().encode(value).length > max);
+}
+
+/** A string that UTF-8 can carry (no lone surrogate), of at most ``max`` bytes of UTF-8. */
 export function text(value: string, what: string, max: number = MAX_TEXT): string {
-  if (value.length > max) fail("invalid", `${what} is longer than ${max} characters`);
   if (LONE_SURROGATE.test(value)) fail("invalid", `${what} is not well-formed text`);
+  if (utf8Over(value, max)) {
+    fail("invalid", `${what} is longer than ${max} bytes`);
+  }
   return value;
 }
 
