@@ -235,3 +235,22 @@ async def test_a_long_outage_ends_in_store_unavailable_and_health_recovers(stand
         assert await store.last_seq("ses-1") == 0  # "before": nothing of it ran
     finally:
         await store.close()
+
+
+async def test_what_convex_cannot_hold_in_one_piece(store, standin):
+    """A value over a Convex document's size (a megabyte file the agent wrote, in a tool's input)
+    is stored with its longest strings shortened, instead of failing the batch it is in; a batch
+    over one mutation's limits is written in parts, still numbered in order."""
+    await store.create_session(record("ses-1"))
+    huge = {"tool": "write", "input": {"content": "x" * 1_500_000, "filePath": "big.txt"}}
+    assert [e.seq for e in await store.append_events("ses-1", [NewEvent("tool", huge)])] == [1]
+    stored = (await store.list_events("ses-1"))[0].data
+    assert stored["input"]["filePath"] == "big.txt" and stored["tool"] == "write"
+    assert stored["input"]["content"].startswith("x" * 1000)
+    assert stored["input"]["content"].endswith("more characters]")
+    assert len(json.dumps(stored)) <= 900_000
+    before = standin.stats()["calls"]["events:append"]
+    many = await store.append_events("ses-1", [NewEvent("n", {"i": i}) for i in range(700)])
+    assert [e.seq for e in many] == list(range(2, 702))
+    assert standin.stats()["calls"]["events:append"] == before + 2
+    assert [e.data["i"] for e in await store.list_events("ses-1", after=1)] == list(range(700))

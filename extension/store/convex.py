@@ -20,12 +20,19 @@ write whose answer was lost is retried without ever being applied twice, by this
 caller's retry. A function that refuses (HTTP 560, a ``ConvexError`` code) raises
 ``ConvexRefused``, a permanent ``StoreError``. While calls are failing, ``trouble()`` says why,
 and the health endpoint reports the server degraded.
+
+**Limits** (``convex/API.md``). A JSON value over 900 kB (a Convex document holds 1 MiB) is
+stored with its longest strings shortened. An event batch over 500 events or 8 MB is written in
+parts, each one transaction with its own key: if a later part fails, the earlier ones stay, and
+repeating the call completes it without writing any part twice. (``EventLog`` batches stay far
+below both limits.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hashlib
 import json
 import logging
@@ -54,8 +61,12 @@ from .convex_auth import SigningKeyError, TokenSigner, load_private_key, thumbpr
 
 log = logging.getLogger(__name__)
 
-#: The most events one ``events:append`` takes (``convex/API.md``, "Limits").
+#: The most events, and bytes of their data, one ``events:append`` takes (``convex/API.md``,
+#: "Limits"); a bigger batch is written in parts, each with its own key.
 MAX_BATCH = 500
+MAX_BATCH_BYTES = 8_000_000
+#: The longest JSON text a function takes, in bytes (a Convex document holds 1 MiB).
+MAX_TEXT = 900_000
 #: Page size of ``sessions:listAll``.
 PAGE = 200
 
@@ -78,8 +89,61 @@ def _env(name: str) -> str | None:
 
 
 def _json(value: Any) -> str:
-    """An opaque dict as the JSON text the functions store byte-exact."""
-    return json.dumps(value)
+    """An opaque dict as the JSON text the functions store byte-exact (ASCII: ``json.dumps``
+    escapes the rest), shortened if Convex could not hold it (see ``_shortened``)."""
+    text = json.dumps(value)
+    if len(text) > MAX_TEXT:
+        log.warning("tabbi: a value of %d bytes is shortened to fit Convex's %d", len(text), MAX_TEXT)
+        text = json.dumps(_shortened(value))
+    return text
+
+
+def _shortened(value: Any) -> Any:
+    """A copy of ``value`` whose JSON fits in ``MAX_TEXT``: its longest strings are cut, each with a
+    note of how much is missing, as the event normalizer clips tool output. (SQLite would hold it
+    whole; a Convex document cannot: a file of a megabyte the agent wrote, in a tool's input.)"""
+    value = copy.deepcopy(value)
+    for _ in range(100):
+        excess = len(json.dumps(value)) - MAX_TEXT
+        if excess <= 0:
+            return value
+        found = _longest(value)
+        if found is None or len(found[2]) < 1000:
+            break
+        holder, key, text = found
+        keep = max(0, len(text) - excess - 100)
+        holder[key] = text[:keep] + f"\n... [{len(text) - keep} more characters]"
+    raise StoreError(f"a value too large for Convex (over {MAX_TEXT} bytes of JSON)")
+
+
+def _longest(value: Any) -> tuple[Any, Any, str] | None:
+    """(container, key, string) of the longest string inside ``value``."""
+    best: tuple[Any, Any, str] | None = None
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, item in items:
+            if isinstance(item, str):
+                if best is None or len(item) > len(best[2]):
+                    best = (node, key, item)
+            else:
+                stack.append(item)
+    return best
+
+
+def _parts(batch: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A batch of events in parts one ``events:append`` takes (by count and by bytes)."""
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for event in batch:
+        length = len(event["data"]) + len(event["type"])
+        if parts[-1] and (len(parts[-1]) == MAX_BATCH or size + length > MAX_BATCH_BYTES):
+            parts.append([])
+            size = 0
+        parts[-1].append(event)
+        size += length
+    return parts
 
 
 def _key(*parts: Any) -> str:
@@ -454,12 +518,12 @@ class ConvexStore(Store):
     async def append_events(self, session_id: str, events: Sequence[NewEvent]) -> list[Event]:
         if not events:
             return []
-        if len(events) > MAX_BATCH:
-            raise StoreError(f"at most {MAX_BATCH} events are appended at once")
         batch = [{"type": e.type, "data": _json(e.data), "ts": e.ts} for e in events]
-        values = await self._write_of_session(
-            "events:append", session_id, {"key": _key("events", session_id, batch), "events": batch})
-        return [_event(session_id, v) for v in values]
+        stored = []
+        for part in _parts(batch):  # one part, unless the batch is huge
+            stored += await self._write_of_session(
+                "events:append", session_id, {"key": _key("events", session_id, part), "events": part})
+        return [_event(session_id, v) for v in stored]
 
     async def list_events(self, session_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
         values = await self._of_session("query", "events:list", session_id,
