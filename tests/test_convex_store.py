@@ -24,7 +24,11 @@ from tabbi_extension.store import (
     convex_auth,
 )
 from tabbi_extension.store.convex import ConvexRefused
-from tests.support.convex_standin import ConvexStandin, convex_standin  # noqa: F401 (a fixture)
+from tests.support.convex_standin import (  # noqa: F401 (convex_standin: a fixture)
+    ConvexStandin,
+    SigningKey,
+    convex_standin,
+)
 from tests.support.convex_store import make_store, store_env, wait_until
 
 
@@ -93,6 +97,37 @@ def test_the_key_is_checked_and_its_jwks_printed_for_the_deployment(tmp_path, ca
     assert "d" not in jwk  # the public half only
     numbers = key.public_key().public_numbers()
     assert _b64decode(jwk["x"]) == numbers.x.to_bytes(32, "big")
+    assert convex_auth.main(["jwks", str(path), "kid-7", "--uri"]) == 0
+    uri = capsys.readouterr().out.strip()
+    assert uri.startswith("data:text/plain;charset=utf-8;base64,")
+    [named] = json.loads(base64.b64decode(uri.split(",", 1)[1]))["keys"]
+    assert named == {**jwk, "kid": "kid-7"}
+
+
+async def test_a_deployment_given_the_printed_key_set_accepts_a_store_naming_only_the_key_file(
+        tmp_path, capsys, monkeypatch):
+    """The documented set-up end to end: the key set the command prints goes to the deployment,
+    and a store given only the key file (its kid: the key's thumbprint, as printed) is accepted."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "user-key.pem"
+    path.write_bytes(_pem(key))
+    assert convex_auth.main(["jwks", str(path), "--uri"]) == 0
+    [printed] = json.loads(base64.b64decode(capsys.readouterr().out.split(",", 1)[1]))["keys"]
+    # The stand-in makes its deployment's key sets from its keys: give it this one.
+    server_key = SigningKey.generate()
+    keys = iter([SigningKey(printed["kid"], _pem(key).decode()), server_key])
+    monkeypatch.setattr(SigningKey, "generate", classmethod(lambda cls: next(keys)))
+    with ConvexStandin.start() as standin:
+        [deployed] = json.loads(base64.b64decode(standin.keys.user.jwks_data_uri().split(",", 1)[1]))["keys"]
+        assert deployed == printed
+        store = ConvexStore(url=standin.url, jwt_key=str(path), jwt_issuer=standin.keys.issuer,
+                            server_jwt_key=server_key.private_pem, server_jwt_key_id=server_key.kid)
+        await store.open()
+        try:
+            await store.create_session(record("ses-1"))
+            assert [s.id for s in await store.list_sessions("alice")] == ["ses-1"]
+        finally:
+            await store.close()
 
 
 async def test_configured_from_the_environment(standin, monkeypatch):

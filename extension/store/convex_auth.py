@@ -8,8 +8,8 @@ start-up listing of every session.
 
 ES256 (ECDSA P-256, SHA-256) is signed with ``cryptography`` directly: a JWT is three base64url
 parts, and the one subtle step, JOSE's fixed-width ``r || s`` signature instead of DER, is
-``_jose_signature``. ``python -m tabbi_extension.store.convex_auth jwks KEY.pem`` prints the
-public JWKS to give the deployment (``docs/deploy-convex.md``).
+``_jose_signature``. ``python -m tabbi_extension.store.convex_auth jwks KEY.pem [KID] --uri``
+prints the public key set for the deployment's ``TABBI_JWT_JWKS`` (``docs/deploy-convex.md``).
 """
 
 from __future__ import annotations
@@ -128,17 +128,27 @@ class TokenSigner:
         self._cache.pop(subject, None)
 
 
+def jwks_data_uri(jwks: dict[str, object]) -> str:
+    """A key set as the ``data:`` URI a deployment's ``TABBI_JWT_JWKS`` holds."""
+    return "data:text/plain;charset=utf-8;base64," + base64.b64encode(json.dumps(jwks).encode()).decode()
+
+
 def main(argv: list[str]) -> int:
-    """``jwks KEY [KID]``: print the public JWKS of a private key file for the deployment."""
-    if len(argv) not in (2, 3) or argv[0] != "jwks":
-        print("usage: python -m tabbi_extension.store.convex_auth jwks KEY.pem [KID]", file=sys.stderr)
+    """``jwks KEY [KID] [--uri]``: print the public JWKS of a private key file for the
+    deployment (``--uri``: as the data URI ``npx convex env set TABBI_JWT_JWKS`` takes)."""
+    uri = "--uri" in argv
+    args = [a for a in argv if a != "--uri"]
+    if len(args) not in (2, 3) or args[0] != "jwks":
+        print("usage: python -m tabbi_extension.store.convex_auth jwks KEY.pem [KID] [--uri]",
+              file=sys.stderr)
         return 2
     try:
-        key = load_private_key(argv[1])
+        key = load_private_key(args[1])
     except SigningKeyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"keys": [public_jwk(key, argv[2] if len(argv) == 3 else None)]}))
+    jwks = {"keys": [public_jwk(key, args[2] if len(args) == 3 else None)]}
+    print(jwks_data_uri(jwks) if uri else json.dumps(jwks))
     return 0
 
 
