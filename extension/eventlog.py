@@ -99,10 +99,13 @@ class EventLog:
             return
         self._queue(NewEvent(type_, data, time.time()), None)
 
-    async def drain(self) -> None:
-        """Wait until everything queued is written (or has failed)."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued is written (or has failed), for at most ``timeout`` s
+        (a server stopping while its store is away does not wait for it)."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(writer), timeout)
 
     def _queue(self, event: NewEvent, future: asyncio.Future[Event] | None) -> None:
         self._pending.append((event, time.monotonic(), future))

@@ -493,6 +493,7 @@ class ConvexStore(Store):
         owner = await self._owner(session_id)
         if owner is not None:
             await self._as_user("mutation", "sessions:remove", owner, {"id": session_id})
+            self._owners.pop(session_id, None)
 
     async def claim_session(self, session_id: str, server_id: str, expected: str | None) -> bool:
         return bool(await self._as_server("mutation", "sessions:claim",
