@@ -4,8 +4,9 @@ round-trip time (the Convex stand-in's ``latency_ms``, added to every call).
 1. Events/s through a session's ``EventLog``: 1,000 streamed text deltas posted as fast as they
    come, then one awaited event (batched, as sessions write them), and the same log appending one
    awaited event at a time (what a log without batching could do).
-2. Delta latency inside the server: a 50 deltas/s stream posted to the log, to a subscriber
-   receiving it (what the batching window and the store's round trip add).
+2. Delta latency inside the server: a source emitting 50 deltas/s into the log, to a subscriber
+   receiving them, batched or one awaited write at a time; on SQLite behind an injected round trip
+   (pure latency: the design's numbers) and on the stand-in.
 3. Delta latency, model -> client: a real Jupyter server, OpenCode and the scripted model streaming
    50 deltas/s; the time from the model server writing a delta to a WebSocket client of tabbi
    receiving it (as ``bench_latency.py``), one server on SQLite and one on ConvexStore.
@@ -30,7 +31,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from tabbi_extension.eventlog import EventLog
-from tabbi_extension.store import SessionRecord, SQLiteStore, Store
+from tabbi_extension.store import ConvexStore, SessionRecord, SQLiteStore, Store
 from tests.support.convex_standin import ConvexStandin
 from tests.support.convex_store import STORE_CLASS, make_store, store_env
 
@@ -63,27 +64,46 @@ async def throughput(store: Store, sid: str, deltas: int, single: int) -> tuple[
     return batched, single / (time.perf_counter() - started), calls
 
 
-async def paced(store: Store, sid: str, rate: float = 50, count: int = 150) -> list[float]:
-    """Seconds from posting a delta to a subscriber receiving it, for a stream at ``rate``/s."""
+async def paced(store: Store, sid: str, batched: bool = True, rate: float = 50,
+                count: int = 150) -> list[float]:
+    """Seconds from a delta's arrival to a subscriber receiving it, for a source that emits
+    ``rate`` deltas/s whether or not the log keeps up (as the model does): posted (batched), or
+    appended one awaited write at a time."""
     await store.create_session(SessionRecord(sid, "bench", "/r", "tabbi/b"))
     log = EventLog(sid, store)
     await log.load()
     queue = log.subscribe()
-    posted: dict[int, float] = {}
     delays: list[float] = []
+    start = time.perf_counter()
 
     async def receive() -> None:
         while len(delays) < count:
             event = await queue.get()
-            delays.append(time.perf_counter() - posted[event.data["n"]])
+            delays.append(time.perf_counter() - (start + event.data["n"] / rate))
 
     receiver = asyncio.ensure_future(receive())
     for n in range(count):
-        posted[n] = time.perf_counter()
-        await log.post("text.delta", {"n": n})
-        await asyncio.sleep(1 / rate)  # the stream's pace
-    await asyncio.wait_for(receiver, 120)
+        due = start + n / rate - time.perf_counter()
+        if due > 0:
+            await asyncio.sleep(due)  # the source's pace
+        if batched:
+            await log.post("text.delta", {"n": n})
+        else:
+            await log.append("text.delta", {"n": n})
+    await asyncio.wait_for(receiver, 300)
     return delays
+
+
+class Delayed(SQLiteStore):
+    """SQLite behind a network: every append waits ``rtt`` first, and deltas wait for company
+    as on Convex. Pure latency, no server CPU: the design's numbers without the stand-in's."""
+
+    rtt = 0.0
+    batch_window = ConvexStore.batch_window.default_value
+
+    async def append_events(self, session_id, events):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(self.rtt)
+        return await super().append_events(session_id, events)
 
 
 async def stream_latencies(server: JupyterProcess, sid: str, llm: ScriptedLLM, chunks: int) -> list[float]:
@@ -139,12 +159,16 @@ async def main(deltas: int) -> None:
                   f"batched/SQLite {batched / base:.2f}")
         standin.faults()
 
-        print("\n2. delta latency through EventLog alone, post -> subscriber, 50 deltas/s")
-        sqlite = SQLiteStore(work / "paced.sqlite3")
-        await sqlite.open()
-        base_paced = await paced(sqlite, "ses-paced")
-        await sqlite.close()
-        print(line("SQLite       ", base_paced))
+        print("\n2. delta latency through EventLog alone, arrival -> subscriber, 50 deltas/s")
+        for rtt in (0, *RTTS[1:]):
+            delayed = Delayed(work / f"delayed-{rtt}.sqlite3")
+            delayed.rtt = rtt / 1000
+            await delayed.open()
+            for batched in (True, False):
+                values = await paced(delayed, f"ses-d{rtt}-{batched}", batched)
+                how = "batched  " if batched else "one by one"
+                print(line(f"SQLite + {rtt:2d} ms RTT, {how}", values))
+            await delayed.close()
         for rtt in RTTS:
             standin.reset()
             standin.faults(latency_ms=rtt)
@@ -152,7 +176,7 @@ async def main(deltas: int) -> None:
             await store.open()
             values = await paced(store, f"ses-paced-{rtt}")
             await store.close()
-            print(line(f"Convex {rtt:2d} ms ", values))
+            print(line(f"Convex stand-in + {rtt:2d} ms, batched", values))
         standin.faults()
 
         print("\n3. delta latency, model -> WebSocket client, 50 deltas/s")

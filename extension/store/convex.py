@@ -313,7 +313,6 @@ class ConvexStore(Store):
             limits=httpx.Limits(max_connections=self.max_connections,
                                 max_keepalive_connections=self.max_connections),
             headers={"Content-Type": "application/json"},
-            trust_env=False,
         )
 
     async def close(self) -> None:
