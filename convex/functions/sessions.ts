@@ -194,7 +194,7 @@ export const update = mutation({
 });
 
 /** How many children one mutation deletes before it leaves the rest to a scheduled one. */
-const PURGE_BUDGET = 2000;
+const PURGE_BUDGET = 1000;
 
 type Child = (ctx: MutationCtx, session: Id<"sessions">, n: number) => Promise<{ _id: Id<any> }[]>;
 
