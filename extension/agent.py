@@ -231,8 +231,12 @@ class SessionAgent:
             log.warning("tabbi: session %s could not be restored", self.id, exc_info=True)
             await self._restore_failed(str(exc))
         except Exception as exc:  # every failure of a start is reported, never swallowed
-            log.warning("tabbi: session %s failed to start", self.id, exc_info=True)
-            await self._fault(_readable(exc, "The sandbox failed to start"), restart_queued=False)
+            message = _readable(exc, "The sandbox failed to start")
+            if isinstance(exc, _PERSONS_MISTAKES):  # no model, a failed clone: one line, no traceback
+                log.warning("tabbi: session %s failed to start: %s", self.id, " ".join(message.split()))
+            else:
+                log.warning("tabbi: session %s failed to start", self.id, exc_info=True)
+            await self._fault(message, restart_queued=False)
 
     async def _restore_failed(self, message: str) -> None:
         """The snapshot could not be restored: nothing half-restored is used, the snapshots stay
@@ -287,7 +291,7 @@ class SessionAgent:
         if phase == "branch" and message.get("base_commit"):
             self.record.base_commit = message["base_commit"]
             await self.store.update_session(self.id, base_commit=self.record.base_commit)
-        detail = {k: v for k, v in message.items() if k in ("repo", "branch")}
+        detail = {k: v for k, v in message.items() if k in ("repo", "branch", "files")}
         await self._emit("session.status", {"state": states.STARTING, "phase": phase, **detail})
 
     async def _fault(self, message: str, restart_queued: bool = True) -> None:
@@ -776,6 +780,10 @@ class SessionAgent:
     def _task_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("tabbi: task of session %s failed", self.id, exc_info=task.exception())
+
+
+#: Start failures whose message says all there is to say (what to configure, why a clone failed).
+_PERSONS_MISTAKES = (SandboxError, model_config.ModelConfigError)
 
 
 def _readable(exc: BaseException, fallback: str) -> str:

@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -165,11 +166,21 @@ def last_line(done: subprocess.CompletedProcess) -> str:
 
 
 def prepare_home(home: str) -> dict[str, str]:
+    """The sandbox home's folders, with OpenCode's global config put back to what tabbi seeds.
+
+    OpenCode imports plugins and custom tools from its config folders into its own process at
+    start, and runs what their ``package.json`` asks; the agent can write there between two starts
+    (and can cause a start by killing OpenCode). Nothing of the agent runs while this bootstrap
+    prepares the home, so removing those folders here leaves nothing planted to load."""
     env = base_env(home)
     for key in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "TMPDIR"):
+        if os.path.islink(env[key]):
+            os.unlink(env[key])
         os.makedirs(env[key], exist_ok=True)
     plugin_dir = os.path.join(env["XDG_CONFIG_HOME"], "opencode")
-    os.makedirs(os.path.join(plugin_dir, "node_modules", PLUGIN_PACKAGE), exist_ok=True)
+    for planted in (plugin_dir, os.path.join(home, ".opencode")):
+        remove_any(planted)
+    os.makedirs(os.path.join(plugin_dir, "node_modules", PLUGIN_PACKAGE))
     deps = {PLUGIN_PACKAGE: "*"}
     files = {
         "package.json": {"dependencies": deps},
@@ -182,11 +193,68 @@ def prepare_home(home: str) -> dict[str, str]:
         },
     }
     for name, content in files.items():
-        path = os.path.join(plugin_dir, name)
-        if not os.path.exists(path):
-            with open(path, "w") as f:
-                json.dump(content, f)
+        with open(os.path.join(plugin_dir, name), "w") as f:
+            json.dump(content, f)
     return env
+
+
+#: Where OpenCode imports plugins from in the workspace, ``OPENCODE_DISABLE_PROJECT_CONFIG`` or
+#: not (1.18's second config loader ignores that switch): plugin folders, and the config files
+#: whose ``plugin``/``plugins`` name modules. The agent writes them at will.
+PLUGIN_FOLDERS = (".opencode/plugin", ".opencode/plugins")
+CONFIG_FILES = ("opencode.json", "opencode.jsonc", ".opencode/opencode.json", ".opencode/opencode.jsonc")
+DISABLED_SUFFIX = ".disabled-by-tabbi"
+
+
+def disable_workspace_plugins(workspace: str) -> list[str]:
+    """Rename what would load code into OpenCode from the workspace, so it does not; return the
+    renamed paths (relative), which the person sees in the session and in the diff.
+
+    A plugin runs inside OpenCode: it holds OpenCode's password and an authenticated client of its
+    API, and can answer the agent's own permission requests. Renaming (not deleting) loses nothing
+    and shows in the diff; nothing of the agent runs while the bootstrap does this."""
+    renamed: list[str] = []
+
+    def disable(relative: str) -> None:
+        path = os.path.join(workspace, relative)
+        os.rename(path, path + DISABLED_SUFFIX)
+        renamed.append(relative)
+
+    if os.path.islink(os.path.join(workspace, ".opencode")):
+        disable(".opencode")  # a link could lead anywhere the agent prepared
+    for folder in PLUGIN_FOLDERS:
+        path = os.path.join(workspace, folder)
+        if os.path.islink(path):
+            disable(folder)
+        elif os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                if name.endswith((".js", ".ts")):
+                    disable(os.path.join(folder, name))
+    for relative in CONFIG_FILES:
+        path = os.path.join(workspace, relative)
+        if os.path.islink(path) or (os.path.lexists(path) and _mentions_plugins(path)):
+            disable(relative)
+    return renamed
+
+
+def _mentions_plugins(path: str) -> bool:
+    """Whether a config file names plugins (read without blocking on a FIFO planted there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return True
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return True
+        return b"plugin" in f.read(1 << 20)
+
+
+def remove_any(path: str) -> None:
+    """Remove whatever is at ``path`` (a folder tree, a file, a link: never what a link points to)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
@@ -261,6 +329,10 @@ OFFLINE_SWITCHES = {
     "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
     "OPENCODE_DISABLE_CLAUDE_CODE": "1",
     "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1",
+    # Nothing in the workspace configures OpenCode: its ``.opencode/`` plugins and tools and its
+    # ``opencode.json`` are the agent's to write, and would be imported into OpenCode at the next
+    # start. The workspace's AGENTS.md is named as an instruction file instead (``opencode_env``).
+    "OPENCODE_DISABLE_PROJECT_CONFIG": "1",
 }
 
 
@@ -270,14 +342,18 @@ FORGET_SECRETS_PLUGIN = "file://" + os.path.join(os.path.dirname(os.path.abspath
                                                  "forget_secrets.js")
 
 
-def opencode_env(env: dict[str, str], password: str, config: dict) -> dict[str, str]:
+def opencode_env(env: dict[str, str], password: str, config: dict, workspace: str) -> dict[str, str]:
     """OpenCode's environment: the sandbox home (``env``), its password, its config, offline.
 
     No model key: the config points OpenCode at the server's model gateway with a gateway
     token. The password and the config are OpenCode's alone: a plugin removes them from the
     environment of every process OpenCode starts (``forget_secrets.js``), and OpenCode runs
     non-dumpable (an execute-only binary, see ``sealed.py``), so its own /proc files stay closed."""
-    config = {**config, "plugin": [*config.get("plugin", []), FORGET_SECRETS_PLUGIN]}
+    config = {
+        **config,
+        "plugin": [*config.get("plugin", []), FORGET_SECRETS_PLUGIN],
+        "instructions": [*config.get("instructions", []), os.path.join(workspace, "AGENTS.md")],
+    }
     return {
         **env,
         "OPENCODE_SERVER_PASSWORD": password,
@@ -290,7 +366,7 @@ def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, i
     emit("starting_agent")
     port = int(spec.get("port") or free_port())
     oc = spec["opencode"]
-    oc_env = opencode_env(env, oc["password"], oc["config"])
+    oc_env = opencode_env(env, oc["password"], oc["config"], spec["workspace"])
     if spec.get("marker"):
         oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
     with open(os.path.join(spec["home"], "opencode.log"), "ab") as log:
@@ -499,6 +575,9 @@ def main() -> int:
     try:
         env = prepare_home(spec["home"])
         clone_or_reuse(spec, env)
+        disabled = disable_workspace_plugins(spec["workspace"])
+        if disabled:
+            emit("plugins_disabled", files=disabled)
         proc, port, version = start_opencode(spec, env)
     except Exception as exc:
         if proc is not None:
