@@ -407,6 +407,7 @@ class SessionAgent:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self._release_sandbox()
+        await self.events.drain()
 
     async def delete(self) -> None:
         async with self._lifecycle:
@@ -745,6 +746,9 @@ class SessionAgent:
             output = turn is not None and _model_output(event.type, event.data)
             if output:
                 await self._set_waiting(turn, False)
+            if event.type == "text.delta":  # streamed: batched with what follows (``EventLog``)
+                await self.events.post(event.type, event.data)
+                continue
             await self._emit(event.type, event.data)
             if output and event.type == "tool":
                 await self._track_tool(turn, event.data)

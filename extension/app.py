@@ -142,7 +142,8 @@ class TabbiExtension(ExtensionApp):
     store_class = Type(
         default_value=SQLiteStore,
         klass=Store,
-        help="The store backend: SQLite (a file in data_dir) by default.",
+        help="The store backend: SQLite (a file in data_dir) by default; "
+        "tabbi_extension.store.ConvexStore keeps sessions in Convex (c.ConvexStore.*).",
     ).tag(config=True)
 
     store_options = Dict(help="Keyword arguments for the store class (a Convex URL, ...).").tag(
@@ -462,10 +463,14 @@ class TabbiExtension(ExtensionApp):
             model["configured"] = True
         except ModelConfigError as exc:
             model.update(configured=False, detail=str(exc))
-        ok = store_ok and sandbox.get("usable", False) and model["configured"]
+        trouble = self.store.trouble() if self.store else None
+        store: dict[str, Any] = {"reachable": store_ok, "backend": type(self.store).__name__}
+        if trouble:
+            store["detail"] = trouble
+        ok = store_ok and not trouble and sandbox.get("usable", False) and model["configured"]
         return {
             "status": "ok" if ok else "degraded",
-            "store": {"reachable": store_ok, "backend": type(self.store).__name__},
+            "store": store,
             **({"opencode": opencode} if opencode is not None else {}),
             "sandbox": sandbox,
             "model": model,

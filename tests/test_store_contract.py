@@ -1,15 +1,19 @@
-"""The store contract: one suite, run against every backend (``store`` is parametrized).
+"""The store contract: one suite, run against every backend (``store`` is parametrized): SQLite,
+and Convex through its real HTTP API served by the loopback stand-in (the real functions in
+``convex/functions``, run by convex-test).
 
-A new backend (Convex) is added to ``BACKENDS`` and is done when this suite passes. Tests use the
+A new backend is added to ``BACKENDS`` and is done when this suite passes. Tests use the
 abstract ``Store`` API only; what a test cannot do through it (make the backend fail in the
 middle of a call, hold its write lock, write from another process) is a hook of the backend's
-entry in ``BACKENDS``, which a new backend implements its own way.
+entry in ``BACKENDS``, which a new backend implements its own way. Session-scoped writes go to
+sessions that exist (Convex refuses others: it authorizes them by the session's owner).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import subprocess
 import sys
@@ -31,11 +35,16 @@ from tabbi_extension.store import (
     StoreError,
     StoreUnavailable,
 )
+from tests.support.convex_standin import ConvexStandin, convex_standin  # noqa: F401 (a fixture)
+from tests.support.convex_store import make_store, store_env
 
 
 class SQLiteBackend:
     """The SQLite backend and its fault hooks (triggers and a second connection: real SQLite
     failing the ways it does)."""
+
+    #: Writes per writer in the concurrency tests.
+    writes = 150
 
     def __init__(self, tmp_path: Path):
         self.path = tmp_path / "db" / "tabbi.sqlite3"
@@ -106,11 +115,81 @@ class SQLiteBackend:
         return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
-BACKENDS = {"sqlite": SQLiteBackend}
+class ConvexBackend:
+    """The Convex backend: a ``ConvexStore`` talking to the stand-in (emptied for each test), its
+    fault hooks the stand-in's switches. A Convex mutation is one transaction: a function that
+    fails half-way has written nothing (Convex's own guarantee, which convex-test keeps too); what
+    the hooks test is that the store reports such a refusal as permanent and that nothing of the
+    call shows."""
+
+    #: Fewer than SQLite's: each write is an HTTP round trip through convex-test.
+    writes = 50
+
+    def __init__(self, standin: ConvexStandin):
+        self.standin = standin
+        standin.reset()
+
+    def make(self, **traits) -> Store:
+        return make_store(self.standin, **traits)
+
+    @contextlib.contextmanager
+    def refusing(self):
+        """The next call is refused by Convex (HTTP 560, the shape of a function that threw)."""
+        self.standin.faults(fail_next=1, status=560)
+        try:
+            yield
+        finally:
+            self.standin.faults()
+
+    def fail_deleting_sessions(self):
+        return self.refusing()
+
+    def fail_inserting_prompts(self):
+        return self.refusing()
+
+    def fail_events_of_type(self, type_: str):
+        return self.refusing()
+
+    @contextlib.asynccontextmanager
+    async def unavailable(self) -> AsyncIterator[Store]:
+        """A store instance (retrying nothing itself) whose next two calls find Convex answering
+        503 before anything runs; it knows its sessions already, as a running server does."""
+        store = self.make(retry_for=0.0)
+        await store.open()
+        await store.list_sessions()
+        self.standin.faults(fail_next=2, status=503)
+        try:
+            yield store
+        finally:
+            self.standin.faults()
+            await store.close()
+
+    def writer_process(self, session_id: str, count: int) -> subprocess.Popen:
+        """Another process appending ``count`` single events (data: n), configured from the
+        environment as a deployment configures its servers."""
+        code = textwrap.dedent(f"""
+            import asyncio
+            from tabbi_extension.store import ConvexStore, NewEvent
+            async def main():
+                store = ConvexStore()
+                await store.open()
+                print("open", flush=True)
+                for n in range({count}):
+                    await store.append_events({session_id!r}, [NewEvent("w", {{"from": "proc", "n": n}})])
+                await store.close()
+            asyncio.run(main())
+        """)
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, **store_env(self.standin)})
+
+
+BACKENDS = {"sqlite": SQLiteBackend, "convex": ConvexBackend}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request, tmp_path):
+    if request.param == "convex":
+        return ConvexBackend(request.getfixturevalue("convex_standin"))
     return BACKENDS[request.param](tmp_path)
 
 
@@ -165,6 +244,7 @@ async def test_update_session_fields(store):
 
 async def test_events_are_numbered_by_the_store_in_order(store):
     await store.create_session(record("ses-1"))
+    await store.create_session(record("ses-2"))
     assert await store.last_seq("ses-1") == 0
     first = await store.append_events("ses-1", [NewEvent("text.delta", {"delta": "1"}, 100.0)])
     assert [(e.session_id, e.seq, e.type, e.data, e.ts) for e in first] == [
@@ -181,6 +261,7 @@ async def test_events_are_numbered_by_the_store_in_order(store):
 
 
 async def test_prompts_queue_in_order_and_track_status(store):
+    await store.create_session(record("ses-1"))
     for n in range(3):
         prompt = await store.enqueue_prompt(Prompt(f"p{n}", "ses-1", f"text {n}", "queued", time.time()))
         assert prompt.position == n + 1
@@ -192,6 +273,7 @@ async def test_prompts_queue_in_order_and_track_status(store):
 
 
 async def test_messages_with_parts(store):
+    await store.create_session(record("ses-1"))
     await store.upsert_message("ses-1", "m1", "user", {})
     await store.upsert_message("ses-1", "m2", "assistant", {"modelID": "x"})
     await store.upsert_part("ses-1", "m1", "p1", {"type": "text", "text": "hi"})
@@ -324,6 +406,7 @@ async def test_a_failed_delete_session_deletes_nothing(backend, store):
 
 
 async def test_a_failed_enqueue_leaves_no_prompt_and_no_gap(backend, store):
+    await store.create_session(record("ses-1"))
     await store.enqueue_prompt(Prompt("p1", "ses-1", "a", "queued", time.time()))
     with backend.fail_inserting_prompts(), pytest.raises(StoreError):
         await store.enqueue_prompt(Prompt("p2", "ses-1", "b", "queued", time.time()))
@@ -332,6 +415,7 @@ async def test_a_failed_enqueue_leaves_no_prompt_and_no_gap(backend, store):
 
 
 async def test_a_batch_of_events_is_appended_whole_or_not_at_all(backend, store):
+    await store.create_session(record("ses-1"))
     await store.append_events("ses-1", [new()])
     with backend.fail_events_of_type("poison"), pytest.raises(StoreError):
         await store.append_events("ses-1", [new("fine"), new("poison"), new("fine")])
@@ -345,6 +429,7 @@ def gap_free(events) -> bool:
 
 
 async def test_concurrent_appends_from_one_store_are_gap_free(store):
+    await store.create_session(record("ses-1"))
     sizes = [1 + n % 3 for n in range(60)]
     batches = await asyncio.gather(*(
         store.append_events("ses-1", [new(batch=b, i=i) for i in range(size)])
@@ -359,45 +444,52 @@ async def test_concurrent_appends_from_one_store_are_gap_free(store):
 
 
 async def test_concurrent_enqueues_get_unique_consecutive_positions(store):
+    await store.create_session(record("ses-1"))
     prompts = await asyncio.gather(*(
         store.enqueue_prompt(Prompt(f"p{n}", "ses-1", str(n), "queued", time.time())) for n in range(40)))
     assert sorted(p.position for p in prompts) == list(range(1, 41))
     assert [p.position for p in await store.pending_prompts("ses-1")] == list(range(1, 41))
 
 
-async def test_two_store_instances_append_to_one_log_concurrently(store, second):
+async def test_two_store_instances_append_to_one_log_concurrently(backend, store, second):
     """Two server processes' stores writing one session's log at once (each on its own thread
     and connection): one numbering, no collision, no gap, nothing lost."""
+    await store.create_session(record("ses-1"))
+
+    count = backend.writes
 
     async def write(instance: Store, name: str) -> None:
-        for n in range(150):
+        for n in range(count):
             await instance.append_events("ses-1", [new(src=name, n=n)])
 
     await asyncio.gather(write(store, "a"), write(second, "b"), write(store, "a2"), write(second, "b2"))
     stored = await second.list_events("ses-1", limit=1000)
-    assert gap_free(stored) and len(stored) == 600
+    assert gap_free(stored) and len(stored) == 4 * count
     for name in ("a", "b", "a2", "b2"):  # each writer's events in its own order
-        assert [e.data["n"] for e in stored if e.data["src"] == name] == list(range(150))
+        assert [e.data["n"] for e in stored if e.data["src"] == name] == list(range(count))
 
 
 async def test_another_process_appending_at_the_same_time(backend, store):
-    process = backend.writer_process("ses-1", 150)
+    await store.create_session(record("ses-1"))
+    count = backend.writes
+    process = backend.writer_process("ses-1", count)
     try:
         assert await asyncio.to_thread(process.stdout.readline) == "open\n"
-        for n in range(150):
+        for n in range(count):
             await store.append_events("ses-1", [new(src="here", n=n)])
         assert await asyncio.to_thread(process.wait, 120) == 0
     finally:
         process.kill()
         process.wait()
     stored = await store.list_events("ses-1", limit=1000)
-    assert gap_free(stored) and len(stored) == 300
-    assert [e.data["n"] for e in stored if e.data.get("src") == "here"] == list(range(150))
-    assert [e.data["n"] for e in stored if e.data.get("from") == "proc"] == list(range(150))
+    assert gap_free(stored) and len(stored) == 2 * count
+    assert [e.data["n"] for e in stored if e.data.get("src") == "here"] == list(range(count))
+    assert [e.data["n"] for e in stored if e.data.get("from") == "proc"] == list(range(count))
 
 
 # Errors: retryable (the store could not answer now) vs permanent ------------------------------
 async def test_a_store_locked_by_another_client_is_unavailable_then_recovers(backend, store):
+    await store.create_session(record("ses-1"))
     await store.append_events("ses-1", [new()])
     async with backend.unavailable() as locked:
         with pytest.raises(StoreUnavailable):

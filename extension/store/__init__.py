@@ -1,4 +1,5 @@
-"""Persistence behind one interface (``Store``); SQLite is the default backend."""
+"""Persistence behind one interface (``Store``); SQLite is the default backend, Convex the
+shared one (``ConvexStore``)."""
 
 from .base import (
     Event,
@@ -11,9 +12,11 @@ from .base import (
     StoreError,
     StoreUnavailable,
 )
+from .convex import ConvexStore
 from .sqlite import SQLiteStore
 
 __all__ = [
+    "ConvexStore",
     "Event",
     "Lease",
     "NewEvent",

@@ -178,6 +178,15 @@ class Store(LoggingConfigurable, metaclass=ConfigurableABCMeta):
         """True when the backend answers; used by the health endpoint."""
         return True
 
+    def trouble(self) -> str | None:
+        """Why the store is not fully usable right now (its calls failing and being retried),
+        or None; the health endpoint reports it."""
+        return None
+
+    #: Seconds a streamed event (a text delta) may wait for others to share its write
+    #: (``EventLog``). A store whose writes are cheap (SQLite) writes at once.
+    batch_window: float = 0.0
+
     # users ----------------------------------------------------------------------------------
     @abc.abstractmethod
     async def upsert_user(self, username: str, profile: dict[str, Any]) -> None: ...
