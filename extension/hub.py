@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,17 +45,19 @@ class TabbiServiceAuthorizer(Authorizer):
 
     Threat: any hub user with access to the service could otherwise start a kernel or a terminal
     in it (``POST /services/tabbi/api/kernels``) or read its files through the contents API, as
-    the service's OS user, whose environment holds the team's secrets. tabbi's own handlers ask
-    for ``read contents`` only to decide whether a person may name local repositories (their
-    folders are given by ``local_repo_roots``); that question is answered yes for them alone.
+    the service's OS user, whose environment holds the team's secrets; or, pushing notebook
+    cells, name a notebook among the service's files (another person's sandbox workspace).
+    Starting a session asks for ``read contents`` to decide whether a person may name local
+    repositories at all (their folders are ``local_repo_roots``: none by default in hub mode);
+    that question alone is answered yes.
     """
 
     def is_authorized(self, handler: Any, user: Any, action: str, resource: str) -> bool:
-        from .handlers import AUTH_RESOURCE, TabbiHandler
+        from .handlers import AUTH_RESOURCE, SessionsHandler  # here: handlers imports the app's modules
 
         if resource == AUTH_RESOURCE:
             return True
-        return (action, resource) == ("read", "contents") and isinstance(handler, TabbiHandler)
+        return (action, resource) == ("read", "contents") and isinstance(handler, SessionsHandler)
 
 
 def server_argv(environ: Mapping[str, str]) -> list[str]:
@@ -130,8 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     # check, after authentication (JupyterHub's, patched in by its identity provider), still
     # guards cookie-authenticated requests.
     config.ServerApp.tornado_settings = {"xsrf_cookies": False}
+    # The server's root is an empty folder: nothing of the service's own files (its data, its
+    # runtime files) is under it, and local repositories are off unless the deployment names
+    # their folders (local_repo_roots defaults to the root).
+    root = Path.home() / ".tabbi-service-root"
+    root.mkdir(mode=0o700, exist_ok=True)
     TabbiServiceApp.launch_instance(
-        argv=[*server_argv(os.environ), *(sys.argv[1:] if argv is None else argv)], config=config
+        argv=[*server_argv(os.environ), f"--ServerApp.root_dir={root}",
+              *(sys.argv[1:] if argv is None else argv)],
+        config=config,
     )
 
 

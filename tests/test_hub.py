@@ -218,6 +218,36 @@ async def test_no_team_secret_is_reachable_from_a_kernel(hub):
     assert all(code in (403, 404) for code in result["service"].values()), result["service"]
 
 
+REACH = """
+import json
+from tabbi_kernel import client
+cl = client.connect()
+def call(method, path, body):
+    try:
+        cl.request(method, path, body)
+        return 200
+    except client.TabbiError as exc:
+        return exc.status
+print("CODES", json.dumps({{
+    "bob's repo": call("POST", "sessions", {{"repo": "{repos}/bob/repo"}}),
+    "the service's home": call("POST", "sessions", {{"repo": "{home}"}}),
+    "a notebook of the service": call("POST", "sessions/{sid}/push",
+                                      {{"cells": {{"notebook": "{home}/x.ipynb", "select": "1"}}}}),
+}}))
+"""
+
+
+async def test_no_way_into_the_service_files_from_a_kernel(hub, llm, sessions):
+    """alice names what the service's user can read but she may not: bob's local repository,
+    the service's home (its data, its runtime files), a notebook among the service's files to
+    push as cells into her own session (another person's sandbox workspace). Each is refused."""
+    sid = sessions.get("alice") or await start_from_kernel(hub, llm, "alice")
+    home = hub.accounts[SERVICE_USER].pw_dir
+    out = await run_in(hub, "alice", REACH.format(repos=REPOS, home=home, sid=sid))
+    codes = json.loads(out.split("CODES ", 1)[1])
+    assert codes == {"bob's repo": 400, "the service's home": 400, "a notebook of the service": 403}, codes
+
+
 LOGIN = """
 from urllib.parse import parse_qs, urlsplit
 from tabbi_kernel import client

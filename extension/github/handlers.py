@@ -50,7 +50,9 @@ class LoginHandler(GitHubHandler):
         flow = self.body().get("flow") or self.settings["tabbi_github_login_flow"]
         if flow not in ("web", "device"):
             raise ValidationError("'flow' must be 'web' or 'device'")
-        redirect_uri = (self.settings["tabbi_github_callback_url"] or self._callback_url()) if flow == "web" else ""
+        redirect_uri = ""  # the device flow has no callback
+        if flow == "web":
+            redirect_uri = self.settings["tabbi_github_callback_url"] or self._callback_url()
         attempt = await self.accounts.begin_login(self.username, flow, redirect_uri)
         self.write_json(attempt.public(), 201)
 

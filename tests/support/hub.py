@@ -51,18 +51,12 @@ def find_proxy() -> str | None:
     return None
 
 
-class CountingWatch(OutputWatch):
-    def wait_count(self, text: str, count: int, timeout: float) -> bool:
-        """Whether ``count`` lines containing ``text`` arrived within ``timeout``."""
-        def enough() -> bool:
-            return sum(text in line for line in self._seen) >= count
-
+class HubOutput(OutputWatch):
+    def wait_new_line(self, timeout: float) -> None:
+        """Until the hub logs its next line (it logs as it changes a server's state)."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._ended or enough(), timeout) and enough()
-
-    def count(self, text: str) -> int:
-        with self._changed:
-            return sum(text in line for line in self._seen)
+            seen = len(self._seen)
+            self._changed.wait_for(lambda: self._ended or len(self._seen) > seen, timeout)
 
 
 def create_user(name: str) -> pwd.struct_passwd:
@@ -157,7 +151,7 @@ class Hub:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.log_path = workdir / "hub.log"
-        self.output = CountingWatch(self.proc, self.log_path)
+        self.output = HubOutput(self.proc, self.log_path)
         # The service logs through the hub's output (a managed service inherits it).
         for line in ("JupyterHub is now running", "tabbi: data in"):
             if not self.output.wait_for(line, 120):
@@ -222,25 +216,35 @@ class Hub:
             return status, raw.decode(errors="replace")
 
     def start_server(self, name: str, timeout: float = 120) -> None:
-        """Spawn ``name``'s server and wait until the hub says it is ready."""
-        before = self.output.count(f"User {name} took")
-        if before == 0:
+        """Spawn ``name``'s server; return once the hub's progress stream says it is ready (then
+        the proxy routes to it)."""
+        if self.api("GET", f"users/{name}")[0] == 404:
             status, body = self.api("POST", f"users/{name}")
-            assert status in (201, 409), (status, body)
+            assert status == 201, (status, body)
         status, body = self.api("POST", f"users/{name}/server")
         assert status in (201, 202), (status, body)
-        if status == 202:
-            assert self.output.wait_count(f"User {name} took", before + 1, timeout), \
-                f"{name}'s server did not start; see {self.log_path}"
+        request = urllib.request.Request(f"{self.url}hub/api/users/{name}/server/progress",
+                                         headers={"Authorization": f"token {self.admin_token}"})
+        with urllib.request.urlopen(request, timeout=timeout) as stream:  # server-sent events
+            for raw in stream:
+                if raw.startswith(b"data:"):
+                    event = json.loads(raw[5:])
+                    if event.get("ready"):
+                        return
+                    assert not event.get("failed"), event
+        raise AssertionError(f"{name}'s server did not start; see {self.log_path}")
 
     def stop_server(self, name: str, timeout: float = 60) -> None:
-        """Stop ``name``'s server (as the hub's culler would) and wait until its processes ended."""
+        """Stop ``name``'s server (as the hub's culler would): until its processes ended and the
+        hub no longer counts it as running or stopping."""
         status, body = self.api("DELETE", f"users/{name}/server")
         assert status in (202, 204), (status, body)
         uid = self.accounts[name].pw_uid
         wait_exited(lambda: pids_of_user(uid), timeout, f"{name}'s server stopped")
-        if status == 202:
-            assert self.output.wait_count(f"User {name} server stopped", 1, timeout) or True
+        deadline = time.monotonic() + timeout
+        while self.api("GET", f"users/{name}")[1].get("servers"):  # the hub's own bookkeeping
+            assert time.monotonic() < deadline, f"the hub still lists {name}'s server"
+            self.output.wait_new_line(deadline - time.monotonic())
 
     async def kernel(self, name: str) -> HubKernel:
         """A new kernel on ``name``'s server, reached through the hub's proxy."""
