@@ -45,7 +45,8 @@ c.Spawner.default_url = "/lab"
 environment = {
     "TABBI_DATA_DIR": str(DATA / "tabbi"),
     # The service's Jupyter config (hub/service/jupyter_server_config.py): tabbi's own settings.
-    "JUPYTER_CONFIG_DIR": str(HERE / "service"),
+    "JUPYTER_CONFIG_PATH": str(HERE / "service"),
+    "JUPYTER_CONFIG_DIR": str(DATA / "service-jupyter"),
     "TABBI_HUB_USERS_DIR": str(DATA / "users"),
 }
 for name in ("TABBI_MODEL", "TABBI_LLM_BASE_URL", "TABBI_LLM_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
