@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 
 import pytest
@@ -27,8 +28,7 @@ from tests.support.llm import Reply, ScriptedLLM, write
 from tests.test_auth_routes import concrete, methods
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("useradd") is None or find_proxy() is None or not hasattr(__import__("os"), "geteuid")
-    or __import__("os").geteuid() != 0,
+    os.geteuid() != 0 or shutil.which("useradd") is None or find_proxy() is None,
     reason="needs root (to create OS users) and configurable-http-proxy (npm install)",
 )
 
