@@ -98,6 +98,11 @@ class Turn:
     #: The agent has this turn's prompt. Until then an idle signal belongs to the turn
     #: before (OpenCode reports idle more than once, late, after an abort).
     acknowledged: bool = False
+    #: Since when (epoch seconds) the turn waits for the model (None: it does not); see
+    #: ``SessionAgent._set_waiting``.
+    waiting_since: float | None = None
+    #: Tool calls of the turn that have not ended: while any runs, the agent works, not the model.
+    tools_running: set[str] = field(default_factory=set)
 
 
 class SessionAgent:
@@ -149,7 +154,9 @@ class SessionAgent:
         return self._turn is not None
 
     def describe(self) -> dict[str, Any]:
-        return {**self.record.public(), "busy": self.busy, "last_seq": self.events.last_seq}
+        waiting = self._turn.waiting_since if self._turn is not None else None
+        return {**self.record.public(), "busy": self.busy, "waiting_since": waiting,
+                "last_seq": self.events.last_seq}
 
     async def load(self) -> None:
         """Pick up the log where it stands and start the prompt pump."""
@@ -207,6 +214,7 @@ class SessionAgent:
                 password=password,
                 read_only_paths=[repo.local_path] if repo.local_path else [],
                 git_credential=access.credential if access else None,
+                owner=self.record.owner,
                 max_seconds=(self.settings.max_lifetime + self.settings.turn_timeout)
                 if self.settings.max_lifetime else None,
             )
@@ -231,8 +239,12 @@ class SessionAgent:
             log.warning("tabbi: session %s could not be restored", self.id, exc_info=True)
             await self._restore_failed(str(exc))
         except Exception as exc:  # every failure of a start is reported, never swallowed
-            log.warning("tabbi: session %s failed to start", self.id, exc_info=True)
-            await self._fault(_readable(exc, "The sandbox failed to start"), restart_queued=False)
+            message = _readable(exc, "The sandbox failed to start")
+            if isinstance(exc, _PERSONS_MISTAKES):  # no model, a failed clone: one line, no traceback
+                log.warning("tabbi: session %s failed to start: %s", self.id, " ".join(message.split()))
+            else:
+                log.warning("tabbi: session %s failed to start", self.id, exc_info=True)
+            await self._fault(message, restart_queued=False)
 
     async def _restore_failed(self, message: str) -> None:
         """The snapshot could not be restored: nothing half-restored is used, the snapshots stay
@@ -445,6 +457,7 @@ class SessionAgent:
         turn = self._turn = Turn(prompt.id)
         await self._retry_store(lambda: self.store.set_prompt_status(prompt.id, "running"))
         await self._emit("turn.started", {"prompt_id": prompt.id, "text": prompt.text})
+        await self._set_waiting(turn, True)
         turn.watchdog = asyncio.create_task(self._watch(turn))
         runtime = self._runtime
         try:
@@ -474,6 +487,7 @@ class SessionAgent:
             turn.watchdog.cancel()
         if outcome == "error" and error and report and turn.error is None:
             await self._emit("error", {"name": "TurnError", "message": error})
+        await self._set_waiting(turn, False)
         data: dict[str, Any] = {"prompt_id": turn.prompt_id, "outcome": outcome}
         if outcome == "error":
             data["error"] = error or turn.error
@@ -698,6 +712,7 @@ class SessionAgent:
                 await self._finish_turn(turn.outcome, turn.error)
             else:  # the prompt never reached the agent: deliver it again
                 self._turn = None
+                await self._set_waiting(turn, False)
                 if turn.watchdog is not None:
                     turn.watchdog.cancel()
                 await self._retry_store(lambda: self.store.set_prompt_status(turn.prompt_id, "queued"))
@@ -726,7 +741,13 @@ class SessionAgent:
             message_id, part_id, part = signals.part
             await self._retry_store(lambda: self.store.upsert_part(self.id, message_id, part_id, part))
         for event in update.events:
+            turn = self._turn
+            output = turn is not None and _model_output(event.type, event.data)
+            if output:
+                await self._set_waiting(turn, False)
             await self._emit(event.type, event.data)
+            if output and event.type == "tool":
+                await self._track_tool(turn, event.data)
             if event.type == "agent.status" and event.data["status"] == "retry":
                 await self._on_retry(event.data)
         await self._on_agent_error(signals)
@@ -734,6 +755,27 @@ class SessionAgent:
             self._turn.acknowledged or self._turn.outcome == "aborted"
         ):
             await self._finish_turn(self._turn.outcome, self._turn.error)
+
+    async def _set_waiting(self, turn: Turn, waiting: bool) -> None:
+        """Log when the turn starts and stops waiting for the model: ``turn.waiting`` ``{prompt_id,
+        waiting}``. Clients show "waiting for the model" (with the time since that event) until
+        the matching ``waiting: false``, so a slow model never looks like a stuck cell. A turn
+        waits from its start until the model's first output, and again once its tool calls have
+        all ended (their results go back to the model); every ``waiting: true`` is followed by a
+        ``waiting: false`` before the turn's ``turn.finished``."""
+        if (turn.waiting_since is not None) == waiting:
+            return
+        turn.waiting_since = time.time() if waiting else None
+        await self._emit("turn.waiting", {"prompt_id": turn.prompt_id, "waiting": waiting})
+
+    async def _track_tool(self, turn: Turn, data: dict[str, Any]) -> None:
+        call = str(data.get("call_id") or data.get("part_id"))
+        if data.get("status") in ("completed", "error"):
+            turn.tools_running.discard(call)
+            if not turn.tools_running and self._turn is turn:
+                await self._set_waiting(turn, True)
+        else:
+            turn.tools_running.add(call)
 
     async def _on_retry(self, status: dict[str, Any]) -> None:
         """OpenCode retries failing model calls forever; tabbi gives up after a few attempts so
@@ -772,6 +814,19 @@ class SessionAgent:
     def _task_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("tabbi: task of session %s failed", self.id, exc_info=task.exception())
+
+
+def _model_output(kind: str, data: dict[str, Any]) -> bool:
+    """Whether an event is the model answering (its text, reasoning or tool calls), which ends a
+    wait for it. The prompt's own text part (role user) is not."""
+    if kind in ("text.delta", "tool"):
+        return True
+    return kind == "part.updated" and data.get("role") == "assistant" and bool(
+        data.get("text") or data.get("files"))
+
+
+#: Start failures whose message says all there is to say (what to configure, why a clone failed).
+_PERSONS_MISTAKES = (SandboxError, model_config.ModelConfigError)
 
 
 def _readable(exc: BaseException, fallback: str) -> str:

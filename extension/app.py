@@ -25,6 +25,7 @@ from . import encryption, handlers
 from . import gateway as model_gateway
 from .activity import ActivityReporter
 from .agent import AgentSettings
+from .demo_model import DemoModel
 from .github import GitHubAccounts, GitHubHosts
 from .github import handlers as github_handlers
 from .github.oauth import DEFAULT_SCOPE, OAuthApp
@@ -32,6 +33,7 @@ from .handlers import is_single_user
 from .manager import SessionManager
 from .model_config import DEFAULT_PERMISSIONS, PROVIDER_KEYS, ModelConfigError, ModelSettings
 from .model_config import build as build_model_config
+from .model_config import problem as model_problem
 from .push import Publisher
 from .store import SQLiteStore, Store
 
@@ -46,6 +48,9 @@ class TabbiExtension(ExtensionApp):
     name = "tabbi"
     description = "AI coding-agent sessions in Jupyter"
     load_other_extensions = True
+    #: The embedded backends, so ``--help-all`` shows their traits (Modal's and Convex's classes are
+    #: imported only when selected).
+    classes = [LocalProvider, SQLiteStore]
 
     data_dir = Unicode(
         help="Where tabbi keeps its database, sandboxes and snapshots. Env: TABBI_DATA_DIR."
@@ -292,6 +297,7 @@ class TabbiExtension(ExtensionApp):
     store = Instance(Store, allow_none=True)
     provider = Instance(SandboxProvider, allow_none=True)
     gateway = Instance(model_gateway.ModelGateway, allow_none=True)
+    demo_model = Instance(DemoModel, args=(), help="The demo model (TABBI_MODEL=demo), started on first use.")
 
     def initialize_settings(self) -> None:
         data = Path(self.data_dir)
@@ -305,7 +311,10 @@ class TabbiExtension(ExtensionApp):
             llm_api_key=self.llm_api_key,
             provider_keys={k: os.environ[k] for k in PROVIDER_KEYS if os.environ.get(k)},
             permissions=dict(self.permissions),
+            demo=self.demo_model,
         )
+        if (trouble := model_problem(model_settings)) is not None:
+            self.log.warning("tabbi: %s; sessions cannot start until it is", trouble)
         self.gateway = model_gateway.ModelGateway(
             lambda: model_settings, self.server_url, self.store.get_session, secrets
         )
@@ -452,6 +461,7 @@ class TabbiExtension(ExtensionApp):
             await self.github.close()
         if self.gateway is not None:
             await self.gateway.close()
+        await asyncio.to_thread(self.demo_model.stop)  # waits for its serving thread to end
         if self.manager is not None:
             await self.manager.shutdown()
         if self.store is not None:

@@ -21,9 +21,9 @@ import time
 from typing import Any
 
 from tabbi_sandbox import processes
-from tabbi_sandbox.provider import SandboxProvider
+from tabbi_sandbox.provider import SandboxError, SandboxProvider
 
-from . import states
+from . import model_config, states
 from .agent import AgentError, AgentSettings, GitAccessLookup, SessionAgent
 from .store import Lease, SessionRecord, Store, StoreError
 from .validation import RepoSpec
@@ -59,6 +59,19 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+def resolved_model(settings: model_config.ModelSettings, requested: str | None) -> str | None:
+    """The model a new session will use (the server's default, unless it asked for another),
+    spelled as configured so that it resolves the same way at every start: the session records
+    (and its clients show) the model actually used rather than "the server's default". A
+    configuration that names no usable model keeps the request: the start then fails with the
+    reason, on the session."""
+    try:
+        model_config.resolve(settings, requested)
+    except model_config.ModelConfigError:
+        return requested
+    return requested or settings.model
+
+
 class SessionManager:
     def __init__(
         self,
@@ -90,6 +103,7 @@ class SessionManager:
     ) -> SessionAgent:
         await self.store.upsert_user(owner, profile or {})
         session_id = "ses-" + secrets.token_hex(6)
+        model = resolved_model(self.settings.model, model)
         record = SessionRecord(
             id=session_id,
             owner=owner,
@@ -234,6 +248,23 @@ class SessionManager:
                 continue
             log.info("tabbi: session %s was %s when its server stopped", record.id, record.state)
             await agent.recover_after_restart()
+        await self._end_orphans()
+
+    async def _end_orphans(self) -> None:
+        """Let the provider end its sandboxes that no live session owns (a sandbox whose server
+        crashed while starting it, or whose session was deleted meanwhile), so none bills forever.
+        A starting session owns whatever sandbox it has (its state is stored once it runs)."""
+        if type(self.provider).reconcile is SandboxProvider.reconcile:
+            return  # this provider has nothing to list (local orphans are found by their marker)
+        live = {r.id: (r.sandbox_state if r.state != states.STARTING else None)
+                for r in await self.store.list_sessions() if r.state in states.LIVE}
+        try:
+            ended = await self.provider.reconcile(live)
+        except SandboxError as exc:
+            log.warning("tabbi: ending orphaned sandboxes failed: %s", exc)
+            return
+        if ended:
+            log.info("tabbi: ended %d orphaned sandbox(es)", ended)
 
     async def shutdown(self) -> None:
         """Stop the heartbeat and every agent, then release the lease (so the sessions are free

@@ -5,6 +5,8 @@ Three ways to reach a model:
   as the provider ``tabbi`` and the model is the bare id on that server (``llama3.1``).
 - ``openai/<model>`` with ``OPENAI_API_KEY``, ``anthropic/<model>`` with ``ANTHROPIC_API_KEY``:
   OpenCode's built-in providers.
+- ``demo``: tabbi's demo model (``demo_model.py``), canned answers, no key; an OpenAI-compatible
+  server the Jupyter server runs itself, reached through the gateway like any other.
 
 No key ever reaches the sandbox. OpenCode is pointed at tabbi's model gateway in the Jupyter
 server (``gateway.py``) with a per-sandbox gateway token in place of the key; the gateway swaps
@@ -19,6 +21,8 @@ from typing import Any, Protocol
 
 PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
 CUSTOM_PROVIDER = "tabbi"
+#: The model name that always means tabbi's demo model, whatever else is configured.
+DEMO_MODEL = "demo"
 
 DEFAULT_PERMISSIONS = {"edit": "allow", "bash": "allow", "webfetch": "deny", "websearch": "deny"}
 
@@ -67,6 +71,10 @@ class Gateway(Protocol):
     def issue(self, session_id: str, password: str, model: str | None) -> GatewayAccess: ...
 
 
+class Demo(Protocol):
+    def upstream(self) -> Upstream: ...
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     model: str | None = None
@@ -76,6 +84,8 @@ class ModelSettings:
     permissions: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PERMISSIONS))
     #: The server's model gateway (None: OpenCode talks to the upstream directly, keyless).
     gateway: Gateway | None = field(default=None, compare=False)
+    #: The demo model, started on first use (None: ``demo`` is not offered).
+    demo: Demo | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,10 @@ class OpenCodeSetup:
 def resolve(settings: ModelSettings, model: str | None = None) -> tuple[dict[str, str], Upstream]:
     """The model reference OpenCode uses, and the upstream the gateway forwards it to."""
     chosen = model or settings.model
+    if chosen == DEMO_MODEL:
+        if settings.demo is None:
+            raise ModelConfigError("the demo model is not offered here")
+        return {"providerID": CUSTOM_PROVIDER, "modelID": DEMO_MODEL}, settings.demo.upstream()
     if settings.llm_base_url:
         if not chosen:
             raise ModelConfigError(
@@ -99,7 +113,9 @@ def resolve(settings: ModelSettings, model: str | None = None) -> tuple[dict[str
     if not chosen or "/" not in chosen:
         raise ModelConfigError(
             "no model configured: set TABBI_MODEL=provider/model (for example "
-            "anthropic/claude-sonnet-4-5), or TABBI_LLM_BASE_URL for an OpenAI-compatible server"
+            "anthropic/claude-sonnet-4-5) with its key, TABBI_LLM_BASE_URL (+ TABBI_LLM_API_KEY) "
+            "for an OpenAI-compatible server, or TABBI_MODEL=demo to try tabbi with its demo "
+            "model (canned answers, no key)"
         )
     provider, model_id = chosen.split("/", 1)
     if provider not in PUBLIC_APIS:
@@ -110,6 +126,18 @@ def resolve(settings: ModelSettings, model: str | None = None) -> tuple[dict[str
     base_url, key_name = PUBLIC_APIS[provider]
     upstream = Upstream(provider, base_url, settings.provider_keys.get(key_name))
     return {"providerID": provider, "modelID": model_id}, upstream
+
+
+def problem(settings: ModelSettings) -> str | None:
+    """What keeps the default model from working, said the way a person fixes it (None: nothing
+    tabbi can see). Logged at start-up, so that nobody finds out from a failed first session."""
+    try:
+        _, upstream = resolve(settings)
+    except ModelConfigError as exc:
+        return str(exc)
+    if upstream.kind in PUBLIC_APIS and not upstream.key:
+        return f"TABBI_MODEL is {settings.model} but {PUBLIC_APIS[upstream.kind][1]} is not set"
+    return None
 
 
 def build(settings: ModelSettings, model: str | None = None,

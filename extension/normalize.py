@@ -16,6 +16,8 @@ OpenCode versions and carry paths and internals. They see these types, each with
 ``agent.status``       ``{status: busy|idle|retry, message?, attempt?}``
 ``error``              ``{name, message}`` (model errors, tool-independent agent errors, faults)
 ``turn.finished``      ``{prompt_id, outcome: completed|aborted|error, error?}``
+``turn.waiting``       ``{prompt_id, waiting}`` the turn starts/stops waiting for the model (emitted by
+                       the agent: from its start, and after its tool calls, until the model answers)
 ``snapshot.saved``     ``{snapshot_id, size, reason, seconds}`` (emitted by the agent, not OpenCode)
 ``snapshot.failed``    ``{reason, message}``: the sandbox keeps running; the next turn retries
 ``push.completed``     ``{branch, commit, files, links}`` the work was pushed (emitted by the push)

@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from tabbi_sandbox.modal_push import push_from_bundle
 from tabbi_sandbox.provider import Sandbox
 
 from . import states
@@ -114,13 +115,18 @@ class Publisher:
                 "files": request.files or {},
                 "only_files": request.only_files,
             })
-            if "error" not in result:
+            credential = access.credential if access else None
+            if "error" not in result and sandbox.pushes_from_bundle:
+                # Its execs share the agent's container: the branch leaves as a bundle and is
+                # pushed from here, so the token never enters the sandbox.
+                result.update(await push_from_bundle(sandbox, record.work_branch, repo.url, credential))
+            elif "error" not in result:
                 # A second process, in a fresh sandbox exec: whatever the commit step let the
                 # agent's configuration start ended with that step.
                 result.update(await run_bootstrap(sandbox, "push", {
                     "branch": record.work_branch,
                     "remote_url": repo.url,
-                    "credential": access.credential if access else None,
+                    "credential": credential,
                 }, write_remote=repo.kind == "local"))
         commit = result.get("commit")
         if not result.get("pushed"):

@@ -129,8 +129,11 @@ def parse_repo(
         real = local.admit(path) if local is not None else _real(path)
         if real is None or not os.path.isdir(real):
             raise ValidationError(f"no such directory: {spec}")
-        if not (os.path.isdir(os.path.join(real, ".git")) or os.path.isfile(os.path.join(real, "HEAD"))):
+        git_dir = os.path.join(real, ".git")
+        if not (os.path.isdir(git_dir) or os.path.isfile(os.path.join(real, "HEAD"))):
             raise ValidationError(f"{spec} is not a git repository")
+        if local is not None and not _has_commits(git_dir if os.path.isdir(git_dir) else real):
+            raise ValidationError(f"{spec} has no commits yet: make a first commit, then start again")
         return RepoSpec("local", real, real, local_path=real)
     if "://" in spec:
         parts = urlsplit(spec)
@@ -154,6 +157,35 @@ def parse_repo(
         f"cannot read {spec!r} as a repository: use owner/name, https://host/path.git, "
         "file:///path, or an absolute path"
     )
+
+
+def _has_commits(git_dir: str) -> bool:
+    """Whether the repository has a commit: a detached HEAD, a branch, or a repository whose
+    refs are not plain files (reftable). Read from its files: running git in it would obey its
+    config. A new repository with no commit yet would fail the clone's first step with git's
+    own cryptic message. What cannot be told (an unreadable HEAD) counts as a commit: git
+    then says what is wrong."""
+    head, packed = os.path.join(git_dir, "HEAD"), os.path.join(git_dir, "packed-refs")
+    try:
+        if not os.path.isfile(head):  # not a FIFO either: opening one would wait for a writer
+            return True
+        with open(head) as f:
+            if not f.read(100).startswith("ref:"):
+                return True
+    except (OSError, UnicodeDecodeError):
+        return True
+    if os.path.isdir(os.path.join(git_dir, "reftable")):
+        return True
+    for _, _, files in os.walk(os.path.join(git_dir, "refs", "heads")):
+        if files:
+            return True
+    try:
+        if os.path.isfile(packed):
+            with open(packed) as f:
+                return any(" refs/heads/" in line for line in f)
+    except (OSError, UnicodeDecodeError):
+        return True
+    return False
 
 
 def validate_branch(name: object, field: str = "branch") -> str | None:

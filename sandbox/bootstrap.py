@@ -281,6 +281,10 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
     url = spec["repo_url"]
     git([*args, "--", url, workspace], os.path.dirname(workspace), safe_env, remote=(url, credential))
     del credential
+    if run_git(["rev-parse", "--verify", "--quiet", "HEAD"], workspace, safe_env).returncode != 0:
+        shutil.rmtree(workspace, ignore_errors=True)  # a later start clones again
+        raise BootstrapError(f"{spec['repo_display']} has no commits yet: make a first commit "
+                             "(and push it), then start again")
     git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], workspace, safe_env)
     identity = spec.get("git_identity") or {}
     git(["config", "user.name", identity.get("name") or "tabbi"], workspace, safe_env)
@@ -371,7 +375,7 @@ def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, i
         oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
     with open(os.path.join(spec["home"], "opencode.log"), "ab") as log:
         proc = subprocess.Popen(
-            [oc["bin"], "serve", "--hostname", "127.0.0.1", "--port", str(port)],
+            [oc["bin"], "serve", "--hostname", spec.get("hostname") or "127.0.0.1", "--port", str(port)],
             cwd=spec["workspace"],
             env=oc_env,
             stdin=subprocess.DEVNULL,
@@ -403,6 +407,15 @@ PUSH_REFUSALS = (
       "unauthorized", "401"), "permission",
      "the remote refused the credentials: no permission to push there"),
 )
+
+
+def push_refusal(done: subprocess.CompletedProcess) -> tuple[str, str]:
+    """``(reason, message)`` of a failed ``git push``."""
+    text = f"{done.stdout}\n{done.stderr}".lower()
+    for needles, reason, message in PUSH_REFUSALS:
+        if any(n in text for n in needles):
+            return reason, message
+    return "failed", f"git push failed: {last_line(done)}"
 
 
 def write_files(workspace: str, files: dict[str, str]) -> list[str]:
@@ -490,12 +503,7 @@ def push_branch(request: dict) -> int:
         if done.returncode == 0:
             result["pushed"] = True
         else:
-            text = f"{done.stdout}\n{done.stderr}".lower()
-            result["reason"], result["error"] = "failed", f"git push failed: {last_line(done)}"
-            for needles, reason, message in PUSH_REFUSALS:
-                if any(n in text for n in needles):
-                    result["reason"], result["error"] = reason, message
-                    break
+            result["reason"], result["error"] = push_refusal(done)
     except BootstrapError as exc:
         result["error"] = str(exc)
     finally:

@@ -75,6 +75,8 @@ class SandboxSpec:
     max_seconds: float | None = None
     #: ``{"username", "password"}`` for the clone only (a GitHub token); never stored anywhere.
     git_credential: dict[str, str] | None = field(default=None, repr=False)
+    #: The session's owner, for providers that label their sandboxes (Modal's ``tabbi_owner`` tag).
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,10 @@ class Sandbox(abc.ABC):
     #: The workspace (the clone) and the sandbox's home, as paths inside the sandbox.
     workspace_path: str
     home_path: str
+    #: Whether a push must not run inside the sandbox: its ``exec`` shares a container (PID and
+    #: /tmp) with the agent. Then the branch is exported as a git bundle (``export_branch``) and
+    #: pushed from the server (``tabbi_sandbox.modal_push``), so the token never enters it.
+    pushes_from_bundle: bool = False
 
     @abc.abstractmethod
     def bootstrap_argv(self, *args: str) -> list[str]:
@@ -185,6 +191,12 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
     async def confines(self) -> bool:
         """Whether sandboxes created now are confined (see ``Sandbox.confined``)."""
         return True
+
+    async def reconcile(self, live: dict[str, dict[str, Any] | None], force: bool = False) -> int:
+        """End this server's sandboxes that no live session owns (``live``: session id -> its
+        stored sandbox state, None while starting), so that nothing runs (and bills) forever.
+        Called by the session manager at start-up and on its heartbeat; the number ended."""
+        return 0
 
     def check(self) -> dict[str, Any]:
         """Health details for ``GET /tabbi/api/health``: ``{"usable": bool, ...}``."""

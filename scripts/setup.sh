@@ -11,11 +11,28 @@ command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v rg >/dev/null || need+=(ripgrep)
 command -v npm >/dev/null || need+=(npm)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# On a fresh machine another apt (unattended-upgrades, cloud-init) often holds the lock for a
+# while: wait for it (up to 10 minutes) instead of failing. `DPkg::Lock::Timeout` makes apt-get
+# wait for dpkg's lock; the lists lock of `update` is retried here while apt says it is locked.
+apt_wait=(-o DPkg::Lock::Timeout=600)
+apt_update() {
+  local out
+  for _ in $(seq 60); do
+    if out=$(apt-get "${apt_wait[@]}" update -qq 2>&1); then return 0; fi
+    case "$out" in
+      *"Could not get lock"* | *"Unable to lock"*) echo "setup: another apt holds its lock; waiting" >&2; sleep 10 ;;
+      *) echo "$out" >&2; return 1 ;;
+    esac
+  done
+  echo "$out" >&2
+  return 1
+}
+
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get "${apt_wait[@]}" install -y -qq "${need[@]}" >/dev/null
   else
     echo "setup: missing ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
     command -v git >/dev/null && command -v npm >/dev/null || exit 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import signal
 import threading
 import time
@@ -20,6 +22,9 @@ from typing import Any
 from .discovery import ServerInfo, find_server
 
 Event = dict[str, Any]
+
+#: What a session id looks like (``ses-`` and 12 hex digits).
+SESSION_ID = re.compile(r"ses-[0-9a-f]{12}")
 
 
 class TabbiError(Exception):
@@ -90,12 +95,17 @@ class Client:
         return self.request("GET", "sessions")["sessions"]
 
     def start(self, repo: str, model: str | None = None, branch: str | None = None) -> Session:
-        """Create a session; it starts in the background (``Session.wait_until_running``)."""
-        body = {"repo": repo, "model": model, "branch": branch}
+        """Create a session; it starts in the background (``Session.wait_until_running``).
+        ``repo``: owner/name on GitHub, a git URL, or a local path (a relative one is taken
+        from this process's working directory: in a kernel, the notebook's folder)."""
+        body = {"repo": local_path(repo), "model": model, "branch": branch}
         info = self.request("POST", "sessions", {k: v for k, v in body.items() if v})
         return Session(self, info["id"], info)
 
     def session(self, session_id: str) -> Session:
+        """The session ``session_id``; ``TabbiError`` (status 404) if there is none of yours."""
+        if not SESSION_ID.fullmatch(session_id):
+            raise TabbiError(f"no session {session_id}", 404)
         return Session(self, session_id, self.request("GET", f"sessions/{session_id}"))
 
     # -- GitHub ---------------------------------------------------------------------------------
@@ -201,8 +211,10 @@ class Session:
         return self.client.request("POST", self._path("prompt"), {"text": text})["prompt_id"]
 
     def ask(self, text: str, on_event: Callable[[Event], None] | None = None,
-            timeout: float | None = None) -> TurnResult:
-        """Send a prompt and follow its turn to the end.
+            timeout: float | None = None, on_tick: Callable[[], None] | None = None) -> TurnResult:
+        """Send a prompt and follow its turn to the end. ``on_event`` sees each of the turn's
+        events; ``on_tick`` is called after every read of the log (at least every second or so,
+        events or not), e.g. to show how long the turn has been waiting for the model.
 
         Interrupting (the kernel's stop button, SIGINT) aborts the turn; the result then has
         outcome "aborted". The interrupt only sets a flag that the loop checks between reads (at
@@ -226,6 +238,8 @@ class Session:
                             on_event(event)
                     if is_end(event):
                         return result
+                if on_tick is not None:
+                    on_tick()
         raise TabbiError(f"the turn did not end within {timeout} s")
 
     def abort(self, quiet: bool = False) -> None:
@@ -305,16 +319,52 @@ def _interrupt_flag() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def local_path(repo: str, cwd: str | None = None) -> str:
+    """``repo`` as the server must see it: a local path made absolute against ``cwd`` (the
+    working directory: a kernel's is its notebook's folder), ``~`` expanded here (the person's
+    home, which may not be the server's). A path is what starts with ``.``, ``/`` or ``~``, has
+    no slash (owner/name has one), or names an existing folder; the rest (owner/name, URLs)
+    goes as it is."""
+    text = repo.strip()
+    if not text or "://" in text or text.startswith("-"):
+        return repo
+    if text.startswith("~"):
+        return os.path.expanduser(text)
+    here = cwd or os.getcwd()
+    if text.startswith("/"):
+        return text
+    if text.startswith(".") or "/" not in text or os.path.isdir(os.path.join(here, text)):
+        return os.path.normpath(os.path.join(here, text))
+    return repo
+
+
+#: What a status means, for an error whose answer carries no message of the server's own.
+_STATUS_MEANING = {
+    400: "the tabbi server refused the request as malformed",
+    401: "the tabbi server did not accept this kernel's credentials (is the server token right?)",
+    403: "not authorized (is the server token right?)",
+    404: "the tabbi server has no such resource (is the tabbi extension enabled on this server?)",
+    409: "the tabbi server refused the request in the session's current state",
+    413: "the request is too large for the tabbi server",
+}
+
+
 def _server_message(exc: Any) -> str:
-    """The server's own ``{"message": ...}`` from an ``HTTPError``."""
+    """The server's own ``{"message": ...}`` from an ``HTTPError``, else a sentence saying what
+    the status means (never a bare "HTTP 500")."""
     try:
         body = json.loads(exc.read() or b"{}")
-        message = body.get("message") or body.get("reason")
+        message = body.get("message") if isinstance(body, dict) else None
     except (ValueError, OSError):
         message = None
-    if exc.code == 403 and not message:
-        message = "not authorized (is the server token right?)"
-    return message or f"HTTP {exc.code} {exc.reason}"
+    if message and not message.startswith(("HTTP ", "Not Found", "Internal Server Error")):
+        return str(message)
+    if exc.code in _STATUS_MEANING:
+        return _STATUS_MEANING[exc.code]
+    if exc.code >= 500:
+        return (f"the tabbi server failed on this request (status {exc.code}); "
+                "the Jupyter server's log says why")
+    return f"the tabbi server refused the request (status {exc.code})"
 
 
 def _settled(event: Event) -> bool:

@@ -22,30 +22,31 @@ from . import render
 from .client import Client, Event, Session, TabbiError, connect
 from .conversation import Conversation
 from .discovery import ServerNotFound
-from .snippets import cell_source, turn_snippets
+from .snippets import cell_source, earlier_note, latest_code
 
 HELP = """\
 %tabbi: AI coding-agent sessions in this notebook.
 
   %tabbi start REPO [--model PROVIDER/MODEL] [--branch BASE] [--no-wait]
-        Start a session on REPO: an absolute path, a git URL, or owner/name on GitHub.
-        The agent works on a new branch tabbi/<id> of a clone, never in your files.
+        Start a session on REPO: a local path (relative to this notebook's folder, or
+        absolute, or ~/...), a git URL, or owner/name on GitHub. The agent works on a new
+        branch tabbi/<id> of a clone, never in your files. The new session becomes current.
   %tabbi sessions            List your sessions (* marks the current one).
-  %tabbi use ID              Make ID the current session.
-  %tabbi status              State, repository and branch of the current session.
-  %tabbi panel               Show the chat panel (live; several panels stay in sync).
+  %tabbi use ID              Make ID the current session (only start and use change it).
+  %tabbi status [ID]         State, repository, branch and model of a session.
+  %tabbi panel [ID]          Show the chat panel (live; several panels stay in sync).
 
   %%tabbi [ID] [--no-wait]   The cell body is the prompt. Output streams into the cell and the
                              cell returns when the turn ends. The stop button aborts the turn.
   %tabbi ask TEXT            The same, one line.
-  %tabbi abort               Abort the running turn.
+  %tabbi abort [ID]          Abort the running turn.
 
   %tabbi diff                The branch's changes against where it started.
   %tabbi insert              The Python code of the last turn -> one new cell below (percent
                              format: split it at the '# %%' markers with Ctrl+Shift+-).
-  %tabbi pause | stop        Snapshot the session, then stop its sandbox (not during a turn).
-  %tabbi resume              Start it again from the snapshot; a prompt resumes it too.
-  %tabbi delete              End the current session: sandbox, workspace and snapshots are removed.
+  %tabbi pause | stop [ID]   Snapshot the session, then stop its sandbox (not during a turn).
+  %tabbi resume [ID]         Start it again from the snapshot; a prompt resumes it too.
+  %tabbi delete [ID]         End a session: its sandbox, workspace and snapshots are removed.
 
   %tabbi push [-m MSG] [--pr] [--cells SEL [--to PATH] [--cells-only]] [--author "N <e>"]
         Commit the agent's changes on the session branch as you and push it; --pr opens a pull
@@ -74,14 +75,64 @@ def _parser(prog: str, *args: tuple[Any, ...]) -> _Parser:
     return parser
 
 
+#: Seconds a wait lasts before the cell says so (quick answers leave no trace).
+ACTIVITY_SHOWN_AFTER = 1.0
+
+NOT_CONFIGURED = (
+    "GitHub sign-in is not configured on this server. An administrator enables it by setting "
+    "TABBI_GITHUB_CLIENT_ID and TABBI_GITHUB_CLIENT_SECRET (a GitHub OAuth App or GitHub App) for "
+    "the Jupyter server and restarting it. Meanwhile, start sessions from a git URL or a local path."
+)
+
+
+def elapsed(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+class StatusLine:
+    """One line at the end of the cell's output that changes in place ("waiting for the model...
+    12 s"), the way progress bars do: rewritten after a carriage return at most once a second,
+    and blanked when done. Front ends (and nbval) fold carriage returns, so a saved notebook
+    keeps no trace of it and gets no extra output, whether a wait showed or not."""
+
+    def __init__(self, out: Any = None):
+        self.out = out or sys.stdout
+        self.text = ""
+
+    @property
+    def shown(self) -> bool:
+        return bool(self.text)
+
+    def show(self, text: str) -> None:
+        if text == self.text:
+            return
+        self.out.write("\r" + text + " " * max(0, len(self.text) - len(text)))
+        self.out.flush()
+        self.text = text
+
+    def clear(self) -> None:
+        """Blank the line; what is written next starts where it began."""
+        if self.text:
+            self.out.write("\r" + " " * len(self.text) + "\r")
+            self.out.flush()
+            self.text = ""
+
+
 class TurnPrinter:
-    """Streams one turn into the cell: the agent's text as it arrives, one line per tool call."""
+    """Streams one turn into the cell: the agent's text as it arrives, one line per tool call,
+    and a status line while nothing else shows ("waiting for the model... 12 s", "running bash
+    pytest... 40 s") so that a slow model or a long command never looks like a stuck cell."""
 
     def __init__(self, out: Any = None, err: Any = None):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.line_open = False
         self.message: str | None = None
+        self.status = StatusLine(self.out)
+        #: What the turn is doing while nothing shows, and since when (monotonic); or None.
+        self.activity: tuple[str, float] | None = None
+        self.retry = ""
 
     def _newline(self) -> None:
         if self.line_open:
@@ -90,12 +141,50 @@ class TurnPrinter:
 
     def _line(self, text: str, error: bool = False) -> None:
         self._newline()
+        if not error:
+            self.status.clear()  # the line takes the status line's place; a tick shows it again
         stream = self.err if error else self.out
         stream.write(text + "\n")
         stream.flush()
 
+    def _follow(self, kind: str, data: dict[str, Any]) -> None:
+        """Keep the activity up to date. The server says when the turn waits for the model
+        (``turn.waiting``); the model's output and the agent's tool calls say the rest."""
+        if kind == "turn.waiting":
+            self._set_activity("waiting for the model" if data.get("waiting") else None)
+        elif kind == "agent.status" and data.get("status") == "retry":
+            self.retry = f" (the model server failed; retrying, attempt {data.get('attempt')})"
+        elif kind == "text.delta":
+            self._set_activity("the model is thinking" if data.get("field") == "reasoning" else None)
+        elif kind == "tool":
+            running = data.get("status") == "running"
+            self._set_activity(f"running {render.tool_summary(data)}" if running else None)
+        elif kind == "turn.finished":
+            self._set_activity(None)
+        self.tick()
+
+    def _set_activity(self, what: str | None) -> None:
+        if what is None:
+            self.activity, self.retry = None, ""
+            self.status.clear()
+        elif self.activity is None or self.activity[0] != what:
+            self.activity = (what, time.monotonic())
+
+    def tick(self) -> None:
+        """Show (or refresh) the activity with the time it has taken; called about once a
+        second. A quick one never shows."""
+        if self.activity is None:
+            return
+        what, since = self.activity
+        taken = time.monotonic() - since
+        if taken >= ACTIVITY_SHOWN_AFTER:
+            if not self.status.shown:
+                self._newline()
+            self.status.show(f"[tabbi] {what}... {elapsed(taken)}{self.retry}")
+
     def __call__(self, event: Event) -> None:
         kind, data = event["type"], event["data"]
+        self._follow(kind, data)
         if kind == "text.delta" and data.get("field", "text") == "text":
             if self.message not in (None, data["message_id"]):
                 self._newline()
@@ -129,6 +218,7 @@ def describe_phase(data: dict[str, Any]) -> str:
         "starting_agent": "starting the agent",
         "restoring": "restoring the last snapshot",
         "ready": "ready",
+        "reattached": "re-attached to the running sandbox",
     }.get(phase or "", phase or "starting")
 
 
@@ -151,6 +241,9 @@ class TabbiMagics(Magics):
         return self._client
 
     def session(self, session_id: str | None = None) -> Session:
+        """The session a command acts on: ``session_id`` when given (the current session stays
+        what it is: only ``start`` and ``use`` change it), else the current one, else your only
+        session (which then becomes current)."""
         chosen = session_id or self.current
         if chosen is None:
             mine = self.client.sessions()
@@ -158,9 +251,31 @@ class TabbiMagics(Magics):
                 raise UsageError("no current session: start one with %tabbi start REPO, or pick "
                                  "one with %tabbi use ID (see %tabbi sessions)")
             chosen = mine[0]["id"]
-        session = self.client.session(chosen)
-        self.current = session.id
+        try:
+            session = self.client.session(chosen)
+        except TabbiError as exc:
+            if exc.status != 404:
+                raise
+            if chosen == self.current:
+                self.current = None
+                raise UsageError(f"the current session {chosen} no longer exists (deleted?); "
+                                 "%tabbi sessions lists yours") from None
+            raise UsageError(f"no session {chosen}; %tabbi sessions lists yours") from None
+        if self.current is None:
+            self.current = session.id
         return session
+
+    def _wait_running(self, session: Session) -> dict[str, Any] | None:
+        """Show the phases of a start (or resume) until the session runs; None if interrupted
+        (it goes on starting in the background). Raises ``TabbiError`` if it fails."""
+        try:
+            return session.wait_until_running(
+                on_event=lambda e: print(f"[tabbi] {describe_phase(e['data'])}")
+                if e["data"].get("state") == "starting" else None
+            )
+        except KeyboardInterrupt:
+            print("[tabbi] still starting in the background; see %tabbi status")
+            return None
 
     @line_cell_magic
     def tabbi(self, line: str, cell: str | None = None) -> Any:
@@ -175,10 +290,15 @@ class TabbiMagics(Magics):
             if command is None:
                 raise UsageError(f"unknown command {words[0]!r}; see %tabbi --help")
             return command(words[1:])
+        except (UsageError, KeyboardInterrupt):
+            raise
         except TabbiError as exc:
             raise UsageError(str(exc)) from None
         except ValueError as exc:  # shlex: unbalanced quotes
             raise UsageError(f"cannot read the command: {exc}") from None
+        except Exception as exc:  # a defect of tabbi's: still one readable line, not a traceback
+            raise UsageError(f"tabbi failed unexpectedly ({type(exc).__name__}: {exc}); "
+                             "please report it") from None
 
     # -- sessions -------------------------------------------------------------------------------
     def cmd_start(self, argv: list[str]) -> None:
@@ -187,21 +307,33 @@ class TabbiMagics(Magics):
             (("--no-wait",), {"action": "store_true"}),
         ).parse_args(argv)
         session = self.client.start(args.repo, model=args.model, branch=args.branch)
-        self.current = session.id
         print(f"[tabbi] session {session.id} for {session.info['repo']}")
         if args.no_wait:
+            self.current = session.id
             print("[tabbi] starting in the background; see %tabbi status")
             return
         try:
-            info = session.wait_until_running(
-                on_event=lambda e: print(f"[tabbi] {describe_phase(e['data'])}")
-                if e["data"].get("state") == "starting" else None
-            )
-        except KeyboardInterrupt:
-            print("[tabbi] still starting in the background; see %tabbi status")
-            return
-        print(f"[tabbi] ready: the agent works on branch {info['work_branch']}. "
-              "Ask with %%tabbi, or open the chat with %tabbi panel")
+            info = self._wait_running(session)
+        except TabbiError as exc:
+            if session.info.get("state") == "error":  # not a start still under way
+                self._discard_failed_start(session, str(exc))
+            self.current = session.id
+            raise
+        self.current = session.id
+        if info is not None:
+            print(f"[tabbi] ready: the agent works on branch {info['work_branch']}. "
+                  "Ask with %%tabbi, or open the chat with %tabbi panel")
+
+    def _discard_failed_start(self, session: Session, reason: str) -> None:
+        """A session that failed to start is of no use (it has no workspace to keep): delete it,
+        leave the current session as it was, and say what to do."""
+        try:
+            session.delete()
+            gone = "It was deleted"
+        except TabbiError as exc:
+            gone = f"Deleting it failed too ({exc}): %tabbi delete {session.id} removes it"
+        raise UsageError(f"session {session.id} could not start: {reason}\n{gone}; fix the cause, "
+                         "then run %tabbi start again.")
 
     def cmd_sessions(self, argv: list[str]) -> None:
         display(render.sessions(self.client.sessions(), self.current), raw=True)
@@ -209,15 +341,23 @@ class TabbiMagics(Magics):
     def cmd_use(self, argv: list[str]) -> None:
         args = _parser("%tabbi use", (("id",), {})).parse_args(argv)
         session = self.session(args.id)
+        self.current = session.id
         print(f"[tabbi] current session: {session.id} ({session.info['state']}, {session.info['repo']})")
 
     def cmd_status(self, argv: list[str]) -> None:
         info = self.session(argv[0] if argv else None).info
-        busy = ", working on a turn" if info.get("busy") else ""
+        busy = ""
+        if info.get("busy"):
+            busy = ", working on a turn"
+            if info.get("waiting_since"):
+                busy += f": waiting for the model for {elapsed(time.time() - info['waiting_since'])}"
         print(f"{info['id']}: {info['state']}{busy}\n  repo:   {info['repo']}\n"
-              f"  branch: {info['work_branch']}\n  model:  {info.get('model') or '(server default)'}")
+              f"  branch: {info['work_branch']}\n  model:  {render.model_name(info.get('model'))}")
         if info.get("error"):
             print(f"  error:  {info['error']}", file=sys.stderr)
+        if info["state"] == "error":
+            print(f"  next:   %tabbi resume {info['id']} tries again; %tabbi delete {info['id']} "
+                  "removes it", file=sys.stderr)
 
     def cmd_panel(self, argv: list[str]) -> Any:
         from .panel import ChatPanel  # anywidget is imported only when a panel is shown
@@ -241,12 +381,11 @@ class TabbiMagics(Magics):
 
     def cmd_resume(self, argv: list[str]) -> None:
         session = self.session(argv[0] if argv else None)
+        print(f"[tabbi] resuming {session.id}...")
         session.resume()
-        info = session.wait_until_running(
-            on_event=lambda e: print(f"[tabbi] {describe_phase(e['data'])}")
-            if e["data"].get("state") == "starting" else None
-        )
-        print(f"[tabbi] {info['id']} is running again on branch {info['work_branch']}")
+        info = self._wait_running(session)
+        if info is not None:
+            print(f"[tabbi] {info['id']} is running again on branch {info['work_branch']}")
 
     # -- prompts --------------------------------------------------------------------------------
     def _prompt_cell(self, line: str, cell: str) -> None:
@@ -266,12 +405,13 @@ class TabbiMagics(Magics):
             session.prompt(text)
             print("[tabbi] queued; it streams into the chat panel (%tabbi panel)")
             return
-        result = session.ask(text, on_event=TurnPrinter())
+        printer = TurnPrinter()
+        result = session.ask(text, on_event=printer, on_tick=printer.tick)
         if result.outcome == "error":
             print(f"[tabbi] the turn ended with an error: {result.error}", file=sys.stderr)
 
     def cmd_abort(self, argv: list[str]) -> None:
-        self.session().abort()
+        self.session(argv[0] if argv else None).abort()
         print("[tabbi] abort sent")
 
     # -- the workspace --------------------------------------------------------------------------
@@ -281,18 +421,19 @@ class TabbiMagics(Magics):
     def cmd_insert(self, argv: list[str]) -> None:
         session = self.session()
         conversation = Conversation().apply_all(session.all_events())
-        turn = conversation.last_finished_turn()
-        if turn is None:
+        if conversation.last_finished_turn() is None:
             print("[tabbi] no finished turn yet: nothing to insert")
             return
         reader = session.read_file if session.info.get("state") == "running" else None
-        snippets = turn_snippets(conversation, turn, reader)
-        if not snippets:
-            print("[tabbi] the last turn produced no Python code to insert")
+        found = latest_code(conversation, reader)
+        if found is None:
+            print("[tabbi] no turn has produced Python code yet: nothing to insert")
             return
+        turn, snippets = found
         self.shell.set_next_input(cell_source(snippets), replace=False)
         origins = "; ".join(s.origin for s in snippets)
-        print(f"[tabbi] inserted {len(snippets)} snippet(s) into a new cell below: {origins}")
+        where = earlier_note(conversation, turn)
+        print(f"[tabbi] inserted {len(snippets)} snippet(s) into a new cell below{where}: {origins}")
 
     # -- who and what ---------------------------------------------------------------------------
     def cmd_whoami(self, argv: list[str]) -> None:
@@ -318,6 +459,8 @@ class TabbiMagics(Magics):
         args = _parser("%tabbi login", (("--device",), {"action": "store_true"}),
                        (("--force",), {"action": "store_true"})).parse_args(argv)
         current = self.client.github_user()
+        if not current.get("configured", True):
+            raise UsageError(NOT_CONFIGURED)
         if current.get("signed_in") and not args.force:
             print(f"[tabbi] already signed in to GitHub as {current['login']} "
                   "(%tabbi logout, or %tabbi login --force to sign in again)")
@@ -351,8 +494,31 @@ class TabbiMagics(Magics):
         print(f"[tabbi] signed out of GitHub ({result['was']}): the token is deleted here {revoked}")
 
     def cmd_repos(self, argv: list[str]) -> None:
-        repos = self.client.repos(" ".join(argv))
+        try:
+            repos = self.client.repos(" ".join(argv))
+        except TabbiError as exc:
+            if exc.status in (401, 403, 501) and not self.client.github_user().get("configured", True):
+                raise UsageError(NOT_CONFIGURED) from None
+            raise
         display(render.repos(repos, " ".join(argv)), raw=True)
+
+    def _pushable(self, session: Session, pr: bool) -> Session:
+        """Refuse what the server would refuse, before any progress is printed: a pull request
+        of a repository not on GitHub, a session not running, GitHub without a sign-in."""
+        repo, state = session.info.get("repo", ""), session.info.get("state")
+        on_github = not (repo.startswith("/") or "://" in repo)  # what the server names owner/name
+        if pr and not on_github:
+            raise UsageError(f"%tabbi push --pr: pull requests need a GitHub repository (owner/name), "
+                             f"and {session.id} works on {repo}; push without --pr")
+        if state != "running":
+            raise UsageError(f"%tabbi push: {session.id} is {state}; %tabbi resume, then push")
+        if on_github:
+            github = self.client.github_user()
+            if not github.get("configured", True):
+                raise UsageError(NOT_CONFIGURED)
+            if not github.get("signed_in"):
+                raise UsageError("%tabbi push: pushing to GitHub needs you signed in: %tabbi login")
+        return session
 
     def cmd_push(self, argv: list[str]) -> None:
         args = _parser(
@@ -367,7 +533,7 @@ class TabbiMagics(Magics):
                              "give it with --notebook PATH.ipynb")
         if (args.to or args.cells_only) and not args.cells:
             raise UsageError("%tabbi push: --to and --cells-only go with --cells")
-        session = self.session(args.id)
+        session = self._pushable(self.session(args.id), args.pr)
         if args.cells:
             print("[tabbi] reading the cells from the saved notebook (save it first to include edits)")
         print(f"[tabbi] committing and pushing {session.info.get('work_branch', '')}...")

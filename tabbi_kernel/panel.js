@@ -1,4 +1,7 @@
-// tabbi chat panel: renders the traitlets of tabbi_kernel.panel.ChatPanel, sends actions back.
+// tabbi chat panel: the front end of tabbi_kernel.panel.ChatPanel.
+// The conversation arrives as small operations (custom widget messages: "ops"), applied to one copy
+// per widget model in this page (the store) and to each view's DOM in place; a model that joins late
+// asks for one "snapshot". Coarse state (status, permissions, notices) comes as traitlets.
 // No build step, no dependencies. Everything from the model or the repository is treated as text:
 // Markdown is rendered by escaping first and adding only our own tags, so no HTML or script
 // injected by a model or a repository can run here.
@@ -137,21 +140,200 @@ function toolChip(part, openTools) {
   return details;
 }
 
-function renderMessage(message, openTools) {
-  const box = el("div", { class: `tb-msg tb-${message.role}` });
-  for (const part of message.parts || []) {
-    if (part.type === "text" && part.text) {
-      const div = el("div", { class: "tb-text" });
-      if (message.role === "user") div.textContent = part.text;
-      else div.innerHTML = renderMarkdown(part.text); // escaped by renderMarkdown
-      box.append(div);
-    } else if (part.type === "tool") {
-      box.append(toolChip(part, openTools));
-    } else if (part.type === "patch" && (part.files || []).length) {
-      box.append(el("div", { class: "tb-files" }, `changed: ${part.files.join(", ")}`));
+
+const OUTCOME_LABELS = { aborted: "Turn aborted", error: "Turn ended with an error" };
+
+// -- the page-wide copy of a widget model's conversation ----------------------------------------
+const stores = new Map(); // model key -> store
+
+function newStore() {
+  return {
+    synced: false, seq: -1, nonce: Math.random().toString(36).slice(2),
+    messages: [], byId: new Map(), turns: new Map(),
+    views: new Set(), openTools: new Set(), draft: "",
+  };
+}
+
+function storeFor(model) {
+  const key = model.get("key");
+  if (!stores.has(key)) stores.set(key, newStore());
+  return stores.get(key);
+}
+
+function ensureMessage(store, id, role = "assistant", turn = null) {
+  let message = store.byId.get(id);
+  if (!message) {
+    message = { id, role, turn, parts: [] };
+    store.byId.set(id, message);
+    store.messages.push(message);
+  }
+  return message;
+}
+
+function ensurePart(message, id, type) {
+  let part = message.parts.find((p) => p.id === id);
+  if (!part) { part = { id, type }; message.parts.push(part); }
+  return part;
+}
+
+// Apply one operation to the store; returns what changed, for the views.
+function applyOp(store, op) {
+  if (op.op === "message") {
+    const message = ensureMessage(store, op.message.id, op.message.role, op.message.turn);
+    return { message };
+  }
+  if (op.op === "append") {
+    const message = ensureMessage(store, op.message);
+    const part = ensurePart(message, op.part, op.kind);
+    part.text = (part.text || "") + op.text;
+    return { message, part };
+  }
+  if (op.op === "part") {
+    const message = ensureMessage(store, op.message);
+    const part = ensurePart(message, op.part.id, op.part.type);
+    for (const key of Object.keys(part)) delete part[key];
+    Object.assign(part, op.part);
+    return { message, part };
+  }
+  if (op.op === "turn") {
+    store.turns.set(op.turn.prompt_id, op.turn);
+    return { turn: op.turn };
+  }
+  return {};
+}
+
+function onCustom(store, msg) {
+  if (msg.type === "snapshot") {
+    if (store.synced && msg.nonce !== store.nonce) return; // another model's request: we are current
+    store.messages = msg.messages || [];
+    store.byId = new Map(store.messages.map((m) => [m.id, m]));
+    store.turns = new Map((msg.turns || []).map((t) => [t.prompt_id, t]));
+    store.seq = msg.seq;
+    store.synced = true;
+    for (const view of store.views) view.redraw();
+  } else if (msg.type === "ops") {
+    if (!store.synced || msg.seq <= store.seq) return; // the snapshot already holds it
+    store.seq = msg.seq;
+    const changes = msg.ops.map((op) => applyOp(store, op));
+    for (const view of store.views) view.apply(changes);
+  }
+}
+
+// The notebook keeps the transcript output (see tabbi_kernel/panel.py); JupyterLab and Notebook 7
+// ignore display updates after the displaying cell has finished, so write it into the notebook's
+// output models here, found by their metadata. Where there is no notebook (a console), nothing.
+function saveTranscript(model, msg) {
+  const cells = model.widget_manager?.context?.model?.cells;
+  if (!cells) return;
+  for (const cell of cells) {
+    const outputs = cell.type === "code" ? cell.outputs : null;
+    for (let i = 0; outputs && i < outputs.length; i++) {
+      const metadata = outputs.get(i).metadata || {};
+      if (metadata.tabbi?.transcript === msg.key) {
+        outputs.set(i, { output_type: "display_data", data: msg.bundle, metadata });
+      }
     }
   }
-  return box.childNodes.length ? box : null;
+}
+
+function initialize({ model }) {
+  const store = storeFor(model);
+  const handler = (msg) => (msg.type === "transcript" ? saveTranscript(model, msg) : onCustom(store, msg));
+  model.on("msg:custom", handler);
+  model.send({ type: "sync", nonce: store.nonce });
+  return () => { model.off("msg:custom", handler); stores.delete(model.get("key")); };
+}
+
+// -- drawing ------------------------------------------------------------------------------------
+function drawPart(message, part, openTools) {
+  if (part.type === "text" && part.text) {
+    const div = el("div", { class: "tb-text", "data-part": part.id });
+    if (message.role === "user") div.textContent = part.text;
+    else div.innerHTML = renderMarkdown(part.text); // escaped by renderMarkdown
+    return div;
+  }
+  if (part.type === "tool") return toolChip(part, openTools);
+  if (part.type === "patch" && (part.files || []).length) {
+    return el("div", { class: "tb-files", "data-part": part.id }, `changed: ${part.files.join(", ")}`);
+  }
+  return el("div", { class: "tb-empty", "data-part": part.id, hidden: "" });
+}
+
+function turnLabel(turn) {
+  const word = OUTCOME_LABELS[turn.outcome];
+  if (!word) return null;
+  return el("div", { class: `tb-turn-end tb-turn-${turn.outcome}`, "data-turn": turn.prompt_id },
+    turn.outcome === "error" && turn.error ? `${word}: ${turn.error}` : word);
+}
+
+// One view of the log: the DOM of each message and part, changed in place by operations.
+function logView(store, log) {
+  const boxes = new Map(); // message id -> { box, parts: Map(part id -> node) }
+  const dirty = new Map(); // part node waiting for the next frame -> [message, part]
+  let frame = 0;
+
+  const stick = (change) => {
+    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+    change();
+    if (atBottom) log.scrollTop = log.scrollHeight;
+  };
+  const boxFor = (message) => {
+    let entry = boxes.get(message.id);
+    if (!entry) {
+      const box = el("div", { class: `tb-msg tb-${message.role}`, "data-message": message.id,
+        "data-turn": message.turn || "" });
+      entry = { box, parts: new Map() };
+      boxes.set(message.id, entry);
+      log.append(box);
+    }
+    return entry;
+  };
+  const putPart = (message, part) => {
+    const entry = boxFor(message);
+    const node = drawPart(message, part, store.openTools);
+    const old = entry.parts.get(part.id);
+    if (old) old.replaceWith(node); else entry.box.append(node);
+    entry.parts.set(part.id, node);
+  };
+  const putLabel = (turn) => {
+    log.querySelector(`.tb-turn-end[data-turn="${CSS.escape(turn.prompt_id)}"]`)?.remove();
+    const label = turnLabel(turn);
+    if (!label) return;
+    const mine = log.querySelectorAll(`.tb-msg[data-turn="${CSS.escape(turn.prompt_id)}"]`);
+    if (mine.length) mine[mine.length - 1].after(label); else log.append(label);
+  };
+  // Streamed text re-renders its own part at most once a frame: the cost follows the part being
+  // written, never the conversation.
+  const flushDirty = () => {
+    frame = 0;
+    stick(() => { for (const [message, part] of dirty.values()) putPart(message, part); });
+    dirty.clear();
+  };
+  return {
+    redraw() {
+      boxes.clear(); dirty.clear();
+      log.replaceChildren();
+      for (const message of store.messages) {
+        boxFor(message);
+        for (const part of message.parts || []) putPart(message, part);
+      }
+      for (const turn of store.turns.values()) putLabel(turn);
+      log.scrollTop = log.scrollHeight;
+    },
+    apply(changes) {
+      stick(() => {
+        for (const { message, part, turn } of changes) {
+          if (turn) putLabel(turn);
+          else if (part && part.type === "text" && boxes.get(message.id)?.parts.has(part.id)) {
+            dirty.set(`${message.id}/${part.id}`, [message, part]); // a new part is placed at once, in order
+          }
+          else if (part) putPart(message, part);
+          else if (message) boxFor(message);
+        }
+      });
+      if (dirty.size && !frame) frame = requestAnimationFrame(flushDirty);
+    },
+  };
 }
 
 function permissionCard(model, request) {
@@ -170,8 +352,9 @@ function permissionCard(model, request) {
 }
 
 function render({ model, el: root }) {
-  const openTools = new Set();
+  const store = storeFor(model);
   const status = el("div", { class: "tb-status" });
+  const waiting = el("div", { class: "tb-waiting", hidden: "" });
   const log = el("div", { class: "tb-log", role: "log", "aria-live": "polite" });
   const permissions = el("div", { class: "tb-permissions" });
   const notice = el("div", { class: "tb-notice" });
@@ -182,11 +365,13 @@ function render({ model, el: root }) {
     class: "tb-input", rows: "2",
     placeholder: "Ask the agent… (Enter sends, Shift+Enter for a new line)",
   });
+  input.value = store.draft; // a re-rendered output keeps what was being typed
+  input.addEventListener("input", () => { store.draft = input.value; });
   const send = () => {
     const text = input.value;
     if (!text.trim()) return;
     model.send({ type: "send", text });
-    input.value = "";
+    input.value = store.draft = "";
   };
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -213,7 +398,7 @@ function render({ model, el: root }) {
     pushMessage, el("label", {}, pushPr, " open a pull request"), pushGo);
   const push = el("button", { class: "tb-btn", onclick: () => { pushForm.hidden = !pushForm.hidden; } }, "Push…");
   root.classList.add("tabbi-panel");
-  root.append(status, log, permissions, turnError, notice, pushed, extra,
+  root.append(status, log, waiting, permissions, turnError, notice, pushed, extra,
     el("div", { class: "tb-compose" }, input, sendButton),
     el("div", { class: "tb-actions" }, abort, pause, insert, diff, push), pushForm);
 
@@ -230,12 +415,35 @@ function render({ model, el: root }) {
     if (state === "error" && model.get("error")) status.append(el("div", { class: "tb-error" }, model.get("error")));
     abort.disabled = !model.get("busy");
     pause.textContent = state === "paused" ? "Resume" : "Pause";
+    drawWaiting();
   };
-  const drawLog = () => {
-    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-    log.replaceChildren(...(model.get("messages") || []).map((m) => renderMessage(m, openTools)).filter(Boolean));
-    if (atBottom) log.scrollTop = log.scrollHeight;
+  // "waiting for the model…" with the time since: as the server says (turn.waiting), or, from a
+  // server that does not say, while a started turn has nothing of the agent's reply yet.
+  const currentTurn = () => [...store.turns.values()].reverse().find((t) => !t.outcome) || null;
+  const waitingSince = () => {
+    if (!model.get("busy")) return undefined;
+    if (model.get("waiting_signal")) return model.get("waiting_since") ?? undefined;
+    const turn = currentTurn();
+    const replied = turn && store.messages.some((m) => m.turn === turn.prompt_id && m.role === "assistant" &&
+      (m.parts || []).some((p) => p.type !== "text" || p.text));
+    return !turn || replied ? undefined : (turn.started_at ?? null);
   };
+  const drawWaiting = () => {
+    const since = waitingSince();
+    if (since === undefined) { waiting.hidden = true; return; }
+    const seconds = since === null ? null : Math.max(0, Math.round(Date.now() / 1000 - since));
+    const retry = model.get("retry");
+    waiting.hidden = false;
+    waiting.textContent = `waiting for the model…${seconds === null ? "" : ` ${seconds} s`}` +
+      (retry ? ` (retrying: ${retry})` : "");
+  };
+  const ticker = setInterval(drawWaiting, 1000);
+  const logDraw = logView(store, log);
+  const view = {
+    redraw: () => { logDraw.redraw(); drawWaiting(); },
+    apply: (changes) => { logDraw.apply(changes); drawWaiting(); },
+  };
+  store.views.add(view);
   const drawPermissions = () => {
     permissions.replaceChildren(...(model.get("permissions") || []).map((p) => permissionCard(model, p)));
   };
@@ -248,7 +456,7 @@ function render({ model, el: root }) {
     const data = model.get("pushed") || {};
     pushed.replaceChildren();
     if (!data.commit) return;
-    pushed.append(`Pushed ${String(data.commit).slice(0, 10)} to ${data.branch}`);
+    pushed.append(`${data.committed ? "Committed and pushed" : "Pushed"} ${String(data.commit).slice(0, 10)} to ${data.branch}`);
     const links = data.links || {};
     for (const [name, url] of Object.entries(links)) {
       if (!/^https?:\/\//.test(String(url))) continue; // a server's answer is data: only http(s) links
@@ -271,16 +479,19 @@ function render({ model, el: root }) {
       extra.append(box);
     }
   };
-  drawStatus(); drawLog(); drawPermissions(); drawNotice(); drawExtra(); drawTurnError(); drawPushed(); drawPushing();
-  for (const name of ["state", "phase", "error", "busy", "connected"]) model.on(`change:${name}`, drawStatus);
-  model.on("change:messages", drawLog);
-  model.on("change:permissions", drawPermissions);
-  model.on("change:notice", drawNotice);
-  model.on("change:turn_error", drawTurnError);
-  model.on("change:pushed", drawPushed);
-  model.on("change:pushing", drawPushing);
-  model.on("change:code", drawExtra);
-  model.on("change:diff_html", drawExtra);
+  view.redraw();
+  drawStatus(); drawPermissions(); drawNotice(); drawExtra(); drawTurnError(); drawPushed(); drawPushing();
+  const listeners = [
+    [["state", "phase", "error", "busy", "connected", "retry", "waiting_since", "waiting_signal"], drawStatus],
+    [["permissions"], drawPermissions], [["notice"], drawNotice], [["turn_error"], drawTurnError],
+    [["pushed"], drawPushed], [["pushing"], drawPushing], [["code", "diff_html"], drawExtra],
+  ];
+  for (const [names, draw] of listeners) for (const name of names) model.on(`change:${name}`, draw);
+  return () => {
+    clearInterval(ticker);
+    store.views.delete(view);
+    for (const [names, draw] of listeners) for (const name of names) model.off(`change:${name}`, draw);
+  };
 }
 
-export default { render };
+export default { initialize, render };

@@ -43,6 +43,12 @@ def diff(result: dict[str, Any]) -> dict[str, str]:
     return bundle(markup, f"{len(files)} file(s) changed: {summary}\n\n{text}")
 
 
+def model_name(model: str | None, short: bool = False) -> str:
+    """The model a session uses (sessions made before the server recorded the model it
+    resolved have none)."""
+    return model or ("" if short else "(the server's default)")
+
+
 def sessions(rows: list[dict[str, Any]], current: str | None) -> dict[str, str]:
     if not rows:
         text = "No sessions yet. Start one with %tabbi start REPO"
@@ -52,7 +58,8 @@ def sessions(rows: list[dict[str, Any]], current: str | None) -> dict[str, str]:
     plain = ["  ".join(h or " " for h in headers)]
     for row in rows:
         mark = "*" if row["id"] == current else ""
-        cells = [mark, row["id"], row["state"], row["repo"], row["work_branch"], row.get("model") or ""]
+        cells = [mark, row["id"], row["state"], row["repo"], row["work_branch"],
+                 model_name(row.get("model"), short=True)]
         plain.append("  ".join(str(c) for c in cells))
         color = STATE_COLORS.get(row["state"], "#8c959f")
         cells_html = [html.escape(str(c)) for c in cells]
@@ -62,14 +69,19 @@ def sessions(rows: list[dict[str, Any]], current: str | None) -> dict[str, str]:
     return bundle(f"<table class='tabbi-sessions'>{head}{''.join(table_rows)}</table>", "\n".join(plain))
 
 
-def tool_line(data: dict[str, Any]) -> str:
-    """One line per finished tool call: ``[tool] write hello.py: completed``."""
+def tool_summary(data: dict[str, Any]) -> str:
+    """A tool call in a few words: ``write hello.py``, ``bash pytest -q``."""
     args = data.get("input") or {}
     main = (data.get("title") or args.get("filePath") or args.get("command") or args.get("pattern")
             or args.get("description") or "")
     main = str(main).splitlines()[0][:120] if main else ""
+    return f"{data.get('tool')} {main}".rstrip()
+
+
+def tool_line(data: dict[str, Any]) -> str:
+    """One line per finished tool call: ``[tool] write hello.py: completed``."""
     status = data.get("status")
-    line = f"[tool] {data.get('tool')} {main}".rstrip() + f": {status}"
+    line = f"[tool] {tool_summary(data)}: {status}"
     if status == "error" and data.get("error"):
         line += f" ({str(data['error']).splitlines()[0][:200]})"
     return line

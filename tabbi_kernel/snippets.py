@@ -32,6 +32,22 @@ class Snippet:
     verbs: list[str] = field(default_factory=list)  # written, edited
 
 
+def latest_code(conversation: Conversation, read_file: Callable[[str], str] | None = None,
+                ) -> tuple[Turn, list[Snippet]] | None:
+    """The newest finished turn that produced Python code, with its snippets: an aborted or
+    chatty turn after it does not hide it (``%tabbi insert`` and the panel's "Insert code")."""
+    for turn in conversation.finished_turns():
+        snippets = turn_snippets(conversation, turn, read_file)
+        if snippets:
+            return turn, snippets
+    return None
+
+
+def earlier_note(conversation: Conversation, turn: Turn) -> str:
+    """Says when the code comes from a turn before the last one."""
+    return "" if conversation.last_finished_turn() is turn else f" (from an earlier turn: {turn.text[:60]!r})"
+
+
 def turn_snippets(conversation: Conversation, turn: Turn,
                   read_file: Callable[[str], str] | None = None) -> list[Snippet]:
     """The turn's Python code in order; a file changed several times is one snippet with its text

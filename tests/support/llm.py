@@ -13,47 +13,36 @@ or a deadline really cut the model off, rather than letting it stream (and bill)
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from typing import Any
+
+from tabbi_extension import chat_completions
+from tabbi_extension.chat_completions import (  # noqa: F401 - the tests' script vocabulary
+    StreamHandler,
+    bash,
+    edit,
+    read,
+    write,
+)
 
 TITLE = "Scripted session"
 
 
 @dataclass
-class Reply:
-    """One model call's answer: text (streamed in ``chunks`` pieces), then tool calls."""
+class Reply(chat_completions.Reply):
+    """One model call's answer: text (streamed in ``chunks`` pieces), then tool calls, and the
+    faults a test wants in it."""
 
-    text: str = ""
-    tools: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    chunks: int = 3
     drip: float = 0.0  # seconds between chunks
     status: int = 200  # != 200: answer with this HTTP error instead
     malformed: bool = False  # send a broken chunk mid-stream
     stall: bool = False  # after the first chunk, send nothing more until the client hangs up
-
-
-def write(path: str, content: str) -> tuple[str, dict[str, Any]]:
-    return ("write", {"filePath": path, "content": content})
-
-
-def read(path: str) -> tuple[str, dict[str, Any]]:
-    return ("read", {"filePath": path})
-
-
-def edit(path: str, old: str, new: str) -> tuple[str, dict[str, Any]]:
-    return ("edit", {"filePath": path, "oldString": old, "newString": new})
-
-
-def bash(command: str, description: str = "run a command") -> tuple[str, dict[str, Any]]:
-    return ("bash", {"command": command, "description": description})
 
 
 @dataclass
@@ -63,7 +52,9 @@ class Recorded:
     received_at: float
 
 
-class ScriptedLLM:
+class ScriptedLLM(chat_completions.ChatCompletionsServer):
+    model_ids = ("scripted",)
+
     def __init__(self) -> None:
         self.script: deque[Reply] = deque()
         self.requests: list[Recorded] = []
@@ -77,23 +68,15 @@ class ScriptedLLM:
         # Written once on stop: wakes every stream waiting in ``select``.
         self._stop_read, self._stop_write = os.pipe()
         self._lock = threading.Lock()
-        self._calls = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        super().__init__()
 
     def start(self) -> ScriptedLLM:
-        self._thread.start()
+        super().start()
         return self
 
     def stop(self) -> None:
         os.write(self._stop_write, b"x")
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
         os.close(self._stop_write)  # the read end stays open for streams still winding down
 
     def wait_closed(self, count: int, timeout: float) -> None:
@@ -106,6 +89,11 @@ class ScriptedLLM:
     def _count_closed(self) -> None:
         with self._completion:
             self.closed += 1
+            self._completion.notify_all()
+
+    def _count_completed(self) -> None:
+        with self._completion:
+            self.completed += 1
             self._completion.notify_all()
 
     def wait_completed(self, count: int, timeout: float) -> None:
@@ -121,46 +109,31 @@ class ScriptedLLM:
     def agent_requests(self) -> list[dict[str, Any]]:
         return [r.body for r in self.requests if not r.is_title]
 
-    def _next(self, body: dict[str, Any]) -> tuple[Reply, bool]:
+    def answer(self, body: dict[str, Any]) -> Reply:
         is_title = not body.get("tools")
         with self._lock:
             self.requests.append(Recorded(body, is_title, time.time()))
             if is_title:
-                return Reply(text=TITLE, chunks=1), True
-            self._calls += 1
-            return (self.script.popleft() if self.script else Reply(text="OK.")), False
+                return Reply(text=TITLE, chunks=1)
+            return self.script.popleft() if self.script else Reply(text="OK.")
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+    def _handler_class(self) -> type[StreamHandler]:
         llm = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(StreamHandler):
+            server_owner = llm
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
-                    self._json(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
-                else:
-                    self._json(404, {"error": {"message": "not found"}})
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not self.path.endswith("/chat/completions"):
-                    self._json(404, {"error": {"message": "not found"}})
-                    return
-                reply, _ = llm._next(body)
+            def respond(self, body: dict[str, Any]) -> None:
+                reply = llm.answer(body)
                 if reply.status != 200:
-                    self._json(
+                    self.send_json(
                         reply.status,
                         {"error": {"message": f"scripted failure {reply.status}", "type": "server_error"}},
                     )
                     return
                 # The client may go away mid-stream (an abort): that is the point of such tests.
                 try:
-                    self._stream(reply, body.get("model", "scripted"))
+                    self.stream(reply, body.get("model", "scripted"))
                 except (BrokenPipeError, ConnectionResetError):
                     llm._count_closed()
 
@@ -183,71 +156,21 @@ class ScriptedLLM:
                         return True
                     waiting = [llm._stop_read]  # unexpected bytes: only a stop ends the wait now
 
-            def _json(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            def before_piece(self, index: int, reply: Reply) -> bool:
+                return not (index and reply.drip and self._hold(reply.drip))
 
-            def _chunk(self, payload: str) -> None:
-                data = f"data: {payload}\n\n".encode()
-                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.flush()
+            def after_piece(self, index: int, piece: str, reply: Reply) -> None:
+                llm.emitted.append((time.time(), piece))
+                if reply.malformed and index == 0:
+                    self.send_event('{"choices": [{"index": 0, "delta": {"content": ')
 
-            def _delta(self, model: str, delta: dict[str, Any], finish: str | None = None) -> None:
-                self._chunk(
-                    json.dumps(
-                        {
-                            "id": "chatcmpl-scripted",
-                            "object": "chat.completion.chunk",
-                            "created": int(time.time()),
-                            "model": model,
-                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                        }
-                    )
-                )
-
-            def _stream(self, reply: Reply, model: str) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                self._delta(model, {"role": "assistant", "content": ""})
-                text, n = reply.text, max(1, reply.chunks)
-                size = max(1, -(-len(text) // n)) if text else 0
-                pieces = [text[i : i + size] for i in range(0, len(text), size)] if text else []
-                for i, piece in enumerate(pieces):
-                    if i and reply.drip and self._hold(reply.drip):
-                        return
-                    llm.emitted.append((time.time(), piece))
-                    self._delta(model, {"content": piece})
-                    if reply.malformed and i == 0:
-                        self._chunk('{"choices": [{"index": 0, "delta": {"content": ')
+            def before_tools(self, reply: Reply) -> bool:
                 if reply.stall:
                     self._hold(None)
-                    return
-                for index, (name, args) in enumerate(reply.tools):
-                    call = {
-                        "index": index,
-                        "id": f"call_{llm._calls}_{index}",
-                        "type": "function",
-                        "function": {"name": name, "arguments": json.dumps(args)},
-                    }
-                    self._delta(model, {"tool_calls": [call]})
-                finish = "tool_calls" if reply.tools else "stop"
-                self._delta(model, {}, finish)
-                usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-                self._chunk(json.dumps({"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
-                                        "created": int(time.time()), "model": model,
-                                        "choices": [], "usage": usage}))
-                self._chunk("[DONE]")
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
-                with llm._completion:
-                    llm.completed += 1
-                    llm._completion.notify_all()
+                    return False
+                return True
+
+            def completed(self, reply: Reply) -> None:
+                llm._count_completed()
 
         return Handler

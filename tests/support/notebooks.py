@@ -1,5 +1,6 @@
-"""The example notebooks against the scripted model: what the model answers, and how to refresh
-the outputs stored in the notebooks (``python -m tests.support.notebooks``)."""
+"""The example notebooks against a real server, and how to refresh the outputs stored in them
+(``python -m tests.support.notebooks``). The quickstart asks for tabbi's demo model itself
+(``--model demo``), so it runs the same here as for a person without an API key."""
 
 from __future__ import annotations
 
@@ -8,21 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support.llm import Reply, ScriptedLLM, write
+from tests.support.llm import ScriptedLLM
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
-
-SLUGIFY = 'def slugify(text):\n    return "-".join(text.lower().split())\n'
-
-
-def script_quickstart(llm: ScriptedLLM) -> None:
-    llm.enqueue(
-        Reply(text="I'll add slugify to text_utils.py.", tools=[write("text_utils.py", SLUGIFY)]),
-        Reply(text="Added `slugify(text)` in text_utils.py: it lowercases the text and joins "
-                   "its words with dashes.", chunks=6),
-    )
-
 
 def server_env(server) -> dict[str, str]:
     """How a kernel not started by that server finds it (the explicit route of discovery)."""
@@ -52,7 +42,6 @@ def regenerate(name: str = "quickstart.ipynb") -> None:
     llm = ScriptedLLM().start()
     server = JupyterProcess(llm.url, Path(tempfile.mkdtemp(prefix="tabbi-nb-")))
     try:
-        script_quickstart(llm)
         path = NOTEBOOKS / name
         notebook = nbformat.read(path, as_version=4)
         os.environ.update(server_env(server))
