@@ -1,11 +1,15 @@
 # The two commands of the README. Both set up everything first (scripts/setup.sh is idempotent).
-.PHONY: lab test setup bench lint mutants
+.PHONY: lab test setup bench lint mutants hub
 
 setup:
 	./scripts/setup.sh
 
 lab: setup
 	.venv/bin/jupyter lab --config=jupyter_config.py
+
+# A local JupyterHub with tabbi in hub mode (demo users alice and bob): http://127.0.0.1:8000/
+hub: setup
+	.venv/bin/jupyterhub -f hub/jupyterhub_config.py
 
 lint: setup
 	.venv/bin/ruff check .

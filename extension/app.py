@@ -231,6 +231,21 @@ class TabbiExtension(ExtensionApp):
         help="The OAuth callback URL to send to GitHub. Unset: derived from the request as "
         "<server base URL>/tabbi/github/callback (set it when a proxy rewrites the host).",
     ).tag(config=True)
+    public_url = Unicode(
+        None,
+        allow_none=True,
+        help="This server's base URL (with its base_url) as people's browsers reach it, behind "
+        "JupyterHub's proxy and any TLS terminator, e.g. https://hub.example.org/services/tabbi/. "
+        "GitHub's OAuth callback and links are built from it, whichever route a request came in "
+        "by. Env: TABBI_PUBLIC_URL, then JUPYTERHUB_PUBLIC_URL (JupyterHub sets it for servers and "
+        "services when c.JupyterHub.public_url is set). Unset: derived from each request, except "
+        "under JupyterHub's identity (there a kernel's request has an internal Host).",
+    ).tag(config=True)
+
+    @default("public_url")
+    def _public_url_default(self) -> str | None:
+        return _env("TABBI_PUBLIC_URL") or _env("JUPYTERHUB_PUBLIC_URL")
+
     encryption_key = Unicode(
         None,
         allow_none=True,
@@ -334,6 +349,9 @@ class TabbiExtension(ExtensionApp):
             tabbi_publisher=Publisher(self.github),
             tabbi_github_login_flow=self.github_login_flow,
             tabbi_github_callback_url=self.github_callback_url,
+            tabbi_public_url=self.public_url,
+            tabbi_urls_from_requests=not type(self.serverapp.identity_provider).__module__.startswith(
+                "jupyterhub."),
             tabbi_data_dir=str(data),
             tabbi_local_repo_roots=list(
                 self.local_repo_roots

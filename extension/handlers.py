@@ -392,6 +392,10 @@ class PushHandler(TabbiHandler):
         if cells_request is not None:
             if not isinstance(cells_request, dict):
                 raise ValidationError("'cells' must be an object: {notebook, select, to?, only?}")
+            if not await ensure_async(
+                self.authorizer.is_authorized(self, self.current_user, "read", "contents")
+            ):  # cells come from the server's files: only for people who may read them
+                raise web.HTTPError(403, "you may not read this server's notebooks")
             notebook_path = await self._notebook_path(cells_request.get("notebook"))
             contents = self.contents_manager
             model = await ensure_async(contents.get(notebook_path, content=True, type="notebook"))

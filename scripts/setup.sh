@@ -50,10 +50,11 @@ echo "setup: pip install -e .[test,lab]"
 mkdir -p .venv/etc/jupyter/jupyter_server_config.d
 cp jupyter-config/jupyter_server_config.d/tabbi.json .venv/etc/jupyter/jupyter_server_config.d/
 
-if [ "$(node_modules/.bin/opencode --version 2>/dev/null || true)" != "$(node -p 'require("./package.json").dependencies["opencode-ai"]')" ]; then
+if [ "$(node_modules/.bin/opencode --version 2>/dev/null || true)" != "$(node -p 'require("./package.json").dependencies["opencode-ai"]')" ] \
+   || [ ! -x node_modules/.bin/configurable-http-proxy ]; then  # JupyterHub's proxy: make hub, tests/test_hub.py
   # `npm install` (not `npm ci`): npm leaves the other platforms' optional binaries out of the
   # lock file, and `npm ci` then refuses it. package.json pins the exact version.
-  echo "setup: npm install (OpenCode, pinned)"
+  echo "setup: npm install (OpenCode, configurable-http-proxy; pinned)"
   npm install --no-audit --no-fund --loglevel=error
 fi
 # The Convex functions' own tests and the loopback Convex stand-in: convex/ is its own npm project

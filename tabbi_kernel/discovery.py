@@ -2,8 +2,12 @@
 
 Routes, in order:
 1. ``TABBI_SERVER_URL`` + ``TABBI_SERVER_TOKEN``: an explicit override (a kernel started elsewhere).
-2. JupyterHub: ``JUPYTERHUB_SERVICE_URL`` + ``JUPYTERHUB_API_TOKEN`` (the single-user server).
-3. The server's runtime file ``jpserver-<pid>.json`` whose pid is the kernel's ``JPY_PARENT_PID``
+2. JupyterHub in hub mode: ``TABBI_SERVICE_URL`` (set for users' servers by the hub's config: the
+   tabbi service's base URL, e.g. ``http://proxy/services/tabbi/``) + ``JUPYTERHUB_API_TOKEN`` (the
+   person's own server token, which the hub grants ``access:services!service=tabbi``).
+3. JupyterHub in personal mode: ``JUPYTERHUB_SERVICE_URL`` + ``JUPYTERHUB_API_TOKEN`` (tabbi inside
+   the single-user server).
+4. The server's runtime file ``jpserver-<pid>.json`` whose pid is the kernel's ``JPY_PARENT_PID``
    (stale files of dead servers exist; matching on the pid filters them out).
 """
 
@@ -42,6 +46,13 @@ def find_server(environ: Mapping[str, str] | None = None) -> ServerInfo:
     if env.get("TABBI_SERVER_URL"):
         return ServerInfo(env["TABBI_SERVER_URL"], env.get("TABBI_SERVER_TOKEN", ""), "TABBI_SERVER_URL")
     tried.append("TABBI_SERVER_URL + TABBI_SERVER_TOKEN: not set")
+
+    if env.get("TABBI_SERVICE_URL"):
+        if env.get("JUPYTERHUB_API_TOKEN"):
+            return ServerInfo(env["TABBI_SERVICE_URL"], env["JUPYTERHUB_API_TOKEN"], "JupyterHub service")
+        tried.append("JupyterHub service (TABBI_SERVICE_URL): JUPYTERHUB_API_TOKEN is not set")
+    else:
+        tried.append("JupyterHub service (TABBI_SERVICE_URL + JUPYTERHUB_API_TOKEN): not set")
 
     if env.get("JUPYTERHUB_SERVICE_URL") and env.get("JUPYTERHUB_API_TOKEN"):
         return ServerInfo(env["JUPYTERHUB_SERVICE_URL"], env["JUPYTERHUB_API_TOKEN"], "JupyterHub")

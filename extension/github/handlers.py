@@ -50,12 +50,27 @@ class LoginHandler(GitHubHandler):
         flow = self.body().get("flow") or self.settings["tabbi_github_login_flow"]
         if flow not in ("web", "device"):
             raise ValidationError("'flow' must be 'web' or 'device'")
-        redirect_uri = (
-            self.settings["tabbi_github_callback_url"]
-            or f"{self.request.protocol}://{self.request.host}{url_path_join(self.base_url, CALLBACK_PATH)}"
-        )
+        redirect_uri = ""  # the device flow has no callback
+        if flow == "web":
+            redirect_uri = self.settings["tabbi_github_callback_url"] or self._callback_url()
         attempt = await self.accounts.begin_login(self.username, flow, redirect_uri)
         self.write_json(attempt.public(), 201)
+
+
+    def _callback_url(self) -> str:
+        """The callback under this server's public URL. From the request's Host only outside
+        JupyterHub: there a kernel reaches the server by an internal address (the single-user
+        server's port, the service behind the proxy) that GitHub cannot send a browser to."""
+        public = self.settings["tabbi_public_url"]
+        if public:
+            return url_path_join(public, CALLBACK_PATH)
+        if not self.settings["tabbi_urls_from_requests"]:
+            raise GitHubError(
+                "GitHub web sign-in needs this server's public URL under JupyterHub: set "
+                "c.JupyterHub.public_url (or TabbiExtension.public_url); or sign in with flow='device'",
+                409,
+            )
+        return f"{self.request.protocol}://{self.request.host}{url_path_join(self.base_url, CALLBACK_PATH)}"
 
 
 class LoginStatusHandler(GitHubHandler):
