@@ -26,6 +26,9 @@ bench: setup
 	cd bench && ../.venv/bin/python bench_lifecycle.py
 	cd bench && ../.venv/bin/python bench_load.py
 	cd bench && ../.venv/bin/python bench_push.py
+	cd bench && ../.venv/bin/python bench_panel.py
+	cd bench && ../.venv/bin/python bench_store.py
+	cd bench && ../.venv/bin/python bench_modal.py
 
 # Guarantee mutants (slow, not part of `make test`): break each guarantee of tests/mutants.toml in
 # a scratch copy and check that its tests fail. `make mutants ARGS="-j 2 turn-deadline"` passes on.
