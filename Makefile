@@ -17,7 +17,7 @@ lint: setup
 test: setup
 	.venv/bin/ruff check .
 	cd convex && npx vitest run
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: setup
 	cd bench && ../.venv/bin/python bench_start.py

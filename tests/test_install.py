@@ -165,7 +165,9 @@ def closure(name, seen):
     except md.PackageNotFoundError:
         return
     for req in requires:
-        if "extra ==" not in req:
+        # tabbi's optional back ends (imported only when selected) count; other extras do not.
+        optional = key == "tabbi" and re.search(r"extra == .(modal|hub).", req)
+        if "extra ==" not in req or optional:
             closure(re.match(r"[A-Za-z0-9_.-]+", req).group(0), seen)
 declared = set()
 closure("tabbi", declared)

@@ -72,11 +72,11 @@ print(flips)
 RACE_SECONDS = 40
 
 
-async def test_database_flipped_to_a_link_never_archives_the_servers(tmp_path, source_repo):
+async def test_database_flipped_to_a_link_never_archives_the_servers(request, tmp_path, source_repo):
     """Threat (item 1): the server checked that opencode.db is no link, then opened it by path.
     The agent flips it between a file and a link to <data_dir>/tabbi.sqlite3 while snapshots
     run; one that wins the race archives every user's sessions into the agent's snapshot."""
-    kit = local_kit(tmp_path / "tabbi-data")
+    kit = local_kit(request, tmp_path / "tabbi-data")
     server_db = tmp_path / "tabbi-data" / "tabbi.sqlite3"
     server_db.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(server_db) as db:
@@ -108,11 +108,12 @@ async def test_database_flipped_to_a_link_never_archives_the_servers(tmp_path, s
     assert saved, f"every snapshot failed ({failed})"
 
 
-async def test_fifo_or_link_at_the_old_log_location_neither_blocks_nor_is_written(tmp_path, source_repo):
+async def test_fifo_or_link_at_the_old_log_location_neither_blocks_nor_is_written(request, tmp_path,
+                                                                                 source_repo):
     """Threat (item 3): the server opened <sandbox>/bootstrap.log by path, in a folder the agent
     writes. A FIFO there froze the whole Jupyter server (the open blocks its event loop until
     someone reads); a link made it append to any file the server user can write."""
-    kit = local_kit(tmp_path / "tabbi-data")
+    kit = local_kit(request, tmp_path / "tabbi-data")
     outside = tmp_path / "outside" / "written-by-the-server.txt"
     outside.parent.mkdir()
     spec = make_spec(source_repo)
