@@ -240,3 +240,34 @@ def test_modal_is_imported_only_by_the_provider(tmp_path: Path):
     code = "import sys, tabbi_extension.app, tabbi_extension.push; print('modal' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+async def test_quota_image_build_and_tunnel_failures_say_what_to_do(modal_world: ModalWorld, monkeypatch):
+    """The failures the stand-in cannot cause on cue, each through the provider's own path: a quota
+    Modal reports, an image build that fails, a tunnel that never answers. Each is a message that
+    names what to do, never a gRPC status."""
+    import modal
+
+    from tabbi_sandbox import modal_image
+    from tabbi_sandbox.bootstrap import free_port
+    from tabbi_sandbox.provider import Endpoint
+
+    provider = modal_world.provider(start_timeout=2.0)
+    quota = provider.readable(modal.exception.ResourceExhaustedError("Too many sandboxes"), "starting it")
+    assert "quota or concurrency limit" in str(quota) and "pause other sessions" in str(quota)
+    gone = provider.readable(modal.exception.NotFoundError("Sandbox not found"), "running a command")
+    assert "sandbox is gone" in str(gone) and "snapshots are kept" in str(gone)
+
+    class Failing:
+        class build:  # the shape of modal.Image.build
+            @staticmethod
+            async def aio(app):
+                raise modal.exception.RemoteError("E: Unable to locate package no-such-package")
+
+    monkeypatch.setattr(modal_image, "build_definition", lambda _modal, _recipe: Failing)
+    with pytest.raises(SandboxError, match=r"could not be built.*no-such-package.*apt_packages"):
+        await provider.build(modal_image.Recipe.default(["no-such-package"], []))
+
+    closed = free_port()  # nothing listens there: a tunnel that never answers
+    with pytest.raises(SandboxError, match=r"did not answer.*modal\.host"):
+        await provider.check_tunnel(Endpoint(f"https://127.0.0.1:{closed}", "password"))

@@ -437,10 +437,11 @@ SUBSTRATES = {"local": LocalSubstrate, "modal": ModalSubstrate}
 @pytest.mark.parametrize("substrate_name", sorted(SUBSTRATES))
 def test_a_session_end_to_end(substrate_name, tmp_path, llm, source_repo):
     """One journey per substrate (kept to one to keep the suite lean): start from a local repository
-    (on Modal uploaded as a bundle), a streamed turn, diff, push (on Modal the branch leaves as a
-    bundle and is pushed from the server), the server SIGKILLed mid-turn and a new one
-    re-attaching to the live sandbox with nothing lost, orphans reconciled, a pause into a snapshot
-    and a resume from it with the conversation kept (the model gets the whole conversation)."""
+    (on Modal uploaded as a bundle), a streamed turn, diff, the file read back for insert, push (on
+    Modal the branch leaves as a bundle and is pushed from the server), the server SIGKILLed
+    mid-turn and a new one re-attaching to the live sandbox with nothing lost, orphans reconciled,
+    a pause into a snapshot and a resume from it with the conversation kept (the model gets the
+    whole conversation)."""
     from tabbi_sandbox.bootstrap import free_port
     from tests.conftest import git
     from tests.support.llm import Reply, write
@@ -466,6 +467,9 @@ def test_a_session_end_to_end(substrate_name, tmp_path, llm, source_repo):
             assert [f["path"] for f in first.call("GET", f"tabbi/api/sessions/{sid}/diff")["files"]] == [
                 "hello.py"
             ]
+            # What `%tabbi insert` and the panel read back: the file at its final content.
+            read = first.call("GET", f"tabbi/api/sessions/{sid}/file?path=hello.py")
+            assert read["content"] == "print('hi')\n"
             pushed = first.call("POST", f"tabbi/api/sessions/{sid}/push", {"message": "pushed"}, timeout=120)
             assert git("show", f"{pushed['branch']}:hello.py", cwd=source_repo) == "print('hi')"
 
@@ -523,3 +527,37 @@ def test_a_session_end_to_end(substrate_name, tmp_path, llm, source_repo):
         assert request.definition.idle_timeout_secs > 900
         assert request.definition.timeout_secs >= request.definition.idle_timeout_secs
     assert len(requests) == (2 if substrate_name == "modal" else 0)  # the first start, the resume
+
+
+@pytest.mark.timeout(600)
+def test_an_idle_modal_session_pauses_into_a_snapshot_before_modal_would_end_it(tmp_path, llm, source_repo):
+    """Threat: Modal ends an idle sandbox by itself (its ``idle_timeout``), and the work since the
+    last snapshot would go with it. tabbi's own idle pause must come first: the session pauses
+    into a snapshot and tabbi terminates the sandbox (TERMINATED, not Modal's TIMEOUT), and Modal's
+    idle timeout is set above tabbi's."""
+    from modal_proto import api_pb2
+
+    from tabbi_sandbox.bootstrap import free_port
+    from tests.support.server import JupyterProcess
+
+    port = free_port()
+    substrate = ModalSubstrate(port)
+    options = [*substrate.options, "--TabbiExtension.idle_timeout=4"]
+    try:
+        server = JupyterProcess(llm.url, tmp_path / "srv", extra=options, env=substrate.env, port=port)
+        try:
+            sid = server.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
+            paused = server.wait_event(
+                sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "paused", timeout=300
+            )
+            events = server.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
+        finally:
+            server.stop()
+        requests = substrate.create_requests(sid)
+        boxes = substrate.sandboxes(sid)
+    finally:
+        substrate.close()
+    assert paused["data"]["reason"] == "idle", paused
+    assert [e for e in events if e["type"] == "snapshot.saved"], "the pause saved a snapshot"
+    assert [b.result.status for b in boxes] == [api_pb2.GenericResult.GENERIC_STATUS_TERMINATED]
+    assert [r.definition.idle_timeout_secs > 4 for r in requests] == [True]
