@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tabbi_sandbox.bootstrap import free_port
-from tests.support.server import OutputWatch
+from tests.support.server import OutputWatch, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Source folder -> import name of every package the wheel carries.
@@ -64,14 +63,7 @@ class Launched:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.output.join()
+        stop_group(self.proc, self.output)
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -97,14 +97,20 @@ class JupyterProcess:
         self.output.join()
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.output.join()
+        stop_group(self.proc, self.output)
+
+
+def stop_group(proc: subprocess.Popen, output: OutputWatch) -> None:
+    """SIGTERM a process started in its own session with its whole group, SIGKILL after 30 s, then
+    collect the rest of its output."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    output.join()
 
 
 class OutputWatch:
