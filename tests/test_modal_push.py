@@ -21,7 +21,7 @@ from tabbi_sandbox.provider import SandboxError
 from tests.conftest import git
 from tests.support.git_remote import GitHTTPRemote
 
-TOKEN = "ghs_modalpushtoken0123456789"
+TOKEN = "ghs_modalpushtoken0123456789"  # fake: the test remote's own token, no real account
 
 
 def bundle_of(repo: Path, *refs: str) -> bytes:
