@@ -6,7 +6,25 @@
 import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
 
-const nullableString = v.union(v.string(), v.null());
+export const nullableString = v.union(v.string(), v.null());
+
+/** A session's fields as callers see them (API.md `Session`); the table adds its counters. */
+export const sessionFields = {
+  id: v.string(),
+  owner: v.string(),
+  repo: v.string(),
+  work_branch: v.string(),
+  base_branch: nullableString,
+  base_commit: nullableString,
+  model: nullableString,
+  state: v.string(),
+  error: nullableString,
+  opencode_session_id: nullableString,
+  sandbox_state: v.string(), // JSON text
+  created_at: v.number(),
+  updated_at: v.number(),
+  server_id: nullableString,
+};
 
 export default defineSchema({
   users: defineTable({
@@ -16,20 +34,7 @@ export default defineSchema({
   }).index("by_username", ["username"]),
 
   sessions: defineTable({
-    id: v.string(),
-    owner: v.string(),
-    repo: v.string(),
-    work_branch: v.string(),
-    base_branch: nullableString,
-    base_commit: nullableString,
-    model: nullableString,
-    state: v.string(),
-    error: nullableString,
-    opencode_session_id: nullableString,
-    sandbox_state: v.string(), // JSON text
-    created_at: v.number(),
-    updated_at: v.number(),
-    server_id: nullableString,
+    ...sessionFields,
     // The log's and the prompt queue's high-water marks: bumped in the same mutation that
     // writes, so two writers conflict on this row and Convex re-runs one of them.
     last_seq: v.number(),

@@ -8,26 +8,10 @@ import { internalMutation, mutation, query } from "./_generated/server";
 import { finite, id, json, text } from "./lib/checks";
 import { fail } from "./lib/errors";
 import { caller, ownSession, requireOwnSession, server, sessionById, user } from "./lib/identity";
-
-const nullableString = v.union(v.string(), v.null());
+import { nullableString, sessionFields } from "./schema";
 
 /** A session as callers see it (API.md `Session`). */
-export const sessionValidator = v.object({
-  id: v.string(),
-  owner: v.string(),
-  repo: v.string(),
-  work_branch: v.string(),
-  base_branch: nullableString,
-  base_commit: nullableString,
-  model: nullableString,
-  state: v.string(),
-  error: nullableString,
-  opencode_session_id: nullableString,
-  sandbox_state: v.string(),
-  created_at: v.number(),
-  updated_at: v.number(),
-  server_id: nullableString,
-});
+export const sessionValidator = v.object(sessionFields);
 
 export function sessionOut(doc: Doc<"sessions">) {
   return {
