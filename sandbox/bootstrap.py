@@ -18,8 +18,8 @@ Protocol:
   request JSON on stdin) commit the workspace and push the session branch; see ``commit_work``
   and ``push_branch``.
 - ``bootstrap.py snapshot REQUEST`` and ``bootstrap.py restore REQUEST`` (each run confined in its
-  own process, the request JSON in argv: paths only) write the snapshot archive to stdout and
-  unpack one from stdin, so the server never touches the sandbox's files; see ``snapshots.py``.
+  own process, the request JSON in argv: paths only) write the snapshot stream to stdout and
+  unpack an archive from stdin, so the server never touches the sandbox's files; see ``snapshots.py``.
 
 Git credentials (a GitHub token) arrive only on stdin and reach only the one git process that
 needs them, through its environment and a credential helper defined on its command line that
@@ -529,13 +529,14 @@ def _archive_module():
 
 
 def snapshot_sandbox(request: dict) -> int:
-    """``bootstrap.py snapshot REQUEST``: write the snapshot of ``request["workspace"]`` and
-    ``request["home"]`` as tar.gz to stdout (which the provider points at the archive file, in a
-    folder of the server's that this sandbox cannot see); on failure say why on stderr, exit 3.
-    Run in its own sandbox process: nothing of the server is visible to it."""
+    """``bootstrap.py snapshot REQUEST``: write the snapshot stream of ``request["workspace"]``
+    and ``request["home"]`` to stdout (which the provider reads into its snapshot store, in a
+    folder of the server's that this sandbox cannot see), reusing what the previous snapshot's
+    cache on stdin describes; on failure say why on stderr, exit 3. Run in its own sandbox
+    process: nothing of the server is visible to it."""
     archive = _archive_module()
     try:
-        archive.write_archive(request["workspace"], request["home"], sys.stdout.buffer)
+        archive.write_snapshot(request["workspace"], request["home"], sys.stdin.buffer, sys.stdout.buffer)
         sys.stdout.buffer.flush()
     except archive.SnapshotError as exc:
         print(str(exc), file=sys.stderr, flush=True)

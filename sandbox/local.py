@@ -39,12 +39,13 @@ import shutil
 import signal
 import stat
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from traitlets import Bool, Enum, Float, Unicode, default
 
-from . import isolation, processes, sealed, snapshots
+from . import isolation, processes, sealed, snapshot_store, snapshots
 from .binary import OpenCodeNotFound, find_opencode
 from .provider import (
     BOOTSTRAP_SCRIPT,
@@ -58,6 +59,7 @@ from .provider import (
     SandboxProvider,
     SandboxSpec,
 )
+from .snapshot_store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -302,46 +304,80 @@ class LocalSandbox(Sandbox):
             raise
         return proc.returncode or 0, out or b"", err or b""
 
-    async def write_snapshot(self, destination: Path, timeout: float) -> int:
-        """Write this sandbox's snapshot to ``destination`` (a server-only folder); its size."""
-        _private_dir(destination.parent)
-        partial = destination.with_name(destination.name + ".partial")
-        fd = _open_regular(partial, os.O_TRUNC)
-        try:
-            status, _, err = await self._archive_command(
-                "snapshot", asyncio.subprocess.DEVNULL, fd, timeout)
-            if status != 0:
-                why = _last_line(err) or f"status {status}"
-                raise SandboxError(f"the snapshot could not be written: {why}")
-            await asyncio.to_thread(os.fsync, fd)  # complete on disk before it replaces anything
-            size = os.fstat(fd).st_size
-            os.replace(partial, destination)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        finally:
-            os.close(fd)
-        return size
+    async def write_snapshot(self, store: SnapshotStore, name: str, timeout: float) -> int:
+        """Write this sandbox's snapshot ``name`` into ``store`` (a server-only folder), sending
+        only what the store's newest snapshot does not hold; its size."""
+        async with _held(store.lock()):
+            cache = await asyncio.to_thread(store.cache)
+            given = os.memfd_create("tabbi-snapshot-cache", os.MFD_CLOEXEC)
+            os.write(given, cache)
+            os.lseek(given, 0, os.SEEK_SET)
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            receiving = asyncio.ensure_future(asyncio.to_thread(store.receive, read_end))
+            try:
+                try:
+                    status, _, err = await self._archive_command("snapshot", given, write_end, timeout)
+                finally:
+                    os.close(write_end)  # the stream ends with the process
+                    os.close(given)
+                try:
+                    pending = await receiving
+                except snapshot_store.StoreError as exc:
+                    if status == 0:
+                        raise SandboxError(f"the snapshot could not be written: {exc}") from None
+                if status != 0:
+                    why = _last_line(err) or f"status {status}"
+                    raise SandboxError(f"the snapshot could not be written: {why}")
+                size = await asyncio.to_thread(store.commit, name, pending)
+                log.info("tabbi: snapshot %s of %s: %d entries, %d files read, %d new blobs (%d bytes)",
+                         name, self.id, len(pending.manifest["entries"]), len(pending.received),
+                         len(pending.new_blobs), pending.bytes_written)
+                return size
+            finally:
+                if not receiving.done():
+                    await asyncio.wait([receiving])
+                os.close(read_end)
 
-    async def restore(self, archive: Path, timeout: float) -> None:
-        """Unpack the snapshot ``archive`` into this (not running) sandbox, all or nothing."""
+    async def restore(self, store: SnapshotStore, name: str, timeout: float) -> None:
+        """Unpack the snapshot ``name`` of ``store`` into this (not running) sandbox, all or
+        nothing: a format-1 archive as it is, a manifest as the archive its blobs make."""
+        async with _held(store.lock()):
+            archive = store.archive_path(name)
+            if not store.manifest_path(name).exists() and os.path.lexists(archive):
+                try:
+                    fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise RestoreError(f"the snapshot {name} cannot be read: {exc.strerror}") from None
+                try:
+                    answer = await self._restore_command(fd, timeout)
+                finally:
+                    os.close(fd)
+                _restored(name, *answer)
+                return
+            try:
+                manifest = await asyncio.to_thread(store.check, name)
+            except snapshot_store.StoreError as exc:
+                raise RestoreError(f"the snapshot {name} could not be restored: {exc}") from None
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            rendering = asyncio.ensure_future(asyncio.to_thread(store.render, manifest, write_end))
+            try:
+                answer = await self._restore_command(read_end, timeout)
+            finally:
+                os.close(read_end)  # a restore process that ended early stops the rendering
+                await asyncio.wait([rendering])
+            try:
+                rendering.result()
+            except snapshot_store.StoreError as exc:  # the store's reason is the clearer one
+                raise RestoreError(f"the snapshot {name} could not be restored: {exc}") from None
+            except OSError:
+                pass  # the restore process stopped reading: its own answer says why
+            _restored(name, *answer)
+
+    async def _restore_command(self, fd: int, timeout: float) -> tuple[int, bytes, bytes]:
         try:
-            fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise RestoreError(f"the snapshot {archive.name} cannot be read: {exc.strerror}") from None
-        try:
-            status, out, err = await self._archive_command("restore", fd, asyncio.subprocess.PIPE, timeout)
+            return await self._archive_command("restore", fd, asyncio.subprocess.PIPE, timeout)
         except SandboxError as exc:
             raise RestoreError(str(exc)) from None
-        finally:
-            os.close(fd)
-        try:
-            answer = json.loads(_last_line(out) or "{}")
-        except ValueError:
-            answer = {}
-        if status != 0 or "restored" not in answer:
-            why = answer.get("error") or _last_line(err) or f"status {status}"
-            raise RestoreError(f"the snapshot {archive.name} could not be restored: {why}")
 
     # -- internals --------------------------------------------------------------------------
     def _spawn_cwd(self) -> str:
@@ -539,7 +575,7 @@ class LocalProvider(SandboxProvider):
         # than any snapshot (a restore puts it in place last, complete).
         if restore is not None and not _is_dir(root / snapshots.WORKSPACE):
             await progress({"phase": "restoring"})
-            await sandbox.restore(self._archive(restore), self.snapshot_timeout)
+            await sandbox.restore(self._store(restore), self._name(restore), self.snapshot_timeout)
         await sandbox.start(spec, progress, opencode_bin)
         return sandbox
 
@@ -569,27 +605,36 @@ class LocalProvider(SandboxProvider):
         await asyncio.to_thread(_remove_sandbox_folder, root)
         (self.log_root / f"{root.name}.log").unlink(missing_ok=True)
 
-    # -- snapshots: compressed archives under snapshot_root/<sandbox id>/ -------------------------
+    # -- snapshots: a content-addressed store under snapshot_root/<sandbox id>/ (snapshot_store) --
     async def snapshot(self, sandbox: Sandbox, name: str) -> tuple[dict[str, Any], int]:
         assert isinstance(sandbox, LocalSandbox)
-        if not name.replace("-", "").isalnum():
+        if not snapshot_store.NAME.fullmatch(name):
             raise SandboxError(f"invalid snapshot name {name!r}")
-        destination = self.snapshot_root / sandbox.id / f"{name}.tar.gz"
+        ref = {"provider": self.name, "sandbox_id": sandbox.id, "name": name}
         try:
-            size = await sandbox.write_snapshot(destination, self.snapshot_timeout)
+            size = await sandbox.write_snapshot(self._store(ref), name, self.snapshot_timeout)
         except OSError as exc:
             raise SandboxError(f"the snapshot could not be written: {exc.strerror or exc}") from None
-        return {"provider": self.name, "sandbox_id": sandbox.id, "name": name}, size
+        return ref, size
+
+    def _store(self, ref: dict[str, Any]) -> SnapshotStore:
+        return SnapshotStore(self.snapshot_root / self.sandbox_root(str(ref.get("sandbox_id", ""))).name)
+
+    def _name(self, ref: dict[str, Any]) -> str:
+        name = str(ref.get("name", ""))
+        if not snapshot_store.NAME.fullmatch(name):
+            raise SandboxError(f"invalid snapshot reference {ref!r}")
+        return name
 
     def _archive(self, ref: dict[str, Any]) -> Path:
-        sandbox_id, name = str(ref.get("sandbox_id", "")), str(ref.get("name", ""))
-        if not name.replace("-", "").isalnum():
-            raise SandboxError(f"invalid snapshot reference {ref!r}")
-        return self.snapshot_root / self.sandbox_root(sandbox_id).name / f"{name}.tar.gz"
+        """The file that stands for snapshot ``ref``: its manifest, or its format-1 archive."""
+        store, name = self._store(ref), self._name(ref)
+        archive = store.archive_path(name)
+        manifest = store.manifest_path(name)
+        return archive if archive.exists() and not manifest.exists() else manifest
 
     async def delete_snapshot(self, ref: dict[str, Any]) -> None:
-        archive = self._archive(ref)
-        await asyncio.to_thread(archive.unlink, True)
+        await asyncio.to_thread(self._store(ref).delete, self._name(ref))
 
     def check(self) -> dict[str, Any]:
         """Bubblewrap as configured, and the OpenCode binary every sandbox runs."""
@@ -602,6 +647,33 @@ class LocalProvider(SandboxProvider):
         usable = (confined or self.isolation != "bwrap") and opencode["found"]
         return {"usable": usable, "isolation": "bwrap" if confined else "none", "detail": why,
                 "opencode": opencode}
+
+
+@contextlib.asynccontextmanager
+async def _held(lock: snapshot_store.StoreLock) -> AsyncIterator[None]:
+    """Hold ``lock``, taken in a thread (it may wait for a sweep); a caller cancelled while it
+    waits still releases it once taken."""
+    taking = asyncio.ensure_future(asyncio.to_thread(lock.acquire))
+    try:
+        await asyncio.shield(taking)
+    except asyncio.CancelledError:
+        taking.add_done_callback(lambda _: lock.release())
+        raise
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _restored(name: str, status: int, out: bytes, err: bytes) -> None:
+    """Raise ``RestoreError`` unless the restore process says it restored the snapshot."""
+    try:
+        answer = json.loads(_last_line(out) or "{}")
+    except ValueError:
+        answer = {}
+    if status != 0 or "restored" not in answer:
+        why = answer.get("error") or _last_line(err) or f"status {status}"
+        raise RestoreError(f"the snapshot {name} could not be restored: {why}")
 
 
 def _last_line(data: bytes) -> str:

@@ -41,11 +41,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
+import json
 import os
 import sqlite3
 import stat
+import struct
 import tarfile
 import tempfile
+import time
 from typing import IO
 from urllib.parse import quote
 
@@ -129,7 +133,7 @@ def _is_git_lock(arcname: str) -> bool:
 
 class _Exactly:
     """Reads exactly ``size`` bytes of a file that may change meanwhile: what is missing (it
-    shrank) reads as zeros, so the archive stays well formed."""
+    shrank) reads as zeros, so the stream stays well formed."""
 
     def __init__(self, fd: int, size: int):
         self.fd, self.left = fd, size
@@ -143,18 +147,35 @@ class _Exactly:
 
 
 # -- writing -------------------------------------------------------------------------------------
-class _Writer:
-    def __init__(self, tar: tarfile.TarFile):
-        self.tar = tar
-        self.seen: dict[tuple[int, int], str] = {}  # hard links: (dev, inode) -> first name
+#: The snapshot stream (format 2): ``STREAM_MAGIC``, then records of ``RECORD`` (a tag and a
+#: length): ``FILE`` records carry a file's bytes followed by their SHA-256 digest (32 bytes, not
+#: counted in the length); the one ``MANIFEST`` record, last, carries the manifest (JSON).
+STREAM_MAGIC = b"tabbi-snapshot-stream 2\n"
+RECORD = struct.Struct(">cQ")
+FILE, MANIFEST = b"F", b"M"
+FORMAT = 2
 
-    def _info(self, arcname: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(arcname)
-        info.type, info.mode, info.mtime = kind, stat.S_IMODE(st.st_mode), int(st.st_mtime)
-        return info
+#: The manifest's kinds of entry: ``[path, kind, mode, mtime, ...]`` with, after those four, a
+#: folder nothing; a file ``size, sha256, mtime_ns, ctime_ns, inode, device`` (the last four None
+#: for the database's copy); a link its target; a hard link the path of the file it shares.
+DIR, REG, SYMLINK, HARDLINK = "d", "f", "l", "h"
+
+
+class _Walker:
+    """Walks the parts and writes the stream: a file's bytes are sent only when the previous
+    snapshot's manifest (``cache``: path -> ``[size, mtime_ns, ctime_ns, inode, device, sha256]``,
+    as the server has it) does not describe the very same file; otherwise its digest is reused."""
+
+    def __init__(self, out: IO[bytes], cache: dict[str, list]):
+        self.out = out
+        self.cache = cache
+        self.entries: list[list] = []
+        self.seen: dict[tuple[int, int], str] = {}  # hard links: (dev, inode) -> first name
+        self.sent = 0
 
     def add_tree(self, dir_fd: int, arcname: str) -> None:
-        self.tar.addfile(self._info(arcname, os.fstat(dir_fd), tarfile.DIRTYPE))
+        st = os.fstat(dir_fd)
+        self.entries.append([arcname, DIR, stat.S_IMODE(st.st_mode), int(st.st_mtime)])
         agent_data = arcname.startswith(AGENT_DATA)
         for name in sorted(os.listdir(dir_fd)):
             child = f"{arcname}/{name}"
@@ -166,9 +187,8 @@ class _Writer:
     def add_entry(self, dir_fd: int, name: str, arcname: str) -> None:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
-            info = self._info(arcname, st, tarfile.SYMTYPE)
-            info.linkname = os.readlink(name, dir_fd=dir_fd)
-            self.tar.addfile(info)
+            target = os.readlink(name, dir_fd=dir_fd)
+            self.entries.append([arcname, SYMLINK, stat.S_IMODE(st.st_mode), int(st.st_mtime), target])
         elif stat.S_ISDIR(st.st_mode):
             try:
                 fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
@@ -184,23 +204,41 @@ class _Writer:
             except OSError:
                 return  # swapped for a link (ELOOP) or removed meanwhile
             try:
-                st = os.fstat(fd)  # what was opened, not what was looked at
-                if not stat.S_ISREG(st.st_mode):
-                    return
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in self.seen:
-                    info = self._info(arcname, st, tarfile.LNKTYPE)
-                    info.linkname = self.seen[key]
-                    self.tar.addfile(info)
-                    return
-                if st.st_nlink > 1:
-                    self.seen[key] = arcname
-                info = self._info(arcname, st, tarfile.REGTYPE)
-                info.size = st.st_size
-                self.tar.addfile(info, _Exactly(fd, st.st_size))
+                self.add_file(fd, arcname, cacheable=True)
             finally:
                 os.close(fd)
         # devices, FIFOs and sockets are never archived
+
+    def add_file(self, fd: int, arcname: str, cacheable: bool) -> None:
+        st = os.fstat(fd)  # what was opened, not what was looked at
+        if not stat.S_ISREG(st.st_mode):
+            return
+        mode, mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.seen:
+            self.entries.append([arcname, HARDLINK, mode, mtime, self.seen[key]])
+            return
+        if st.st_nlink > 1:
+            self.seen[key] = arcname
+        identity = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+        cached = self.cache.get(arcname) if cacheable else None
+        # The same file, unchanged since the previous snapshot read it: its digest is reused.
+        digest = cached[5] if cached is not None and cached[:5] == identity else self.send(fd, st.st_size)
+        self.entries.append([arcname, REG, mode, mtime, st.st_size, digest,
+                             *(identity[1:] if cacheable else [None] * 4)])
+
+    def send(self, fd: int, size: int) -> str:
+        """Stream ``size`` bytes of ``fd`` as a ``FILE`` record; their SHA-256 (of exactly what
+        was sent, whatever the file did meanwhile)."""
+        self.out.write(RECORD.pack(FILE, size))
+        source, digest = _Exactly(fd, size), hashlib.sha256()
+        while source.left:
+            data = source.read(CHUNK)
+            digest.update(data)
+            self.out.write(data)
+        self.out.write(digest.digest())
+        self.sent += 1
+        return digest.hexdigest()
 
 
 def _database_copy(data_fd: int, scratch: str) -> str | None:
@@ -221,15 +259,23 @@ def _database_copy(data_fd: int, scratch: str) -> str | None:
     return copy
 
 
-def write_archive(workspace: str, home: str, out: IO[bytes], compresslevel: int = 3) -> int:
-    """Write the snapshot of the sandbox (its ``workspace`` and ``home``) to ``out`` as tar.gz;
-    return the number of members. Raises ``SnapshotError``."""
-    count = 0
+def write_snapshot(workspace: str, home: str, previous: IO[bytes], out: IO[bytes]) -> int:
+    """Write the snapshot stream of the sandbox (its ``workspace`` and ``home``) to ``out``,
+    sending the bytes of only the files that ``previous`` (the server's cache of the previous
+    snapshot, JSON; empty for none) does not describe; return the number of entries. Raises
+    ``SnapshotError``."""
     try:
-        with tempfile.TemporaryDirectory(prefix="tabbi-snap-") as scratch, \
-                gzip.GzipFile(fileobj=out, mode="wb", compresslevel=compresslevel, mtime=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            writer = _Writer(tar)
+        text = previous.read()
+        cache = json.loads(text)["files"] if text.strip() else {}
+        if not isinstance(cache, dict):
+            raise ValueError("the cache is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"the previous snapshot's cache is unreadable: {exc}") from exc
+    taken = time.time_ns()
+    try:
+        with tempfile.TemporaryDirectory(prefix="tabbi-snap-") as scratch:
+            out.write(STREAM_MAGIC)
+            walker = _Walker(out, cache)
             for arcname, anchor, components in parts(workspace, home):
                 anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
@@ -239,20 +285,28 @@ def write_archive(workspace: str, home: str, out: IO[bytes], compresslevel: int 
                 if fd is None:
                     continue  # missing, or reached only through a link: not archived
                 try:
-                    writer.add_tree(fd, arcname)
+                    walker.add_tree(fd, arcname)
                     database = _database_copy(fd, scratch) if arcname == AGENT_DATA else None
                 finally:
                     os.close(fd)
                 if database is not None:
-                    tar.add(database, arcname=f"{AGENT_DATA}/{DATABASE}")
-            count = len(tar.members)
-    except (OSError, sqlite3.Error, tarfile.TarError) as exc:
+                    copy = os.open(database, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        walker.add_file(copy, f"{AGENT_DATA}/{DATABASE}", cacheable=False)
+                    finally:
+                        os.close(copy)
+            manifest = json.dumps({"format": FORMAT, "taken_ns": taken, "entries": walker.entries},
+                                  separators=(",", ":")).encode()
+            out.write(RECORD.pack(MANIFEST, len(manifest)))
+            out.write(manifest)
+            out.flush()
+    except (OSError, sqlite3.Error) as exc:
         raise SnapshotError(f"the snapshot could not be written: {exc}") from exc
-    return count
+    return len(walker.entries)
 
 
 # -- restoring -----------------------------------------------------------------------------------
-def _checked_name(name: str) -> list[str]:
+def checked_name(name: str) -> list[str]:
     pieces = name.split("/")
     if name.startswith("/") or any(p in ("", ".", "..") for p in pieces):
         raise SnapshotError(f"the archive holds a path that is not allowed: {name!r}")
@@ -287,7 +341,7 @@ class _Unpacker:
             self._parent = None
 
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        pieces = _checked_name(member.name)
+        pieces = checked_name(member.name)
         parent, name = self.parent(pieces[:-1]), pieces[-1]
         mode = member.mode & 0o777
         if member.isdir():
@@ -318,7 +372,7 @@ class _Unpacker:
             with contextlib.suppress(OSError):
                 os.utime(name, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
         elif member.islnk():
-            target = _checked_name(member.linkname)
+            target = checked_name(member.linkname)
             source_dir = open_dirs(self.staging_fd, target[:-1])
             if source_dir is None:
                 raise SnapshotError(f"the hard link {member.name} names no restored file")

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tarfile
 import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +29,7 @@ import pytest
 from tests.conftest import git
 from tests.support.git_remote import QuietHandler
 from tests.support.llm import Reply, bash, write
+from tests.support.snapshots import open_archive
 from tests.test_github import USER, github, sign_in_web, tabbi_config  # noqa: F401  (fixtures used here)
 from tests.test_sessions import opencode_pids
 
@@ -70,8 +70,8 @@ def files_under(*roots: Path) -> dict[str, bytes]:
             if path.is_symlink() or not path.is_file():
                 continue
             out[str(path)] = path.read_bytes()
-            if path.name.endswith(".tar.gz"):
-                with tarfile.open(path) as archive:
+            if path.name.endswith(".snapshot"):
+                with open_archive(path) as archive:
                     for member in archive.getmembers():
                         if member.isfile():
                             out[f"{path}!{member.name}"] = archive.extractfile(member).read()
@@ -173,7 +173,7 @@ async def test_the_token_reaches_no_log_process_file_snapshot_or_client(
         assert all(pid in procs for pid in oc)
 
         await api.ok("POST", f"tabbi/api/sessions/{sid}/pause")
-        snapshots = list((data_dir / "snapshots").rglob("*.tar.gz"))
+        snapshots = list((data_dir / "snapshots").rglob("*.snapshot"))
         assert snapshots, "the pause left no snapshot to scan"
         files = files_under(data_dir / "sandboxes", data_dir / "snapshots")
         assert any(name.endswith("clean.py") for name in files)

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
@@ -21,6 +20,7 @@ from tabbi_sandbox.provider import BOOTSTRAP_SCRIPT
 from tests.conftest import git
 from tests.support.git_remote import GitHTTPRemote
 from tests.support.llm import Reply, write
+from tests.support.snapshots import open_archive
 from tests.test_sessions import read_ws, running_session
 
 pytestmark = pytest.mark.timeout(300)
@@ -160,9 +160,9 @@ async def test_a_snapshot_holds_only_what_resume_needs(api, llm, source_repo, da
         (home / planted).parent.mkdir(parents=True, exist_ok=True)
         (home / planted).write_text("not for the snapshot\n")
     await api.ok("POST", f"tabbi/api/sessions/{sid}/pause")
-    archives = sorted((data_dir / "snapshots" / sid).glob("*.tar.gz"))
+    archives = sorted((data_dir / "snapshots" / sid).glob("*.snapshot"))
     assert archives
-    with tarfile.open(archives[-1]) as tar:
+    with open_archive(archives[-1]) as tar:
         members = {m.name.strip("/"): m for m in tar.getmembers()}
         database = tar.extractfile(members[DATABASE]).read()
     assert "workspace/kept.txt" in members and "workspace/.git/HEAD" in members

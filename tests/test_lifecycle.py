@@ -7,13 +7,13 @@ and the scripted model, with what must survive it checked.
 from __future__ import annotations
 
 import gzip
-import tarfile
 
 import pytest
 
 from tabbi_sandbox import processes
 from tests.conftest import git
 from tests.support.llm import Reply, write
+from tests.support.snapshots import archive_bytes, open_archive
 from tests.support.waiting import wait_exited
 from tests.test_sessions import opencode_pids, running_session
 
@@ -26,7 +26,7 @@ def contiguous(events: list[dict]) -> bool:
 
 def snapshot_files(data_dir, sid):
     folder = data_dir / "snapshots" / sid
-    return sorted(folder.glob("*.tar.gz")) if folder.is_dir() else []
+    return sorted(folder.glob("*.snapshot")) if folder.is_dir() else []
 
 
 async def test_pause_then_a_prompt_resumes_the_same_conversation(api, llm, source_repo, workspace,
@@ -151,8 +151,8 @@ async def test_no_secret_inside_a_snapshot(api, llm, source_repo, data_dir):
     await api.prompt(sid, "hello")
     await api.wait_for(sid, lambda e: e["type"] == "snapshot.saved")
     archive = snapshot_files(data_dir, sid)[0]
-    assert SECRET_KEY.encode() not in gzip.decompress(archive.read_bytes())
-    with tarfile.open(archive) as tar:
+    assert SECRET_KEY.encode() not in gzip.decompress(archive_bytes(archive))
+    with open_archive(archive) as tar:
         names = tar.getnames()
         for member in tar.getmembers():
             if member.isfile():

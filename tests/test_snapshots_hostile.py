@@ -25,6 +25,7 @@ import pytest
 
 from tabbi_sandbox import processes
 from tests.support.llm import Reply, bash
+from tests.support.snapshots import archive_bytes
 from tests.test_lifecycle import snapshot_files
 from tests.test_provider_contract import (
     MANIFEST_SCRIPT,
@@ -48,7 +49,7 @@ def hidden(script: str) -> str:
 
 
 def archive_text(path: Path) -> bytes:
-    return gzip.decompress(path.read_bytes())
+    return gzip.decompress(archive_bytes(path))
 
 
 #: Flips the agent's database between its real file and a link to the server's database, as fast
