@@ -199,7 +199,7 @@ class SessionAgent:
         error = detail.get("error") if new == states.ERROR else None
         previous, self.record.state, self.record.error = self.record.state, new, error
         self.log.event(logging.WARNING if new == states.ERROR else logging.INFO, "session.state",
-                       f"session {self.id} is {new}", state=new, previous=previous, error=error,
+                       f"session is {new}", state=new, previous=previous, error=error,
                        **{k: detail[k] for k in ("phase", "reason") if k in detail})
         await self._retry_store(lambda: self.store.update_session(self.id, state=new, error=error))
         await self._emit("session.status", {"state": new, **detail})
@@ -438,7 +438,7 @@ class SessionAgent:
             if self.state == states.DELETED:
                 return
             self.record.state = states.DELETED
-            self.log.info("session.deleted", f"session {self.id} deleted")
+            self.log.info("session.deleted", "session deleted")
             await self.shutdown()
             await self.provider.destroy(self.id)
             await self.snapshots.delete_all()

@@ -293,17 +293,17 @@ class TabbiExtension(ExtensionApp):
         "turn, so idle culling does not stop the server mid-turn (0: never report).",
     ).tag(config=True)
 
-    log_format = Enum(
+    log_style = Enum(
         ["text", "json"],
         default_value="text",
         help="Format of tabbi's log lines on stderr: 'text' (Jupyter's layout, the event's fields "
         "as key=value) or 'json' (one object per line with event, session and owner; Jupyter's "
-        "own lines become JSON too). The hub service defaults to 'json'. Env: TABBI_LOG_FORMAT.",
+        "own lines become JSON too). The hub service defaults to 'json'. Env: TABBI_LOG_STYLE.",
     ).tag(config=True)
 
-    @default("log_format")
-    def _log_format_default(self) -> str:
-        return _env("TABBI_LOG_FORMAT") or "text"
+    @default("log_style")
+    def _log_style_default(self) -> str:
+        return _env("TABBI_LOG_STYLE") or "text"
 
     manager = Instance(SessionManager, allow_none=True)
     github = Instance(GitHubAccounts, allow_none=True)
@@ -313,7 +313,7 @@ class TabbiExtension(ExtensionApp):
     demo_model = Instance(DemoModel, args=(), help="The demo model (TABBI_MODEL=demo), started on first use.")
 
     def initialize_settings(self) -> None:
-        logs.install(self.log_format, self.serverapp.log.getEffectiveLevel(), self.serverapp.log)
+        logs.install(self.log_style, self.serverapp.log.getEffectiveLevel(), [self.serverapp.log, self.log])
         data = Path(self.data_dir)
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = self.make_store(data)

@@ -117,8 +117,8 @@ class TabbiHandler(APIHandler):
         if status_code in (401, 403):  # Jupyter's authentication or authorizer said no
             user = getattr(getattr(self, "_current_user", None), "username", None)
             logs.event(log, logging.WARNING, "auth.refused",
-                       f"{self.request.method} {self.request.path}: {status_code}",
-                       status=status_code, path=self.request.path, user=user)
+                       "request refused", status=status_code, method=self.request.method,
+                       path=self.request.path, user=user)
         if isinstance(exc, ValidationError):
             self.set_status(400)
             self.finish(json.dumps({"message": str(exc)}))

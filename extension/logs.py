@@ -2,7 +2,7 @@
 
 Why a module of its own: the operator's first question when something breaks is "which session,
 whose, since when, why", so every line about a session carries its id and owner as fields, and
-a log pipeline can parse them (``c.TabbiExtension.log_format = "json"``, the default of the hub
+a log pipeline can parse them (``c.TabbiExtension.log_style = "json"``, the default of the hub
 service) instead of grepping sentences.
 
 What is logged where (see docs/operations.md for the event names):
@@ -26,6 +26,7 @@ import datetime
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 #: The loggers tabbi's code logs to (their children included).
@@ -122,20 +123,20 @@ _handler = _Stderr()
 _replaced: list[tuple[logging.Handler, logging.Formatter | None]] = []
 
 
-def install(fmt: str, level: int, server_log: logging.Logger | None = None) -> None:
+def install(fmt: str, level: int, app_logs: Sequence[logging.Logger] = ()) -> None:
     """Log tabbi's lines at ``level`` and above in format ``fmt`` (``text`` or ``json``); with
-    ``json``, Jupyter's own lines (``server_log``'s handlers) too. Idempotent: the last call's
-    settings hold (one process may host several servers in tests)."""
+    ``json``, the lines of Jupyter's own loggers (``app_logs``: the server's, the extension
+    app's) too. Idempotent: the last call's settings hold (one process may host several servers
+    in tests)."""
     uninstall()
     _handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     for name in TABBI_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)
         logger.addHandler(_handler)
-    if fmt == "json" and server_log is not None:
-        for handler in server_log.handlers:
-            _replaced.append((handler, handler.formatter))
-            handler.setFormatter(JsonFormatter())
+    for handler in {h for log in app_logs for h in log.handlers} if fmt == "json" else ():
+        _replaced.append((handler, handler.formatter))
+        handler.setFormatter(JsonFormatter())
 
 
 def uninstall() -> None:

@@ -116,7 +116,7 @@ class SessionManager:
         await self.store.create_session(record)
         async with self._lock:
             agent = await self._adopt(record)
-        agent.log.info("session.created", f"session {session_id} created", repo=record.repo,
+        agent.log.info("session.created", "session created", repo=record.repo,
                        model=model, provider=self.provider.name)
         await agent.start()
         return agent

@@ -41,7 +41,7 @@ def tabbi_config(tabbi_config: dict, github: FakeGitHub) -> dict:  # noqa: F811
         "github_client_secret": CLIENT_SECRET,
         "encryption_key": ENCRYPTION_KEY,
         "llm_api_key": LLM_KEY,
-        "log_format": "json",
+        "log_style": "json",
     }
 
 

@@ -119,7 +119,7 @@ def test_metrics_appear_and_move_after_turns(journey: Journey):
     assert grew("tabbi_sandbox_start_seconds_count", provider="local", outcome="ready") == 2
     assert grew("tabbi_sandbox_start_seconds_sum", provider="local", outcome="ready") > 0.5
     assert grew("tabbi_turn_seconds_count", outcome="completed") == 2
-    assert 0 < grew("tabbi_turn_seconds_sum", outcome="completed") < journey.seconds
+    assert 0 < grew("tabbi_turn_seconds_sum", outcome="completed") < 2 * journey.seconds  # they overlap
     assert grew("tabbi_snapshot_seconds_count", outcome="saved") >= 2
     assert grew("tabbi_snapshot_bytes_count") >= 2 and grew("tabbi_snapshot_bytes_sum") > 1000
     # Every text delta the model streamed was timed from its arrival to its subscribers.
