@@ -38,7 +38,7 @@ from tabbi_sandbox.provider import (
     SandboxSpec,
 )
 
-from . import model_config, states, workspace
+from . import logs, metrics, model_config, states, workspace
 from .encryption import SecretBox
 from .eventlog import EventLog, with_retries
 from .github.accounts import GitAccess, GitHubError
@@ -103,6 +103,7 @@ class Turn:
     waiting_since: float | None = None
     #: Tool calls of the turn that have not ended: while any runs, the agent works, not the model.
     tools_running: set[str] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
 
 
 class SessionAgent:
@@ -140,6 +141,8 @@ class SessionAgent:
         self._hold: str | None = None
         self._last_activity = time.monotonic()
         self._running_since = time.monotonic()
+        self._usage = metrics.UsageCounter()
+        self.log = logs.SessionLog(log, record.id, record.owner)
 
     @property
     def id(self) -> str:
@@ -152,6 +155,15 @@ class SessionAgent:
     @property
     def busy(self) -> bool:
         return self._turn is not None
+
+    @property
+    def has_sandbox(self) -> bool:
+        return self._sandbox is not None
+
+    @property
+    def last_activity(self) -> float:
+        """``time.monotonic()`` of the last prompt or turn end (what ``idle_timeout`` counts from)."""
+        return self._last_activity
 
     def describe(self) -> dict[str, Any]:
         waiting = self._turn.waiting_since if self._turn is not None else None
@@ -185,7 +197,10 @@ class SessionAgent:
         if new != self.record.state or new == states.ERROR:
             states.check_transition(self.record.state, new)
         error = detail.get("error") if new == states.ERROR else None
-        self.record.state, self.record.error = new, error
+        previous, self.record.state, self.record.error = self.record.state, new, error
+        self.log.event(logging.WARNING if new == states.ERROR else logging.INFO, "session.state",
+                       f"session is {new}", state=new, previous=previous, error=error,
+                       **{k: detail[k] for k in ("phase", "reason") if k in detail})
         await self._retry_store(lambda: self.store.update_session(self.id, state=new, error=error))
         await self._emit("session.status", {"state": new, **detail})
 
@@ -199,6 +214,12 @@ class SessionAgent:
             self._spawn("boot", self._boot())
 
     async def _boot(self) -> None:
+        started = time.monotonic()
+
+        def took(outcome: str) -> None:  # the start's duration, by how it ended
+            seconds = time.monotonic() - started
+            metrics.SANDBOX_START_SECONDS.labels(self.provider.name, outcome).observe(seconds)
+
         try:
             password = secrets.token_urlsafe(24)  # OpenCode's, random per sandbox start
             setup = model_config.for_sandbox(self.settings.model, self.id, password, self.record.model)
@@ -231,14 +252,17 @@ class SessionAgent:
             await self._connect(self._sandbox)
             self._running_since = self._last_activity = time.monotonic()
             await self._set_state(states.RUNNING, phase="ready")
+            took("ready")
             self._spawn("watch", self._watch_limits())
             self._wake.set()
         except asyncio.CancelledError:
             raise
         except RestoreError as exc:
+            took("restore_failed")
             log.warning("tabbi: session %s could not be restored", self.id, exc_info=True)
             await self._restore_failed(str(exc))
         except Exception as exc:  # every failure of a start is reported, never swallowed
+            took("failed")
             message = _readable(exc, "The sandbox failed to start")
             if isinstance(exc, _PERSONS_MISTAKES):  # no model, a failed clone: one line, no traceback
                 log.warning("tabbi: session %s failed to start: %s", self.id, " ".join(message.split()))
@@ -414,6 +438,7 @@ class SessionAgent:
             if self.state == states.DELETED:
                 return
             self.record.state = states.DELETED
+            self.log.info("session.deleted", "session deleted")
             await self.shutdown()
             await self.provider.destroy(self.id)
             await self.snapshots.delete_all()
@@ -458,6 +483,9 @@ class SessionAgent:
         turn = self._turn = Turn(prompt.id)
         await self._retry_store(lambda: self.store.set_prompt_status(prompt.id, "running"))
         await self._emit("turn.started", {"prompt_id": prompt.id, "text": prompt.text})
+        self.log.info("turn.started", f"turn {prompt.id} started", prompt_id=prompt.id,
+                      prompt_chars=len(prompt.text))
+        self.log.debug("turn.prompt", prompt.text, prompt_id=prompt.id)  # a prompt: never above DEBUG
         await self._set_waiting(turn, True)
         turn.watchdog = asyncio.create_task(self._watch(turn))
         runtime = self._runtime
@@ -498,6 +526,11 @@ class SessionAgent:
             )
         )
         await self._emit("turn.finished", data)
+        seconds = time.monotonic() - turn.started
+        metrics.TURN_SECONDS.labels(outcome).observe(seconds)
+        self.log.event(logging.WARNING if outcome == "error" else logging.INFO, "turn.finished",
+                       f"turn {turn.prompt_id} {outcome}", prompt_id=turn.prompt_id, outcome=outcome,
+                       seconds=round(seconds, 3), error=data.get("error"))
         self._last_activity = time.monotonic()
         if self.state == states.RUNNING and self._sandbox is not None and self._hold is None:
             self._request_snapshot()
@@ -560,7 +593,13 @@ class SessionAgent:
         sandbox = self._sandbox
         if sandbox is None:
             return None
-        return await self.snapshots.take(sandbox, reason, _readable)
+        started = time.monotonic()
+        snapshot = await self.snapshots.take(sandbox, reason, _readable)
+        self.log.event(logging.INFO if snapshot else logging.WARNING, "snapshot",
+                       f"snapshot {'saved' if snapshot else 'failed'}", reason=reason,
+                       outcome="saved" if snapshot else "failed", bytes=snapshot and snapshot.size,
+                       seconds=round(time.monotonic() - started, 3))
+        return snapshot
 
     async def pause(self, reason: str = "requested") -> None:
         """Snapshot, then stop the sandbox. Never during a turn; a failed snapshot keeps it running."""
@@ -733,6 +772,8 @@ class SessionAgent:
         signals = update.signals
         if signals.message is not None:
             message_id, role, info = signals.message
+            if role == "assistant":
+                self._usage.add(message_id, info)
             if role == "user" and message_id not in self._user_messages:
                 self._user_messages.add(message_id)
                 if self._turn is not None:
@@ -747,9 +788,11 @@ class SessionAgent:
             if output:
                 await self._set_waiting(turn, False)
             if event.type == "text.delta":  # streamed: batched with what follows (``EventLog``)
-                await self.events.post(event.type, event.data)
+                await self.events.post(event.type, event.data, received=update.received)
                 continue
             await self._emit(event.type, event.data)
+            if output and event.type == "part.updated" and event.data.get("text"):
+                self.log.debug("model.text", event.data["text"])  # model output: never above DEBUG
             if output and event.type == "tool":
                 await self._track_tool(turn, event.data)
             if event.type == "agent.status" and event.data["status"] == "retry":

@@ -21,7 +21,7 @@ from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Type, Unicod
 from tabbi_sandbox.local import LocalProvider
 from tabbi_sandbox.provider import SandboxProvider
 
-from . import encryption, handlers
+from . import encryption, handlers, logs, metrics
 from . import gateway as model_gateway
 from .activity import ActivityReporter
 from .agent import AgentSettings
@@ -293,6 +293,18 @@ class TabbiExtension(ExtensionApp):
         "turn, so idle culling does not stop the server mid-turn (0: never report).",
     ).tag(config=True)
 
+    log_style = Enum(
+        ["text", "json"],
+        default_value="text",
+        help="Format of tabbi's log lines on stderr: 'text' (Jupyter's layout, the event's fields "
+        "as key=value) or 'json' (one object per line with event, session and owner; Jupyter's "
+        "own lines become JSON too). The hub service defaults to 'json'. Env: TABBI_LOG_STYLE.",
+    ).tag(config=True)
+
+    @default("log_style")
+    def _log_style_default(self) -> str:
+        return _env("TABBI_LOG_STYLE") or "text"
+
     manager = Instance(SessionManager, allow_none=True)
     github = Instance(GitHubAccounts, allow_none=True)
     store = Instance(Store, allow_none=True)
@@ -301,6 +313,7 @@ class TabbiExtension(ExtensionApp):
     demo_model = Instance(DemoModel, args=(), help="The demo model (TABBI_MODEL=demo), started on first use.")
 
     def initialize_settings(self) -> None:
+        logs.install(self.log_style, self.serverapp.log.getEffectiveLevel(), [self.serverapp.log, self.log])
         data = Path(self.data_dir)
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = self.make_store(data)
@@ -332,6 +345,7 @@ class TabbiExtension(ExtensionApp):
         self.github = self.make_github(secrets)
         self.manager = SessionManager(self.store, self.provider, settings, self.github.git_access,
                                       lease_seconds=self.server_lease)
+        metrics.watch(self.manager)
         self._ready_lock = asyncio.Lock()
         self._ready = False
         self.activity = ActivityReporter(self.manager.agents, self.serverapp.web_app.settings,
@@ -467,6 +481,7 @@ class TabbiExtension(ExtensionApp):
             await self.manager.shutdown()
         if self.store is not None:
             await self.store.close()
+        logs.uninstall()
 
     async def health(self) -> dict[str, Any]:
         """``GET /tabbi/api/health``: is every dependency of a session usable right now?"""

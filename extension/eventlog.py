@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from . import logs, metrics
 from .store import Event, NewEvent, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,12 @@ async def with_retries(call: Callable[[], Awaitable[T]], attempts: int) -> T:
     for attempt in range(attempts):
         try:
             return await call()
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             if attempt == attempts - 1:
                 raise
-            log.warning("tabbi: the store is unavailable; retrying", exc_info=True)
+            metrics.STORE_RETRIES.labels("session").inc()
+            logs.event(log, logging.WARNING, "store.retry", f"the store is unavailable; retrying: {exc}",
+                       attempt=attempt + 1, of=attempts)
             await asyncio.sleep(delay)  # backoff between attempts, not synchronization
             delay *= 4
     raise AssertionError("unreachable: attempts must be at least 1")
@@ -89,15 +92,16 @@ class EventLog:
         self._queue(NewEvent(type_, data, time.time()), future)
         return await future
 
-    async def post(self, type_: str, data: dict[str, Any]) -> None:
+    async def post(self, type_: str, data: dict[str, Any], received: float | None = None) -> None:
         """Queue a streamed event (a text delta) without waiting for its write: it is stored and
         announced in order with everything else, possibly batched with what follows. If it cannot
         be stored it is dropped with a warning (a delta's text also arrives whole in the
-        ``part.updated`` that completes its part). Waits only when very many are queued."""
+        ``part.updated`` that completes its part). Waits only when very many are queued.
+        ``received``: when it arrived from the agent (``time.monotonic()``; default: now)."""
         if len(self._pending) >= MAX_PENDING:
             await self.append(type_, data)  # back-pressure: the store is far behind
             return
-        self._queue(NewEvent(type_, data, time.time()), None)
+        self._queue(NewEvent(type_, data, time.time()), None, received)
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until everything queued is written (or has failed), for at most ``timeout`` s
@@ -107,8 +111,9 @@ class EventLog:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(writer), timeout)
 
-    def _queue(self, event: NewEvent, future: asyncio.Future[Event] | None) -> None:
-        self._pending.append((event, time.monotonic(), future))
+    def _queue(self, event: NewEvent, future: asyncio.Future[Event] | None,
+               received: float | None = None) -> None:
+        self._pending.append((event, received or time.monotonic(), future))
         if future is not None:
             self._awaited += 1
             self._wake.set()
@@ -145,6 +150,11 @@ class EventLog:
         for event in stored:
             for queue in self._subscribers:
                 _offer(queue, event)
+        metrics.EVENTS_WRITTEN.inc(len(stored))
+        now = time.monotonic()
+        for event, received, _ in batch:
+            if event.type == "text.delta":
+                metrics.DELTA_LATENCY_SECONDS.observe(now - received)
         for (_, _, future), event in zip(batch, stored, strict=True):
             if future is not None and not future.done():
                 future.set_result(event)

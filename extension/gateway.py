@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from tornado import iostream, web
 
-from . import model_config
+from . import logs, model_config
 from .encryption import SecretBox
 from .model_config import GatewayAccess, ModelSettings, Upstream
 from .store import SessionRecord
@@ -240,6 +240,8 @@ class GatewayHandler(web.RequestHandler):
     async def _forward(self, session_id: str, path: str) -> None:
         upstream = await self.gateway.authorize(session_id, self._presented())
         if upstream is None:
+            logs.event(log, logging.WARNING, "auth.gateway_refused",
+                       f"model gateway: a call for {session_id} without its token", session=session_id)
             self._refuse(403, "invalid gateway token for this session")
             return
         if ALLOWED.get(upstream.kind, {}).get(path) != self.request.method:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Any
 
@@ -18,7 +19,7 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web, websocket
 
-from . import cells
+from . import cells, logs
 from .agent import AgentError, SessionAgent
 from .github.accounts import GitHubError
 from .manager import SessionManager, SessionNotFound
@@ -37,6 +38,8 @@ from .validation import (
     validate_wait,
 )
 from .workspace import check_relative_path
+
+log = logging.getLogger(__name__)
 
 AUTH_RESOURCE = "tabbi"
 MAX_BODY_BYTES = 512 * 1024
@@ -111,6 +114,11 @@ class TabbiHandler(APIHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Our error types map to statuses here, once, for every handler."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if status_code in (401, 403):  # Jupyter's authentication or authorizer said no
+            user = getattr(getattr(self, "_current_user", None), "username", None)
+            logs.event(log, logging.WARNING, "auth.refused",
+                       "request refused", status=status_code, method=self.request.method,
+                       path=self.request.path, user=user)
         if isinstance(exc, ValidationError):
             self.set_status(400)
             self.finish(json.dumps({"message": str(exc)}))

@@ -85,6 +85,8 @@ def server_argv(environ: Mapping[str, str]) -> list[str]:
         "--ServerApp.jpserver_extensions=tabbi_extension=True",
         # Sessions are filed under the hub user names, never under one local owner.
         "--TabbiExtension.single_user=False",
+        # A service's output goes to a log pipeline: JSON lines, unless TABBI_LOG_STYLE says.
+        *([] if environ.get("TABBI_LOG_STYLE") else ["--TabbiExtension.log_style=json"]),
     ]
 
 

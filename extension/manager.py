@@ -116,6 +116,8 @@ class SessionManager:
         await self.store.create_session(record)
         async with self._lock:
             agent = await self._adopt(record)
+        agent.log.info("session.created", "session created", repo=record.repo,
+                       model=model, provider=self.provider.name)
         await agent.start()
         return agent
 

@@ -16,15 +16,16 @@ import json
 import logging
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from tabbi_sandbox.modal_push import push_from_bundle
 from tabbi_sandbox.provider import Sandbox
 
-from . import states
+from . import metrics, states
 from .agent import AgentError, SessionAgent
-from .github.accounts import GitHubAccounts, LoginRequired
+from .github.accounts import GitHubAccounts, GitHubError, LoginRequired
 from .validation import RepoSpec, ValidationError, parse_repo
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,25 @@ class Publisher:
         self.github = github
 
     async def push(self, agent: SessionAgent, request: PushRequest) -> dict[str, Any]:
+        """Commit and push (see ``_push``), counted and logged by outcome: pushed, rejected (by
+        the remote), refused (by tabbi: not running, not signed in, busy) or failed."""
+        started = time.monotonic()
+        try:
+            out = await self._push(agent, request)
+        except Exception as exc:
+            outcome = ("rejected" if isinstance(exc, PushRejected) else
+                       "refused" if isinstance(exc, (AgentError, GitHubError, ValidationError)) else "failed")
+            metrics.PUSHES.labels(outcome).inc()
+            agent.log.warning("push", f"push {outcome}: {exc}", outcome=outcome,
+                              seconds=round(time.monotonic() - started, 3))
+            raise
+        metrics.PUSHES.labels("pushed").inc()
+        agent.log.info("push", f"pushed {out['commit'] or 'nothing new'}", outcome="pushed",
+                       commit=out["commit"], committed=out["committed"], files=len(out["files"]),
+                       pull_request="pull_request" in out, seconds=round(time.monotonic() - started, 3))
+        return out
+
+    async def _push(self, agent: SessionAgent, request: PushRequest) -> dict[str, Any]:
         record = agent.record
         repo = parse_repo(record.repo, self.github.hosts.web)
         if request.pull_request and repo.kind != "github":

@@ -9,6 +9,7 @@ tabbi's own vocabulary, the same whatever agent runs.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,8 @@ class Update:
 
     events: list[Normalized] = field(default_factory=list)
     signals: Signals = field(default_factory=Signals)
+    #: When it was received (``time.monotonic()``): where the delta latency metric starts.
+    received: float = field(default_factory=time.monotonic)
 
 
 class AgentRuntime(abc.ABC):

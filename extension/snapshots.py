@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from tabbi_sandbox.provider import Sandbox, SandboxProvider
 
+from . import metrics
 from .eventlog import EventLog, with_retries
 from .store import Snapshot, Store
 
@@ -43,6 +44,7 @@ class SnapshotKeeper:
             try:
                 ref, size = await self.provider.snapshot(sandbox, name)
             except Exception as exc:  # any failure: report, keep running, retry next time
+                metrics.SNAPSHOT_SECONDS.labels("failed").observe(time.monotonic() - started)
                 log.warning("tabbi: snapshot of %s failed", self.session_id, exc_info=True)
                 await self.events.append("snapshot.failed", {
                     "reason": reason, "message": readable(exc, "The snapshot failed")})
@@ -50,6 +52,8 @@ class SnapshotKeeper:
             snapshot = Snapshot(self.session_id, name, ref, size, time.time())
             await with_retries(lambda: self.store.add_snapshot(snapshot), self.retries)
             seconds = round(time.monotonic() - started, 3)
+            metrics.SNAPSHOT_SECONDS.labels("saved").observe(seconds)
+            metrics.SNAPSHOT_BYTES.observe(size)
             # Older ones go once this one is stored, and before it is announced, so that a client
             # seeing ``snapshot.saved`` sees the kept set as it stays.
             for old in (await self.store.list_snapshots(self.session_id))[self.keep:]:

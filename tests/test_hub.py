@@ -21,6 +21,7 @@ import shutil
 
 import pytest
 from cryptography.fernet import Fernet
+from prometheus_client.parser import text_string_to_metric_families
 
 from tabbi_extension import handlers
 from tests.support.hub import SERVICE_USER, Hub, as_user, find_proxy
@@ -297,6 +298,20 @@ async def test_a_turn_survives_its_persons_server_being_stopped(hub, llm, sessio
     out = await run_in(hub, "alice", "import json\n" + CATCH_UP.format(sid=sid))
     assert line(out, "STATE") == ["running", "False"], out
     assert answer in out, out
+
+
+async def test_the_service_serves_metrics_to_a_token_with_its_access_scope_and_logs_json(hub):
+    """An operator's Prometheus scrapes the service at /services/tabbi/metrics with a hub token
+    carrying the service's access scope; a call without such a token is refused. The service's
+    log lines are JSON (hub mode's default), for a log pipeline."""
+    status, text = hub.api("GET", "metrics", token=await user_token(hub, "alice"), base=hub.service_url)
+    assert status == 200, (status, text)
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"tabbi_sessions", "tabbi_sandboxes_running", "tabbi_turn_seconds"} <= names, names
+    status, _ = hub.api("GET", "metrics", token="not-a-hub-token", base=hub.service_url)
+    assert status == 403
+    lines = [json.loads(row) for row in hub.log_path.read_text().splitlines() if row.startswith("{")]
+    assert any("tabbi: data in" in row["message"] for row in lines)
 
 
 async def run_in(hub: Hub, user: str, code: str, timeout: float = 180) -> str:

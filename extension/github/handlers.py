@@ -9,6 +9,7 @@ person who started that sign-in (the state is tied to them).
 from __future__ import annotations
 
 import html
+import logging
 import re
 
 from jupyter_server.auth.decorator import authorized
@@ -16,9 +17,12 @@ from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
+from .. import logs
 from ..handlers import AUTH_RESOURCE, TabbiHandler, owner_of
 from ..validation import ValidationError, validate_wait
 from .accounts import GitHubAccounts, GitHubError
+
+log = logging.getLogger(__name__)
 
 LOGIN_ID = r"(?P<login_id>[A-Za-z0-9_-]{10,64})"
 CALLBACK_PATH = "tabbi/github/callback"
@@ -133,6 +137,9 @@ class CallbackHandler(JupyterHandler):
             self._page(400, "GitHub sign-in failed", attempt.error or "unknown error")
 
     def _page(self, status: int, title: str, text: str) -> None:
+        logs.event(log, logging.INFO if status == 200 else logging.WARNING,
+                   "auth.github_signin" if status == 200 else "auth.github_signin_failed",
+                   f"{title}: {text}", owner=owner_of(self, self.current_user), status=status)
         self.set_status(status)
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")

@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 from traitlets import Float, Int, Unicode, default
 
+from .. import metrics
 from .base import (
     SESSION_FIELDS,
     Event,
@@ -352,7 +353,12 @@ class ConvexStore(Store):
                     log.warning("tabbi: %s; retrying for up to %.0f s", exc, self.retry_for)
                 self._failing = (self._failing or (time.time(), ""))[0], str(exc)
                 if time.monotonic() + delay > deadline:
+                    metrics.store_error("convex", exc)
                     raise
+            except StoreError as exc:
+                metrics.store_error("convex", exc)
+                raise
+            metrics.STORE_RETRIES.labels("store").inc()
             self._retrying += 1
             try:
                 await asyncio.sleep(delay)  # backoff between attempts, not synchronization

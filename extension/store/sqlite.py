@@ -24,6 +24,7 @@ from traitlets import Float
 
 from tabbi_sandbox.provider import PathTrait
 
+from .. import metrics
 from .base import (
     SESSION_FIELDS,
     Event,
@@ -213,7 +214,9 @@ class SQLiteStore(Store):
             try:
                 return fn()
             except _DRIVER_ERRORS as exc:
-                raise _translate(exc) from exc
+                error = _translate(exc)
+                metrics.store_error("sqlite", error)
+                raise error from exc
 
         try:
             future = asyncio.get_running_loop().run_in_executor(self._executor, call)
