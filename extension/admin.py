@@ -118,15 +118,15 @@ async def act(manager: SessionManager, admin: str, session_id: str, action: str)
 
 
 class AdminHandler(TabbiHandler):
-    """An admin route: for anyone authenticated who is not an admin, the answer of a route that
-    does not exist (Jupyter's own 404 page, not tabbi's JSON), so nobody can probe for it."""
+    """An admin route: for a person who may use tabbi but is not an admin, the answer of a route
+    that does not exist (Jupyter's own 404 page, not tabbi's JSON), so nobody can probe for it.
+    (Callers Jupyter does not let in get its 403, as on every tabbi route.)"""
 
     _hidden = False
 
-    async def prepare(self) -> None:  # type: ignore[override]
-        await super().prepare()
-        user = self.current_user
-        if user is not None and not self.settings["tabbi_admins"].is_admin(self.username, user):
+    def require_admin(self) -> None:
+        """Called first by every method, after Jupyter's authentication and authorization."""
+        if not self.settings["tabbi_admins"].is_admin(self.username, self.current_user):
             self._hidden = True
             raise web.HTTPError(404)
 
@@ -146,6 +146,7 @@ class AdminSessionsHandler(AdminHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
+        self.require_admin()
         self.write_json({"sessions": await all_sessions(self.manager), "admin": self.username})
 
 
@@ -153,6 +154,7 @@ class AdminActionHandler(AdminHandler):
     @web.authenticated
     @authorized
     async def post(self, session_id: str, action: str) -> None:
+        self.require_admin()
         try:
             agent = await act(self.manager, self.username, session_id, action)
         except SessionNotFound:

@@ -223,6 +223,7 @@ async def test_sandboxes_and_sessions_over_the_limit_are_refused_resuming_includ
 async def test_the_services_running_limit_counts_everyone(jp_fetch, source_repo, llm, tabbi_app, limits):
     """Threat: many people at once start more sandboxes than the machine (or Modal plan) holds.
     Another server sharing this store runs one (its lease is alive): that is the one place."""
+    await tabbi_app.ensure_started()  # the store opens with the first request otherwise
     store = tabbi_app.store
     await store.put_lease(Lease("srv-elsewhere", time.time() + 3600, {"host": "another-machine"},
                                 time.time()))
