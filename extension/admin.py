@@ -38,9 +38,13 @@ from . import states
 from .agent import SessionAgent
 from .handlers import SESSION_ID, TabbiHandler
 from .manager import SessionManager, SessionNotFound
-from .store import SessionRecord
+from .store import SessionRecord, Store
 
 log = logging.getLogger(__name__)
+
+#: Sessions whose use is read from the store at once (a remote store gets a few requests at a
+#: time, not two per session of the whole service).
+STORE_CALLS_AT_ONCE = 8
 
 
 class TabbiAdmins(LoggingConfigurable):
@@ -66,7 +70,7 @@ class TabbiAdmins(LoggingConfigurable):
         return self.hub_admins and isinstance(hub_user, dict) and hub_user.get("admin") is True
 
 
-async def usage(agent: SessionAgent | None, record: SessionRecord, store: Any) -> dict[str, Any]:
+async def usage(agent: SessionAgent | None, record: SessionRecord, store: Store) -> dict[str, Any]:
     """What the service can honestly say a session uses: its age, how long its sandbox has been
     running (while this service runs it), whether a turn runs, prompts waiting, events logged,
     and its snapshots. Model tokens are not recorded by tabbi, so they are not reported."""
@@ -89,11 +93,13 @@ async def all_sessions(manager: SessionManager) -> list[dict[str, Any]]:
     """Every session in the store, newest first, each as its owner sees it plus its use."""
     held = {agent.id: agent for agent in manager.agents()}
     records = await manager.store.list_sessions()
+    calls = asyncio.Semaphore(STORE_CALLS_AT_ONCE)
 
     async def one(record: SessionRecord) -> dict[str, Any]:
         agent = held.get(record.id)
         info = agent.describe() if agent is not None else record.public()
-        return {**info, "usage": await usage(agent, record, manager.store)}
+        async with calls:
+            return {**info, "usage": await usage(agent, record, manager.store)}
 
     out = await asyncio.gather(*(one(r) for r in records))
     return sorted(out, key=lambda s: s.get("created_at") or 0, reverse=True)

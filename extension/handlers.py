@@ -305,7 +305,7 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
 
     The order matters: subscribe first, then replay from the store, then forward the live queue
     skipping what the replay already sent. An event is persisted before it is queued, so anything
-    the replay missed is in the queue.
+    the replay missed is in the queue. Clients may also send prompts on it (socket_prompts.py).
 
     Keep-alive: the server pings every ``websocket_ping_interval`` seconds (proxies drop quiet
     connections; a turn can be quiet for minutes) and closes a connection whose client stopped
