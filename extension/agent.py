@@ -165,6 +165,13 @@ class SessionAgent:
         """``time.monotonic()`` of the last prompt or turn end (what ``idle_timeout`` counts from)."""
         return self._last_activity
 
+    @property
+    def running_since(self) -> float | None:
+        """Since when (epoch seconds) the sandbox runs; None while it does not."""
+        if self.state != states.RUNNING:
+            return None
+        return time.time() - (time.monotonic() - self._running_since)
+
     def describe(self) -> dict[str, Any]:
         waiting = self._turn.waiting_since if self._turn is not None else None
         return {**self.record.public(), "busy": self.busy, "waiting_since": waiting,
@@ -629,6 +636,13 @@ class SessionAgent:
             await self.start()
         elif self.state not in states.LIVE:
             raise AgentError(f"the session is {self.state}")
+
+    async def stop(self, message: str) -> None:
+        """Stop the sandbox now, mid-turn too (an administrator's stop): the turn ends as an
+        error saying ``message``, the workspace and snapshots are kept, and queued prompts wait
+        until the owner resumes the session (they would only start it again)."""
+        if self.state in states.LIVE:
+            await self._fault(message, restart_queued=False)
 
     async def _queued(self) -> bool:
         return any(p.status == "queued" for p in await self.store.pending_prompts(self.id))

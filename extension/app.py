@@ -21,7 +21,7 @@ from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Type, Unicod
 from tabbi_sandbox.local import LocalProvider
 from tabbi_sandbox.provider import SandboxProvider
 
-from . import encryption, handlers, logs, metrics
+from . import admin, encryption, handlers, logs, metrics
 from . import gateway as model_gateway
 from .activity import ActivityReporter
 from .agent import AgentSettings
@@ -30,6 +30,7 @@ from .github import GitHubAccounts, GitHubHosts
 from .github import handlers as github_handlers
 from .github.oauth import DEFAULT_SCOPE, OAuthApp
 from .handlers import is_single_user
+from .limits import TabbiLimits
 from .manager import SessionManager
 from .model_config import DEFAULT_PERMISSIONS, PROVIDER_KEYS, ModelConfigError, ModelSettings
 from .model_config import build as build_model_config
@@ -50,7 +51,7 @@ class TabbiExtension(ExtensionApp):
     load_other_extensions = True
     #: The embedded backends, so ``--help-all`` shows their traits (Modal's and Convex's classes are
     #: imported only when selected).
-    classes = [LocalProvider, SQLiteStore]
+    classes = [LocalProvider, SQLiteStore, TabbiLimits, admin.TabbiAdmins]
 
     data_dir = Unicode(
         help="Where tabbi keeps its database, sandboxes and snapshots. Env: TABBI_DATA_DIR."
@@ -374,6 +375,8 @@ class TabbiExtension(ExtensionApp):
             ),
             tabbi_websocket_ping_interval=self.websocket_ping_interval,
             tabbi_gateway=self.gateway,
+            tabbi_limits=TabbiLimits(self.store, parent=self),
+            tabbi_admins=admin.TabbiAdmins(parent=self),
         )
 
     def server_url(self) -> str:
@@ -445,7 +448,8 @@ class TabbiExtension(ExtensionApp):
         return cls(parent=self, **kwargs)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend([*handlers.routes(), *github_handlers.routes(), *model_gateway.routes()])
+        self.handlers.extend([*handlers.routes(), *admin.routes(), *github_handlers.routes(),
+                              *model_gateway.routes()])
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         await self.ensure_started()

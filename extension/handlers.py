@@ -19,11 +19,13 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web, websocket
 
-from . import cells, logs
+from . import cells, logs, socket_prompts
 from .agent import AgentError, SessionAgent
 from .github.accounts import GitHubError
+from .limits import LimitExceeded
 from .manager import SessionManager, SessionNotFound
 from .push import PushRequest, parse_author, validate_message
+from .states import LIVE
 from .store import Event
 from .validation import (
     LocalRepoPolicy,
@@ -107,7 +109,7 @@ class TabbiHandler(APIHandler):
         self.finish(json.dumps(data))
 
     def log_exception(self, typ, value, tb):
-        if isinstance(value, (ValidationError, AgentError, GitHubError)):
+        if isinstance(value, (ValidationError, AgentError, GitHubError, LimitExceeded)):
             return
         super().log_exception(typ, value, tb)
 
@@ -126,6 +128,12 @@ class TabbiHandler(APIHandler):
         if isinstance(exc, (AgentError, GitHubError)):
             self.set_status(exc.status)
             self.finish(json.dumps({"message": str(exc), "reason": getattr(exc, "reason", None)}))
+            return
+        if isinstance(exc, LimitExceeded):
+            self.set_status(exc.status)
+            if exc.retry_after is not None:
+                self.set_header("Retry-After", str(exc.retry_after))
+            self.finish(json.dumps(exc.public()))
             return
         super().write_error(status_code, **kwargs)
 
@@ -161,7 +169,8 @@ class SessionsHandler(TabbiHandler):
         branch = validate_branch(body.get("branch"))
         user = self.current_user
         profile = {"name": user.name, "display_name": user.display_name}
-        agent = await self.manager.create(self.username, repo, model, branch, profile)
+        async with self.settings["tabbi_limits"].starting(self.username, new_session=True):
+            agent = await self.manager.create(self.username, repo, model, branch, profile)
         self.write_json(agent.describe(), 201)
 
     async def _local_repo_policy(self) -> LocalRepoPolicy:
@@ -197,7 +206,7 @@ class PromptHandler(TabbiHandler):
     async def post(self, session_id: str) -> None:
         agent = await self.session(session_id)
         text = validate_prompt(self.body().get("text"), self.settings["tabbi_max_prompt_chars"])
-        prompt = await agent.prompt(text)
+        prompt = await self.settings["tabbi_limits"].prompt(self.username, agent, text)
         self.write_json({"prompt_id": prompt.id, "position": prompt.position}, 202)
 
 
@@ -216,7 +225,11 @@ class LifecycleHandler(TabbiHandler):
     @authorized
     async def post(self, session_id: str, action: str) -> None:
         agent = await self.session(session_id)
-        await getattr(agent, action)()
+        if action == "resume" and agent.state not in LIVE:  # a resume starts a sandbox
+            async with self.settings["tabbi_limits"].starting(self.username):
+                await agent.resume()
+        else:
+            await getattr(agent, action)()
         self.write_json(agent.describe(), 202 if action == "resume" else 200)
 
 
@@ -300,7 +313,7 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
 
     The order matters: subscribe first, then replay from the store, then forward the live queue
     skipping what the replay already sent. An event is persisted before it is queued, so anything
-    the replay missed is in the queue.
+    the replay missed is in the queue. Clients may also send prompts on it (socket_prompts.py).
 
     Keep-alive: the server pings every ``websocket_ping_interval`` seconds (proxies drop quiet
     connections; a turn can be quiet for minutes) and closes a connection whose client stopped
@@ -322,10 +335,9 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
         )
         if not allowed:
             raise web.HTTPError(403)
+        self.owner = owner_of(self, user)
         try:
-            self.agent = await self.settings["tabbi_manager"].get(
-                owner_of(self, user), self.session_id
-            )
+            self.agent = await self.settings["tabbi_manager"].get(self.owner, self.session_id)
         except SessionNotFound:
             raise web.HTTPError(404, f"no session {self.session_id}") from None
         except AgentError as exc:  # run by another live server, say
@@ -377,8 +389,9 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
     async def _send(self, event: Event) -> None:
         await self.write_message(json.dumps(event.public()))
 
-    def on_message(self, message: str | bytes) -> None:
-        """Clients only listen; anything they send is ignored."""
+    async def on_message(self, message: str | bytes) -> None:
+        """A prompt (see socket_prompts.py); anything else is answered with a refusal."""
+        await socket_prompts.receive(self, message)
 
     def on_close(self) -> None:
         self.agent.unsubscribe(self._queue)

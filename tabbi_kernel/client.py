@@ -28,11 +28,16 @@ SESSION_ID = re.compile(r"ses-[0-9a-f]{12}")
 
 
 class TabbiError(Exception):
-    """The server said no (the message is its own, readable) or could not be reached."""
+    """The server said no (the message is its own, readable) or could not be reached. A quota
+    or rate limit (status 429) names the ``limit`` and, when waiting helps, ``retry_after``
+    seconds."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, limit: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status = status
+        self.limit = limit
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -81,7 +86,7 @@ class Client:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
-            raise TabbiError(_server_message(exc), exc.code) from None
+            raise _refusal(exc) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TabbiError(f"cannot reach the tabbi server at {self.url}: {reason}") from None
@@ -107,6 +112,19 @@ class Client:
         if not SESSION_ID.fullmatch(session_id):
             raise TabbiError(f"no session {session_id}", 404)
         return Session(self, session_id, self.request("GET", f"sessions/{session_id}"))
+
+    # -- admins (404 for everyone else) ---------------------------------------------------------
+    def admin_sessions(self) -> list[dict[str, Any]]:
+        """Every person's sessions, each with its ``owner`` and ``usage`` (admins only)."""
+        return self.request("GET", "admin/sessions")["sessions"]
+
+    def admin_pause(self, session_id: str) -> dict[str, Any]:
+        """Pause anyone's session as the owner would (admins only)."""
+        return self.request("POST", f"admin/sessions/{session_id}/pause", timeout=300)
+
+    def admin_stop(self, session_id: str) -> dict[str, Any]:
+        """Stop anyone's session now, mid-turn too; its workspace is kept (admins only)."""
+        return self.request("POST", f"admin/sessions/{session_id}/stop", timeout=300)
 
     # -- GitHub ---------------------------------------------------------------------------------
     def github_user(self) -> dict[str, Any]:
@@ -346,25 +364,41 @@ _STATUS_MEANING = {
     404: "the tabbi server has no such resource (is the tabbi extension enabled on this server?)",
     409: "the tabbi server refused the request in the session's current state",
     413: "the request is too large for the tabbi server",
+    429: "the tabbi server refused the request: a quota or rate limit was reached",
 }
 
 
-def _server_message(exc: Any) -> str:
-    """The server's own ``{"message": ...}`` from an ``HTTPError``, else a sentence saying what
-    the status means (never a bare "HTTP 500")."""
+def _refusal(exc: Any) -> TabbiError:
+    """The ``TabbiError`` for an ``HTTPError``: the server's own message, and for a quota or
+    rate limit (429) its name and when to retry, as one sentence."""
     try:
         body = json.loads(exc.read() or b"{}")
-        message = body.get("message") if isinstance(body, dict) else None
     except (ValueError, OSError):
-        message = None
+        body = None
+    body = body if isinstance(body, dict) else {}
+    message = _server_message(exc.code, body.get("message"))
+    if exc.code != 429:
+        return TabbiError(message, exc.code)
+    limit = body.get("limit") if isinstance(body.get("limit"), str) else None
+    retry = body.get("retry_after")
+    retry = retry if isinstance(retry, int) and not isinstance(retry, bool) else None
+    if limit:
+        message = f"over the limit {limit}: {message}"
+    return TabbiError(message, 429, limit, retry)
+
+
+def _server_message(code: int, message: Any) -> str:
+    """The server's own ``{"message": ...}``, else a sentence saying what the status means
+    (never a bare "HTTP 500")."""
+    message = message if isinstance(message, str) else None
     if message and not message.startswith(("HTTP ", "Not Found", "Internal Server Error")):
         return str(message)
-    if exc.code in _STATUS_MEANING:
-        return _STATUS_MEANING[exc.code]
-    if exc.code >= 500:
-        return (f"the tabbi server failed on this request (status {exc.code}); "
+    if code in _STATUS_MEANING:
+        return _STATUS_MEANING[code]
+    if code >= 500:
+        return (f"the tabbi server failed on this request (status {code}); "
                 "the Jupyter server's log says why")
-    return f"the tabbi server refused the request (status {exc.code})"
+    return f"the tabbi server refused the request (status {code})"
 
 
 def _settled(event: Event) -> bool:

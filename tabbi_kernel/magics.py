@@ -58,6 +58,8 @@ HELP = """\
   %tabbi logout              Sign out: the token is deleted here and revoked at GitHub.
   %tabbi whoami | models     Who you are (server and GitHub); the configured model.
   %tabbi repos [QUERY]       Your GitHub repositories, newest push first, filtered by QUERY.
+  %tabbi admin [pause|stop ID]  Admins: everyone's sessions (owner, state, age, use); pause one,
+                             or stop it at once, mid-turn too (its workspace is kept).
 
 Python API: client = tabbi_kernel.connect(); session = client.start(REPO); session.ask(TEXT)
 """
@@ -386,6 +388,26 @@ class TabbiMagics(Magics):
         info = self._wait_running(session)
         if info is not None:
             print(f"[tabbi] {info['id']} is running again on branch {info['work_branch']}")
+
+    def cmd_admin(self, argv: list[str]) -> None:
+        """Every person's sessions (``%tabbi admin``), or pause/stop one of them (admins only)."""
+        args = _parser("%tabbi admin", (("action",), {"nargs": "?", "choices": ["pause", "stop"]}),
+                       (("id",), {"nargs": "?"})).parse_args(argv)
+        try:
+            if args.action is None:
+                display(render.admin_sessions(self.client.admin_sessions()), raw=True)
+                return
+            if not args.id:
+                raise UsageError(f"%tabbi admin {args.action} ID: which session? (%tabbi admin lists them)")
+            act = self.client.admin_pause if args.action == "pause" else self.client.admin_stop
+            info = act(args.id)
+        except TabbiError as exc:
+            if (exc.status == 404 and args.action is None) or "no such resource" in str(exc):
+                raise UsageError("%tabbi admin is for tabbi's admins, and you are not one on this "
+                                 "server (hub admins are; see docs/deploy-jupyterhub.md)") from None
+            raise
+        print(f"[tabbi] {info['id']} of {info['owner']} is {info['state']} "
+              f"({'paused' if args.action == 'pause' else 'stopped'} by you)")
 
     # -- prompts --------------------------------------------------------------------------------
     def _prompt_cell(self, line: str, cell: str) -> None:

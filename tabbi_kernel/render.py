@@ -53,20 +53,57 @@ def sessions(rows: list[dict[str, Any]], current: str | None) -> dict[str, str]:
     if not rows:
         text = "No sessions yet. Start one with %tabbi start REPO"
         return bundle(f"<p>{html.escape(text)}</p>", text)
-    headers = ["", "id", "state", "repo", "branch", "model"]
-    table_rows = []
-    plain = ["  ".join(h or " " for h in headers)]
+    cells = [["*" if row["id"] == current else "", row["id"], row["state"], row["repo"],
+              row["work_branch"], model_name(row.get("model"), short=True)] for row in rows]
+    return _table(["", "id", "state", "repo", "branch", "model"], cells, 2, "tabbi-sessions")
+
+
+def admin_sessions(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Every person's sessions, for ``%tabbi admin``: owner, state, age and use."""
+    if not rows:
+        return bundle("<p>No sessions on this server.</p>", "No sessions on this server.")
+    cells = []
     for row in rows:
-        mark = "*" if row["id"] == current else ""
-        cells = [mark, row["id"], row["state"], row["repo"], row["work_branch"],
-                 model_name(row.get("model"), short=True)]
+        use = row.get("usage") or {}
+        running = use.get("running_seconds")
+        work = "turn" if use.get("busy") else ""
+        if use.get("prompts_queued"):
+            work += f" +{use['prompts_queued']} queued"
+        cells.append([row["owner"], row["id"], row["state"], row["repo"],
+                      _duration(use.get("age_seconds")), _duration(running), work.strip(),
+                      f"{use.get('snapshots', 0)} ({_size(use.get('snapshot_bytes') or 0)})"])
+    headers = ["owner", "id", "state", "repo", "age", "running", "work", "snapshots"]
+    return _table(headers, cells, 2, "tabbi-admin")
+
+
+def _table(headers: list[str], rows: list[list[Any]], state_column: int, css: str) -> dict[str, str]:
+    """A table with a colored dot before each row's state, and its plain-text form."""
+    plain = ["  ".join(h or " " for h in headers)]
+    table_rows = []
+    for cells in rows:
         plain.append("  ".join(str(c) for c in cells))
-        color = STATE_COLORS.get(row["state"], "#8c959f")
+        color = STATE_COLORS.get(cells[state_column], "#8c959f")
         cells_html = [html.escape(str(c)) for c in cells]
-        cells_html[2] = f"<span style='color:{color}'>&#9679;</span> {cells_html[2]}"
+        cells_html[state_column] = f"<span style='color:{color}'>&#9679;</span> {cells_html[state_column]}"
         table_rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells_html) + "</tr>")
     head = "<tr>" + "".join(f"<th>{h}</th>" for h in headers) + "</tr>"
-    return bundle(f"<table class='tabbi-sessions'>{head}{''.join(table_rows)}</table>", "\n".join(plain))
+    return bundle(f"<table class='{css}'>{head}{''.join(table_rows)}</table>", "\n".join(plain))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, hours = seconds / 60, seconds / 3600
+    return f"{seconds:.0f}s" if seconds < 60 else f"{minutes:.0f}m" if minutes < 60 else \
+        f"{hours:.1f}h" if hours < 48 else f"{hours / 24:.0f}d"
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def tool_summary(data: dict[str, Any]) -> str:

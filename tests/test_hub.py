@@ -8,25 +8,37 @@ Threats, as a hub user with a notebook (any code, their own shell):
 - reading the team's secrets (model API key, GitHub client secret, encryption key) from anything
   their kernel can reach: its environment, /proc of every process it sees, every file it can read;
 - using the service's own Jupyter server (kernels, files) to run code next to those secrets;
-- sign-in links built from the internal address their kernel reached the service by.
+- sign-in links built from the internal address their kernel reached the service by;
+- listing, pausing or stopping other people's sessions through the admin routes (or learning
+  that they exist), taking more sandboxes than their share, flooding prompts over REST or the
+  event WebSocket.
 And as the hub's operator: a person's server culled mid-turn must not lose the turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
 from prometheus_client.parser import text_string_to_metric_families
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 from tabbi_extension import handlers
 from tests.support.hub import SERVICE_USER, Hub, as_user, find_proxy
 from tests.support.llm import Reply, ScriptedLLM, write
 from tests.test_auth_routes import concrete, methods
+from tests.test_limits import read_reply
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("useradd") is None or find_proxy() is None,
@@ -40,6 +52,9 @@ SECRETS = {
     "TABBI_ENCRYPTION_KEY": Fernet.generate_key().decode(),
 }
 REPOS = f"/home/{SERVICE_USER}/repos"
+#: The module's quotas: each person runs one sandbox at a time and sends at most 4 prompts an hour
+#: (the other tests send no more than 3 each; an hour, so that none is refused by chance).
+LIMITS = {"running_per_user": 1, "prompts_per_minute": 4, "rate_window": 3600}
 GIT = ["git", "-c", "user.name=T", "-c", "user.email=t@example.test"]
 
 
@@ -55,19 +70,21 @@ def hub(tmp_path_factory, llm):
     env = {**SECRETS, "TABBI_LLM_BASE_URL": llm.url, "TABBI_MODEL": "scripted",
            "TABBI_GITHUB_CLIENT_ID": "Iv1.hubtestclient", "TABBI_GITHUB_URL": "https://github.invalid"}
     started = Hub(tmp_path_factory.mktemp("hub"), ["alice", "bob"], env,
-                  {"local_repo_roots": [REPOS + "/{username}"]}, public_url=PUBLIC_URL)
+                  {"local_repo_roots": [REPOS + "/{username}"]}, public_url=PUBLIC_URL,
+                  sections={"TabbiLimits": LIMITS}, admins=("alice",))
     try:
         # Each person's local repositories, readable by them, in a folder of the service's user
         # (git refuses to clone a repository another user owns: see docs/deploy-jupyterhub.md).
         as_user(SERVICE_USER, "mkdir", "-m", "755", REPOS)
-        for name in started.users:
+        for name in [*started.users, "carol"]:  # carol: a person with no server (see test_quotas_...)
             repo = f"{REPOS}/{name}/repo"
             as_user(SERVICE_USER, "mkdir", "-p", "-m", "755", repo)
             as_user(SERVICE_USER, "git", "init", "-q", "-b", "main", cwd=repo)
             as_user(SERVICE_USER, "sh", "-c", f"echo '# {name}' > README.md", cwd=repo)
             as_user(SERVICE_USER, *GIT, "add", ".", cwd=repo)
             as_user(SERVICE_USER, *GIT, "commit", "-qm", "init", cwd=repo)
-            started.start_server(name)
+            if name in started.users:
+                started.start_server(name)
         yield started
     finally:
         started.stop()
@@ -328,3 +345,135 @@ async def user_token(hub: Hub, user: str) -> str:
                            {"scopes": ["access:services!service=tabbi"], "expires_in": 600})
     assert status == 201, (status, body)
     return body["token"]
+
+
+ADMIN_PROBE = """
+import json
+from tabbi_kernel import client
+cl = client.connect()
+try:
+    cl.admin_sessions()
+    print("LIST", 200)
+except client.TabbiError as exc:
+    print("LIST", exc.status)
+"""
+
+ADMIN = """
+import json
+from tabbi_kernel import client
+cl = client.connect()
+row = next(s for s in cl.admin_sessions() if s["id"] == "{sid}")
+print("ROW", json.dumps({{k: row[k] for k in ("owner", "state", "busy")}}))
+print("STOPPED", json.dumps(cl.admin_stop("{sid}")))
+"""
+
+
+async def test_an_admin_lists_and_stops_bobs_session_and_bob_cannot(hub, llm, sessions):
+    """alice, a hub admin, lists every session from her kernel and stops bob's mid-turn. bob
+    (not an admin) probes the admin routes from his kernel, listing, pausing and stopping alice's
+    session: each is a 404, as for a route that does not exist."""
+    bob_sid = sessions.get("bob") or await start_from_kernel(hub, llm, "bob")
+    alice_sid = sessions.get("alice") or await start_from_kernel(hub, llm, "alice")
+    probes = [("GET", "tabbi/api/admin/sessions"), ("GET", "tabbi/api/admin/no-such-route"),
+              ("POST", f"tabbi/api/admin/sessions/{alice_sid}/stop"),
+              ("POST", f"tabbi/api/admin/sessions/{alice_sid}/pause")]
+    codes = json.loads((await run_in(hub, "bob", PROBE.format(probes=probes))).split("CODES ", 1)[1])
+    assert set(codes.values()) == {404}, codes
+    assert line(await run_in(hub, "bob", ADMIN_PROBE), "LIST") == ["404"]
+
+    bob = await user_token(hub, "bob")
+    before = hub.api("GET", f"tabbi/api/sessions/{bob_sid}", token=bob, base=hub.service_url)[1]["last_seq"]
+    llm.enqueue(Reply(text="let me think", stall=True))
+    status, body = hub.api("POST", f"tabbi/api/sessions/{bob_sid}/prompt", {"text": "think"},
+                           token=bob, base=hub.service_url)
+    assert status == 202, (status, body)
+    await wait_events(hub, bob, bob_sid, lambda e: e["type"] == "text.delta", after=before)
+
+    out = await run_in(hub, "alice", ADMIN.format(sid=bob_sid))
+    assert json.loads(out.split("ROW ", 1)[1].splitlines()[0]) == {
+        "owner": "bob", "state": "running", "busy": True}, out
+    stopped = json.loads(out.split("STOPPED ", 1)[1].splitlines()[0])
+    assert stopped["state"] == "error" and "administrator (alice)" in stopped["error"], stopped
+    events = await wait_events(hub, bob, bob_sid, lambda e: e["type"] == "admin.action", after=before)
+    assert events[-1]["data"] == {"action": "stop", "by": "alice", "was": "running"}
+    assert [e["data"]["outcome"] for e in events if e["type"] == "turn.finished"][-1] == "error"
+    assert f"tabbi admin: alice stopped session {bob_sid} of bob" in hub.log_path.read_text()
+
+
+async def test_quotas_and_rate_limits_answer_429_through_the_hub(hub, llm):
+    """carol (a hub user without a server of her own: a script with her API token) goes over her
+    quotas through the hub's proxy: a second running sandbox, a fifth prompt within the hour
+    over REST, and again over the WebSocket to get round the REST limit. Each is a 429 naming the
+    limit, with Retry-After; her four accepted prompts all run to their end."""
+    status, body = hub.api("POST", "users/carol")
+    assert status in (201, 409), (status, body)
+    carol = await user_token(hub, "carol")
+    status, session = hub.api("POST", "tabbi/api/sessions", {"repo": f"{REPOS}/carol/repo"},
+                              token=carol, base=hub.service_url)
+    assert status == 201, (status, session)
+    sid = session["id"]
+    status, headers_, body = raw_call(hub, carol, "POST", "tabbi/api/sessions",
+                                      {"repo": f"{REPOS}/carol/repo"})
+    assert (status, body["limit"]) == (429, "running_per_user") and int(headers_["Retry-After"]) > 0, body
+
+    ws = await websocket_connect(HTTPRequest(
+        hub.service_url.replace("http", "ws", 1) + f"tabbi/api/sessions/{sid}/stream",
+        headers={"Authorization": f"token {carol}"}))
+    accepted = []
+    for n in range(4):
+        if n % 2:
+            ws.write_message(json.dumps({"type": "prompt", "text": f"prompt {n}"}))
+            reply = await read_reply(ws)
+            assert reply["type"] == "prompt.accepted", reply
+            accepted.append(reply["prompt_id"])
+        else:
+            status, body = hub.api("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": f"prompt {n}"},
+                                   token=carol, base=hub.service_url)
+            assert status == 202, (status, body)
+            accepted.append(body["prompt_id"])
+    status, headers_, body = raw_call(hub, carol, "POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "5"})
+    assert (status, body["limit"], body["allowed"]) == (429, "prompts_per_minute", 4), body
+    assert headers_["Retry-After"] == str(body["retry_after"]) and 0 < body["retry_after"] <= 3600
+    ws.write_message(json.dumps({"type": "prompt", "text": "6"}))
+    refused = await read_reply(ws)
+    assert (refused["type"], refused["status"], refused["limit"]) == (
+        "prompt.refused", 429, "prompts_per_minute"), refused
+    ws.close()
+
+    events = await wait_events(hub, carol, sid, lambda e: e["type"] == "turn.finished"
+                               and e["data"]["prompt_id"] == accepted[-1], timeout=300)
+    queued = [e["data"]["text"] for e in events if e["type"] == "prompt.queued"]
+    assert queued == [f"prompt {n}" for n in range(4)], queued
+    finished = [(e["data"]["prompt_id"], e["data"]["outcome"])
+                for e in events if e["type"] == "turn.finished"]
+    assert finished == [(p, "completed") for p in accepted], finished
+    assert hub.api("DELETE", f"tabbi/api/sessions/{sid}", token=carol, base=hub.service_url)[0] == 204
+
+
+def raw_call(hub: Hub, token: str, method: str, path: str, body: Any) -> tuple[int, Any, Any]:
+    """A call to the service through the proxy that keeps the response's headers."""
+    request = urllib.request.Request(hub.service_url + path, method=method, data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"token {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, json.loads(exc.read() or b"{}")
+
+
+async def wait_events(hub: Hub, token: str, sid: str, until: Callable[[dict], bool], after: int = 0,
+                      timeout: float = 120) -> list[dict]:
+    """The session's events after ``after`` up to the first one ``until`` accepts (long-polling,
+    with a deadline)."""
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        assert time.monotonic() < deadline, f"not within {timeout} s: {seen[-10:]}"
+        after = seen[-1]["seq"] if seen else after
+        status, body = await asyncio.to_thread(
+            hub.api, "GET", f"tabbi/api/sessions/{sid}/events?after={after}&wait=10", None, token,
+            hub.service_url)
+        assert status == 200, (status, body)
+        for event in body["events"]:
+            seen.append(event)
+            if until(event):
+                return seen

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tabbi_kernel.client import _server_message, local_path
+from tabbi_kernel.client import _refusal, local_path
 from tabbi_kernel.magics import TurnPrinter
 from tabbi_sandbox import bootstrap
 from tests.conftest import git
@@ -36,14 +36,14 @@ def test_relative_repository_paths_are_taken_from_the_notebooks_folder(tmp_path,
                                   b'{"reason": "Not Found"}'])
 def test_an_error_without_a_message_of_the_servers_is_still_a_sentence(code, body):
     error = urllib.error.HTTPError("http://x/", code, "Whatever", {}, io.BytesIO(body))
-    message = _server_message(error)
+    message = str(_refusal(error))
     assert "HTTP" not in message and "Whatever" not in message and len(message.split()) >= 5, message
 
 
 def test_the_servers_own_message_is_kept():
     body = json.dumps({"message": "no session ses-0123456789ab"}).encode()
     error = urllib.error.HTTPError("http://x/", 404, "Not Found", {}, io.BytesIO(body))
-    assert _server_message(error) == "no session ses-0123456789ab"
+    assert str(_refusal(error)) == "no session ses-0123456789ab"
 
 
 def test_an_empty_repository_says_so_at_the_clone(tmp_path: Path):

@@ -118,9 +118,11 @@ def shared_python(folder: Path) -> str:
 
 class Hub:
     def __init__(self, workdir: Path, users: list[str], service_env: dict[str, str],
-                 tabbi_config: dict[str, Any], public_url: str | None = None):
+                 tabbi_config: dict[str, Any], public_url: str | None = None,
+                 sections: dict[str, dict[str, Any]] | None = None, admins: tuple[str, ...] = ()):
         self.workdir = workdir
         self.users = users
+        self.admins = admins  # hub admins (c.Authenticator.admin_users)
         self.proxy_port, self.hub_port, self.api_port, self.service_port = (free_port() for _ in range(4))
         self.admin_token = secrets.token_hex(16)
         self.proc: subprocess.Popen | None = None
@@ -130,7 +132,8 @@ class Hub:
         os.chmod(workdir, 0o700)
         config_dir = Path(service.pw_dir) / "jupyter-config"
         config_dir.mkdir()
-        (config_dir / "jupyter_server_config.json").write_text(json.dumps({"TabbiExtension": tabbi_config}))
+        (config_dir / "jupyter_server_config.json").write_text(
+            json.dumps({"TabbiExtension": tabbi_config, **(sections or {})}))
         shutil.chown(config_dir, service.pw_uid, service.pw_gid)
         env = {
             **service_env,
@@ -179,6 +182,7 @@ class Hub:
             c.JupyterHub.cookie_secret_file = "{self.workdir}/cookie_secret"
             c.JupyterHub.authenticator_class = "dummy"
             c.Authenticator.allow_all = True
+            c.Authenticator.admin_users = {set(self.admins)!r}
             c.JupyterHub.spawner_class = "localprocess"
             c.Spawner.cmd = ["{self.python}", "-m", "jupyterhub.singleuser"]
             c.Spawner.start_timeout = 120
