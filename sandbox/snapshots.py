@@ -40,18 +40,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import json
 import os
 import sqlite3
 import stat
 import struct
-import tarfile
 import tempfile
 import time
-from typing import IO
+from typing import IO, TYPE_CHECKING
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    import tarfile
 
 WORKSPACE = "workspace"
 AGENT_DATA = "home/.local/share/opencode"
@@ -410,6 +411,9 @@ def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
     the staging folder is removed and the parts in place are left as they were (a failure while
     moving, which needs a failing disk, leaves no workspace, so the next start restores again).
     Raises ``SnapshotError``."""
+    import gzip  # here, not at the top: a snapshot (run at every turn) needs neither
+    import tarfile
+
     layout = parts(workspace, home)
     anchor = layout[-1][1]
     anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
