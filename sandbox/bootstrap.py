@@ -41,8 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from urllib.parse import urlsplit
 
 #: The plugin package OpenCode would otherwise install in the background at every start (and wait
@@ -305,6 +303,9 @@ def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: floa
     A request sent while OpenCode is starting can hang without an answer, so each probe has its
     own small timeout and the loop has an overall deadline.
     """
+    import urllib.error  # here, not at the top: every snapshot and restore runs this file
+    import urllib.request
+
     token = base64.b64encode(f"opencode:{password}".encode()).decode()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/global/health", headers={"Authorization": f"Basic {token}"}

@@ -241,8 +241,12 @@ class SnapshotStore:
         """The newest readable manifest (by when it was stored), or None."""
         if not self.folder.is_dir():
             return None
-        found = sorted((p.stat().st_mtime_ns, p.name) for p in self.folder.iterdir()
-                       if p.name.endswith(MANIFEST_SUFFIX))
+        found = []
+        for path in self.folder.iterdir():
+            if path.name.endswith(MANIFEST_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    found.append((path.stat().st_mtime_ns, path.name))
+        found.sort()
         for _, file_name in reversed(found):
             with contextlib.suppress(StoreError):
                 return self.load(file_name[: -len(MANIFEST_SUFFIX)])
@@ -387,7 +391,8 @@ class SnapshotStore:
         out = _Gate(out_fd)
         try:
             gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=0, mtime=0)
-            tar = tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT,  # noqa: SIM115 (closed below)
+            # "w", not the stream mode "w|": its buffer re-slices every chunk (quadratic in it).
+            tar = tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT,  # noqa: SIM115 (closed below)
                                copybufsize=CHUNK)
             try:
                 for entry in manifest["entries"]:

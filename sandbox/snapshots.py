@@ -1,4 +1,4 @@
-"""The snapshot archive: what a sandbox's snapshot holds, written and unpacked INSIDE the sandbox.
+"""Snapshots: what a sandbox's snapshot holds, read and unpacked INSIDE the sandbox.
 
 What a snapshot holds is what a resumed session needs, nothing more: the workspace (the clone with
 its branch and uncommitted work), OpenCode's data and state folders (its conversation and its own
@@ -10,10 +10,12 @@ password and model keys live only there).
 
 Where it runs: this module is standard-library only and is loaded by ``bootstrap.py snapshot`` and
 ``bootstrap.py restore``, which the provider runs confined like the agent (bubblewrap, a PID
-namespace of their own, non-dumpable). The server only streams bytes: the archive goes from the
-snapshot process's stdout straight into a file in the server's own snapshot folder, and back into
-the restore process's stdin. So the server never opens, follows or archives a path the agent can
-write. (Unconfined sandboxes, isolation "none", run the same code as a separate process; there the
+namespace of their own, non-dumpable). The server only streams bytes: the snapshot process writes
+a stream (``write_snapshot``: the bytes of the files the previous snapshot does not hold, then a
+manifest of every path) into the server's store (``snapshot_store.py``), and the restore process
+reads back a tar.gz the store renders (``restore_archive``, which also reads the one-archive
+snapshots of the earlier format). So the server never opens, follows or archives a path the
+agent can write. (Unconfined sandboxes, isolation "none", run the same code as a separate process; there the
 agent has the server user's rights anyway, and the guards below are all that stands in its way.)
 
 Threats handled here (the agent writes these files, and may change them while we read):
@@ -29,6 +31,11 @@ Threats handled here (the agent writes these files, and may change them while we
   O_NOFOLLOW`` (never through a link, never outside the destination; ``..``, absolute names,
   devices and unknown types are refused), links may point anywhere (they are only links in the
   sandbox's view, which is what venvs need), hard links must name an already restored file;
+- the cache of the previous snapshot (path -> size, mtime, ctime, inode, device, digest): a file
+  is reused only when ``lstat`` shows all five unchanged, and is then not even opened (a swap
+  after the look makes it read nothing); anything else (a link, a FIFO, a lookalike with the same
+  size and mtime but a new inode or ctime) is looked at anew as above, and the bytes sent are
+  exactly those hashed (``_Exactly``), whatever the file does meanwhile;
 - a torn or corrupt archive: gzip's CRC and length are checked to the end of the stream before
   anything is moved into place;
 - half-restored workspaces: extraction goes into a staging folder; only a complete, verified
@@ -40,18 +47,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import json
 import os
 import sqlite3
 import stat
 import struct
-import tarfile
 import tempfile
 import time
-from typing import IO
+from typing import IO, TYPE_CHECKING
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    import tarfile
 
 WORKSPACE = "workspace"
 AGENT_DATA = "home/.local/share/opencode"
@@ -199,6 +207,8 @@ class _Walker:
             finally:
                 os.close(fd)
         elif stat.S_ISREG(st.st_mode):
+            if self.listed(arcname, st, cacheable=True):
+                return  # known from the cache or a hard link: nothing to read, so not even opened
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
             except OSError:
@@ -209,23 +219,35 @@ class _Walker:
                 os.close(fd)
         # devices, FIFOs and sockets are never archived
 
-    def add_file(self, fd: int, arcname: str, cacheable: bool) -> None:
-        st = os.fstat(fd)  # what was opened, not what was looked at
-        if not stat.S_ISREG(st.st_mode):
-            return
-        mode, mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
-        key = (st.st_dev, st.st_ino)
+    def listed(self, arcname: str, st: os.stat_result, cacheable: bool) -> bool:
+        """List a file without reading it if it is a hard link to one listed already, or the
+        very file the cache describes (same size, mtime, ctime, inode and device); False if its
+        bytes must be read."""
+        mode, mtime, key = stat.S_IMODE(st.st_mode), int(st.st_mtime), (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in self.seen:
             self.entries.append([arcname, HARDLINK, mode, mtime, self.seen[key]])
-            return
-        if st.st_nlink > 1:
-            self.seen[key] = arcname
+            return True
         identity = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
         cached = self.cache.get(arcname) if cacheable else None
-        # The same file, unchanged since the previous snapshot read it: its digest is reused.
-        digest = cached[5] if cached is not None and cached[:5] == identity else self.send(fd, st.st_size)
-        self.entries.append([arcname, REG, mode, mtime, st.st_size, digest,
-                             *(identity[1:] if cacheable else [None] * 4)])
+        if cached is None or cached[:5] != identity:
+            return False
+        if st.st_nlink > 1:
+            self.seen[key] = arcname
+        self.entries.append([arcname, REG, mode, mtime, st.st_size, cached[5], *identity[1:]])
+        return True
+
+    def add_file(self, fd: int, arcname: str, cacheable: bool) -> None:
+        """Send the bytes of the file open at ``fd`` (checked again: what was opened, not what
+        was looked at) and list it."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or self.listed(arcname, st, cacheable):
+            return
+        if st.st_nlink > 1:
+            self.seen[(st.st_dev, st.st_ino)] = arcname
+        digest = self.send(fd, st.st_size)
+        identity = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev] if cacheable else [None] * 4
+        self.entries.append([arcname, REG, stat.S_IMODE(st.st_mode), int(st.st_mtime), st.st_size, digest,
+                             *identity])
 
     def send(self, fd: int, size: int) -> str:
         """Stream ``size`` bytes of ``fd`` as a ``FILE`` record; their SHA-256 (of exactly what
@@ -410,6 +432,9 @@ def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
     the staging folder is removed and the parts in place are left as they were (a failure while
     moving, which needs a failing disk, leaves no workspace, so the next start restores again).
     Raises ``SnapshotError``."""
+    import gzip  # here, not at the top: a snapshot (run at every turn) needs neither
+    import tarfile
+
     layout = parts(workspace, home)
     anchor = layout[-1][1]
     anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

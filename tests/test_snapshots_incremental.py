@@ -274,6 +274,24 @@ def test_a_file_flipped_to_a_link_during_snapshots_never_stores_its_target(tmp_p
         assert SECRET.encode() not in blob.read_bytes()
 
 
+def test_a_sparse_file_costs_the_server_no_disk(tmp_path):
+    """Threat: the agent makes a huge sparse file (``truncate -s``: no disk in the sandbox) so
+    that each snapshot writes that many zeros into the server's data folder. The store writes
+    runs of zeros as holes: the blob takes what the file takes, and restores at its size."""
+    sandbox, store = Sandbox(tmp_path / "sb"), SnapshotStore(tmp_path / "store")
+    sandbox.run("truncate -s 16M sparse.bin; echo tail >> sparse.bin")
+    first = take(store, sandbox, "s1")
+    blob = store.blob_path(digests_of(first, {"workspace/sparse.bin"}).pop())
+    assert blob.stat().st_size == 16 * 2**20 + 5
+    assert blob.stat().st_blocks * 512 < 2**20  # a hole, and the last block
+    restore(store, "s1", tmp_path / "restored")
+    restored = tmp_path / "restored" / "workspace" / "sparse.bin"
+    assert restored.stat().st_size == 16 * 2**20 + 5
+    with restored.open("rb") as f:
+        f.seek(16 * 2**20)
+        assert f.read() == b"tail\n"
+
+
 def test_deleting_snapshots_reclaims_the_blobs_no_snapshot_uses(tmp_path, trusted_cache):
     sandbox, store = Sandbox(tmp_path / "sb"), SnapshotStore(tmp_path / "store")
     sandbox.run(BASE)
