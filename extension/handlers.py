@@ -116,7 +116,8 @@ class TabbiHandler(APIHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Our error types map to statuses here, once, for every handler."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if status_code in (401, 403):  # Jupyter's authentication or authorizer said no
+        if status_code in (401, 403) and not isinstance(exc, (AgentError, GitHubError)):
+            # Jupyter's authentication or authorizer said no (not: "sign in to GitHub first")
             user = getattr(getattr(self, "_current_user", None), "username", None)
             logs.event(log, logging.WARNING, "auth.refused",
                        "request refused", status=status_code, method=self.request.method,

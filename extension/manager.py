@@ -116,7 +116,8 @@ class SessionManager:
         await self.store.create_session(record)
         async with self._lock:
             agent = await self._adopt(record)
-        agent.log.info("session.created", "session created", repo=record.repo,
+        # A git URL's query is left out of the log: someone may have put a credential there.
+        agent.log.info("session.created", "session created", repo=record.repo.split("?", 1)[0],
                        model=model, provider=self.provider.name)
         await agent.start()
         return agent
