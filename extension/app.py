@@ -306,14 +306,7 @@ class TabbiExtension(ExtensionApp):
         self.store = self.make_store(data)
         self.provider = self.make_provider(data)
         secrets = self.make_secret_box(data)
-        model_settings = ModelSettings(
-            model=self.model,
-            llm_base_url=self.llm_base_url,
-            llm_api_key=self.llm_api_key,
-            provider_keys={k: os.environ[k] for k in PROVIDER_KEYS if os.environ.get(k)},
-            permissions=dict(self.permissions),
-            demo=self.demo_model,
-        )
+        model_settings = self.model_settings()
         if (trouble := model_problem(model_settings)) is not None:
             self.log.warning("tabbi: %s; sessions cannot start until it is", trouble)
         self.gateway = model_gateway.ModelGateway(
@@ -360,6 +353,18 @@ class TabbiExtension(ExtensionApp):
             ),
             tabbi_websocket_ping_interval=self.websocket_ping_interval,
             tabbi_gateway=self.gateway,
+        )
+
+    def model_settings(self) -> ModelSettings:
+        """The model configuration (traits and provider keys of the environment); the doctor
+        checks the same one."""
+        return ModelSettings(
+            model=self.model,
+            llm_base_url=self.llm_base_url,
+            llm_api_key=self.llm_api_key,
+            provider_keys={k: os.environ[k] for k in PROVIDER_KEYS if os.environ.get(k)},
+            permissions=dict(self.permissions),
+            demo=self.demo_model,
         )
 
     def server_url(self) -> str:
