@@ -126,7 +126,8 @@ class Doctor:
         reachable = await store.ping()  # what GET /tabbi/api/health asks
         trouble = store.trouble()
         if not reachable or trouble:
-            return [problem(name, f"{backend} does not answer: {trouble or 'no answer'}", _store_fix(backend))]
+            return [problem(name, f"{backend} does not answer: {trouble or 'no answer'}",
+                            _store_fix(backend))]
         return [ok(name, f"{backend} answers")]
 
     # -- sandboxes: provider, bubblewrap, OpenCode, Modal ---------------------------------------
@@ -286,8 +287,8 @@ class Doctor:
             else:
                 return [ok(name, "none yet: a single-user server generates one when it needs it")]
         except encryption.EncryptionKeyError as exc:
-            return [problem(name, str(exc).split(", for example")[0], "a Fernet key: python -c "
-                            "'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'")]
+            return [problem(name, str(exc).split(", for example")[0], "a Fernet key: python -c 'from "
+                            "cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'")]
         sealed = await self._sealed_sample()
         if sealed is None:
             return [ok(name, f"{source} key decodes (the store was not read)")]
@@ -333,7 +334,8 @@ def _url_problem(setting: str, value: str) -> str | None:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return f"{setting} {value!r} is not an http(s) URL"
     if parsed.scheme == "http" and parsed.hostname not in ("localhost", "127.0.0.1", "::1"):
-        return f"{setting} {value} is plain http on a non-local host (GitHub's codes would travel unencrypted)"
+        return (f"{setting} {value} is plain http on a non-local host (GitHub's codes would travel "
+                "unencrypted)")
     return None
 
 
