@@ -119,7 +119,8 @@ class EventNormalizer:
         if message_id not in self.roles:
             out.append(Normalized("message", {"message_id": message_id, "role": role}))
         self.roles[message_id] = role
-        signals.message = (message_id, role, {k: info[k] for k in ("time", "modelID") if k in info})
+        kept = ("time", "modelID", "cost", "tokens")  # cost and tokens: what budgets count
+        signals.message = (message_id, role, {k: info[k] for k in kept if k in info})
         if info.get("error") and info["error"].get("name") != ABORTED:
             _signal_error(signals, info["error"])
         return out
