@@ -109,3 +109,24 @@ async def test_a_turn_is_stopped_when_the_sandbox_time_budget_runs_out(api, llm,
     if llm.agent_requests():  # the model was reached before the budget ran out: it is cut off
         llm.wait_closed(1, timeout=30)
     assert "c.Budgets.session_sandbox_seconds" in await refused(api, sid)
+
+
+def test_a_detached_sandbox_nobody_comes_back_for_stops_itself(tmp_path, llm, source_repo):
+    """Threat: a sandbox that outlives a crashed server (detach_sandboxes) and whose server never
+    returns has nobody to pause it at idle_timeout: it must stop itself once max_lifetime +
+    turn_timeout have passed (the bootstrap's own deadline), not run and cost forever."""
+    from tabbi_sandbox import processes
+    from tests.support.server import JupyterProcess
+    from tests.support.waiting import wait_exited
+
+    # Its deadline, 15 s after it is ready, leaves time to see it outlive the server on a slow machine.
+    limits = ["--TabbiExtension.detach_sandboxes=True", "--TabbiExtension.max_lifetime=10",
+              "--TabbiExtension.turn_timeout=5", "--TabbiExtension.idle_timeout=0"]
+    server = JupyterProcess(llm.url, tmp_path / "srv", extra=limits)
+    try:
+        sid = server.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
+        server.wait_event(sid, lambda e: e["type"] == "session.status" and e["data"]["state"] == "running")
+    finally:
+        server.kill()
+    assert processes.sandbox_pids(sid), "the detached sandbox outlived its server"
+    wait_exited(lambda: processes.sandbox_pids(sid), 90, "the orphaned sandbox stopping itself")
