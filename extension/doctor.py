@@ -225,21 +225,23 @@ class Doctor:
         if upstream.kind == "anthropic":
             headers["anthropic-version"] = "2023-06-01"
         url = f"{upstream.base_url}/models"
+        parsed = urlparse(url)  # credentials in the URL (user:password@) are never printed
+        shown = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
         try:
             async with httpx.AsyncClient(timeout=NETWORK_TIMEOUT, trust_env=True) as client:
                 response = await client.get(url, headers=headers)
         except httpx.HTTPError as exc:
-            return [problem(name, f"{url} cannot be reached ({type(exc).__name__})",
+            return [problem(name, f"{shown} cannot be reached ({type(exc).__name__})",
                             "check c.TabbiExtension.llm_base_url (TABBI_LLM_BASE_URL) and that the "
                             "model server runs and is reachable from this machine")]
         if response.status_code in (401, 403):
-            return [problem(name, f"{url} refused the key (HTTP {response.status_code})",
+            return [problem(name, f"{shown} refused the key (HTTP {response.status_code})",
                             "set the right key: c.TabbiExtension.llm_api_key (TABBI_LLM_API_KEY), "
                             "OPENAI_API_KEY or ANTHROPIC_API_KEY")]
         if response.status_code >= 400:
-            return [problem(name, f"{url} answered HTTP {response.status_code}",
+            return [problem(name, f"{shown} answered HTTP {response.status_code}",
                             "check the base URL (it ends in /v1) and the model server's logs")]
-        return [ok(name, f"{ref['providerID']}/{ref['modelID']}: {url} answers")]
+        return [ok(name, f"{ref['providerID']}/{ref['modelID']}: {shown} answers")]
 
     # -- GitHub ---------------------------------------------------------------------------------
     async def check_github(self) -> list[Check]:

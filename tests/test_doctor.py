@@ -38,6 +38,7 @@ GOOD_LLM_KEY = "sk-doctor-right-key-7d1c"
 WRONG_LLM_KEY = "sk-doctor-wrong-key-93ab"
 GITHUB_SECRET = "gh-secret-doctor-5e2f"
 MALFORMED_KEY = "not-a-fernet-key-c0ffee"
+URL_PASSWORD = "url-password-doctor-41aa"
 
 
 def free_port() -> int:
@@ -98,15 +99,17 @@ def keyed_llm():
 
 
 def test_planted_local_mistakes_are_each_found(tmp_path: Path):
-    """A wrong OpenCode binary, a model endpoint that is down, a GitHub client id without its
-    secret, an encryption key that does not decode, too little disk: five problems, exit 1."""
+    """A wrong OpenCode binary, a model endpoint that is down (its URL carrying a password, which
+    must not be printed), a GitHub client id without its secret, an encryption key that does not
+    decode, too little disk: five problems, exit 1."""
     fake = tmp_path / "opencode"
     fake.write_text("#!/bin/sh\necho 0.0.1\n")
     fake.chmod(0o755)
     config = {
         "TabbiExtension": {
             "data_dir": str(tmp_path / "data"), "opencode_bin": str(fake), "isolation": "none",
-            "llm_base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "scripted",
+            "llm_base_url": f"http://proxy:{URL_PASSWORD}@127.0.0.1:{free_port()}/v1",
+            "model": "scripted",
             "github_client_id": "Iv1.doctor", "encryption_key": MALFORMED_KEY,
         },
         "TabbiDoctor": {"min_free_disk_gb": 1e9},
@@ -120,7 +123,7 @@ def test_planted_local_mistakes_are_each_found(tmp_path: Path):
     assert "github_client_secret" in found["github"]["fix"]
     assert "Fernet key" in found["encryption key"]["detail"]
     assert "GB free" in found["disk"]["detail"]
-    assert_no_secret(output, MALFORMED_KEY)
+    assert_no_secret(output, MALFORMED_KEY, URL_PASSWORD)
 
 
 def test_no_bubblewrap_a_refused_model_key_and_a_changed_encryption_key(tmp_path: Path, keyed_llm):
