@@ -26,7 +26,7 @@ from tabbi_extension.encryption import SecretBox
 from tabbi_extension.github.accounts import PROVIDER as GITHUB_TOKENS
 from tabbi_extension.store import SessionRecord, SQLiteStore
 from tabbi_sandbox.binary import PINNED_VERSION
-from tests.support.convex_standin import ConvexStandin
+from tests.support.convex_standin import ConvexStandin, SigningKey
 from tests.support.convex_store import STORE_CLASS, store_traits
 from tests.support.llm import ScriptedLLM
 from tests.support.modal_standin import ModalStandIn
@@ -151,15 +151,16 @@ def test_no_bubblewrap_a_refused_model_key_and_a_changed_encryption_key(tmp_path
     assert_no_secret(output, WRONG_LLM_KEY, other_key)
 
 
-def test_convex_down_and_a_refused_modal_token(tmp_path: Path):
+def test_convex_and_modal_down_or_refusing_then_answering(tmp_path: Path):
     """Convex (its stand-in) resetting every connection, and Modal (its stand-in) refusing the
-    token secret the server has: the store and Modal checks fail, saying what to set."""
-    with ConvexStandin.start() as convex, ModalStandIn() as modal_api:
+    token secret the server has: the store and Modal checks fail, saying what to set. Then Convex
+    answers but refuses a server key it does not know, while Modal takes the right token."""
+    with ConvexStandin.start(timeout=180) as convex, ModalStandIn() as modal_api:
         convex.faults(outage=True)
         wrong_secret = "as-" + "0" * 32
         env = {**modal_api.env, "MODAL_TOKEN_SECRET": wrong_secret,
                "SSL_CERT_FILE": str(modal_api.ca_file)}
-        config = {
+        config: dict[str, Any] = {
             "TabbiExtension": {
                 "data_dir": str(tmp_path / "data"), "model": "demo",
                 "store_class": STORE_CLASS,
@@ -171,14 +172,24 @@ def test_convex_down_and_a_refused_modal_token(tmp_path: Path):
         }
         code, output = run_doctor(tmp_path, config, "--json", env=env)
         assert convex.stats()["reset_connections"] > 0
+        assert code == 1, output
+        found = problems(output)
+        assert set(found) == {"store", "modal"}, output
+        assert "ConvexStore does not answer" in found["store"]["detail"]
+        assert "TABBI_CONVEX_URL" in found["store"]["fix"]
+        assert "refused this server's credentials" in found["modal"]["detail"]
+        assert "MODAL_TOKEN_SECRET" in found["modal"]["fix"]
+        assert_no_secret(output, wrong_secret, convex.keys.server.private_pem.splitlines()[1])
+
+        convex.faults()
+        stranger = SigningKey.generate()
+        config["ConvexStore"].update(server_jwt_key=stranger.private_pem, server_jwt_key_id=stranger.kid)
+        code, output = run_doctor(tmp_path, config, "--json", env={**env, **modal_api.env})
     assert code == 1, output
     found = problems(output)
-    assert set(found) == {"store", "modal"}, output
-    assert "ConvexStore does not answer" in found["store"]["detail"]
-    assert "TABBI_CONVEX_URL" in found["store"]["fix"]
-    assert "refused this server's credentials" in found["modal"]["detail"]
-    assert "MODAL_TOKEN_SECRET" in found["modal"]["fix"]
-    assert_no_secret(output, wrong_secret, convex.keys.server.private_pem.splitlines()[1])
+    assert set(found) == {"store"}, output  # Modal: the right token, the app found
+    assert "the JWT was refused" in found["store"]["detail"], found
+    assert_no_secret(output, stranger.private_pem.splitlines()[1], modal_api.env["MODAL_TOKEN_SECRET"])
 
 
 def test_a_healthy_installation_passes(tmp_path: Path, keyed_llm):
