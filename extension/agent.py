@@ -471,8 +471,6 @@ class SessionAgent:
         await self._emit("turn.started", {"prompt_id": prompt.id, "text": prompt.text})
         await self._set_waiting(turn, True)
         turn.watchdog = asyncio.create_task(self._watch(turn))
-        if self.settings.budgets is not None:
-            self._spawn("budget", self.settings.budgets.watch(self))
         runtime = self._runtime
         try:
             if runtime is None:
@@ -481,6 +479,9 @@ class SessionAgent:
         except AgentRuntimeError as exc:
             message = _readable(exc, "The prompt could not be delivered")
             await self._finish_turn("error", message)
+        else:  # the agent has the prompt: from now on a budget it crosses stops it
+            if self.settings.budgets is not None:
+                self._spawn("budget", self.settings.budgets.watch(self))
 
     async def _watch(self, turn: Turn) -> None:
         await asyncio.sleep(self.settings.turn_timeout)  # a deadline, not synchronization

@@ -198,9 +198,13 @@ class Budgets(LoggingConfigurable):
         await self._stop_if_exceeded(agent)
 
     async def watch(self, agent: SessionAgent) -> None:
-        """While the turn that is running now runs: stop it when a running-time budget runs out."""
+        """Once the agent has a turn's prompt: stop the turn at once if a budget was used up since
+        the prompt was admitted (it waited in the queue), else when a time budget runs out."""
         turn = agent.current_turn
-        while turn is not None and agent.current_turn is turn:
+        if turn is None or not self.active:
+            return
+        await self._stop_if_exceeded(agent)
+        while agent.current_turn is turn:
             left = await self.seconds_left(agent.store, agent.record)
             if left == math.inf:
                 return

@@ -59,14 +59,19 @@ async def refused(api, sid: str) -> str:
 @pytest.mark.parametrize("budgets", [{"session_cost": 0.05}])
 async def test_a_turn_is_stopped_at_the_session_cost_budget_and_the_next_prompt_refused(
         api, llm, source_repo, tabbi_app):
-    """A turn that would go on for seven model calls is stopped at the third ($0.06 >= $0.05),
-    and the budget holds for a fresh ``Budgets`` (a restarted server) reading the same store."""
+    """A turn that would go on for seven model calls is stopped at the third ($0.06 >= $0.05);
+    a prompt admitted (queued) before that is stopped as its turn begins; and the budget holds for
+    a fresh ``Budgets`` (a restarted server) reading the same store."""
     llm.enqueue(*[Reply(tools=[write(f"f{i}.txt", "x")]) for i in range(6)], Reply(text="done"))
     sid = (await api.create(str(source_repo)))["id"]
     await api.prompt(sid, "write many files")
-    error = turn_error(await api.wait_turn(sid))
+    await api.prompt(sid, "then this")  # admitted: nothing is spent yet
+    first = await api.wait_turn(sid)
+    error = turn_error(first)
     assert "this session's model cost budget is used up" in error and "of $0.0500" in error, error
     assert len(llm.script) >= 3, "the turn ran on past its budget"
+    error = turn_error(await api.wait_turn(sid, after=first[-1]["seq"]))
+    assert "model cost budget is used up" in error, error
     message = await refused(api, sid)
     assert "model cost budget" in message and "c.Budgets.session_cost" in message, message
 
