@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tabbi_sandbox.provider import (
     Endpoint,
@@ -47,6 +47,9 @@ from .runtime import AgentRuntime, AgentRuntimeError, Signals, Update
 from .snapshots import SnapshotKeeper
 from .store import Event, Prompt, SessionRecord, Snapshot, Store
 from .validation import RepoSpec, parse_repo
+
+if TYPE_CHECKING:
+    from .budgets import Budgets
 
 #: ``owner -> GitAccess | None``: the credential for a GitHub clone (None: not signed in).
 GitAccessLookup = Callable[[str], Awaitable[GitAccess | None]]
@@ -87,6 +90,8 @@ class AgentSettings:
     #: Seals the OpenCode password kept with a sandbox that can outlive the server, so that the
     #: next server process can re-attach (None: no re-attach).
     secrets: SecretBox | None = None
+    #: Cost and running-time budgets (``budgets.py``); None: none.
+    budgets: Budgets | None = None
 
 
 @dataclass
@@ -171,6 +176,10 @@ class SessionAgent:
         if self.state != states.RUNNING:
             return None
         return time.time() - (time.monotonic() - self._running_since)
+
+    @property
+    def current_turn(self) -> Turn | None:
+        return self._turn
 
     def describe(self) -> dict[str, Any]:
         waiting = self._turn.waiting_since if self._turn is not None else None
@@ -463,6 +472,8 @@ class SessionAgent:
             created_at=time.time(),
         )
         self._last_activity = time.monotonic()
+        if self.settings.budgets is not None:
+            await self.settings.budgets.admit(self)  # a used-up budget refuses the prompt
         await self._retry_store(lambda: self.store.enqueue_prompt(prompt))
         await self._emit(
             "prompt.queued", {"prompt_id": prompt.id, "text": text, "position": prompt.position}
@@ -503,15 +514,22 @@ class SessionAgent:
         except AgentRuntimeError as exc:
             message = _readable(exc, "The prompt could not be delivered")
             await self._finish_turn("error", message)
+        else:  # the agent has the prompt: from now on a budget it crosses stops it
+            if self.settings.budgets is not None:
+                self._spawn("budget", self.settings.budgets.watch(self))
 
     async def _watch(self, turn: Turn) -> None:
         await asyncio.sleep(self.settings.turn_timeout)  # a deadline, not synchronization
+        message = f"The turn ran longer than {self.settings.turn_timeout:.0f} s and was stopped."
+        await self.stop_turn(turn, "TurnError", message)
+
+    async def stop_turn(self, turn: Turn, name: str, message: str) -> None:
+        """End ``turn`` (if it still runs) as an error tabbi decided on: a deadline, a budget."""
         if self._turn is turn:
-            message = f"The turn ran longer than {self.settings.turn_timeout:.0f} s and was stopped."
             # The outcome is set before the agent hears of the abort: its idle may end the turn
             # first, and must end it as this error, with the reason shown.
             turn.outcome, turn.error = "error", message
-            await self._emit("error", {"name": "TurnError", "message": message})
+            await self._emit("error", {"name": name, "message": message})
             await self._abort_quietly()
             await self._finish_turn("error", message)
 
@@ -793,6 +811,8 @@ class SessionAgent:
                 if self._turn is not None:
                     self._turn.acknowledged = True
             await self._retry_store(lambda: self.store.upsert_message(self.id, message_id, role, info))
+            if self.settings.budgets is not None:
+                await self.settings.budgets.on_message(self, message_id, role, info)
         if signals.part is not None:
             message_id, part_id, part = signals.part
             await self._retry_store(lambda: self.store.upsert_part(self.id, message_id, part_id, part))

@@ -25,6 +25,7 @@ from . import admin, encryption, handlers, logs, metrics
 from . import gateway as model_gateway
 from .activity import ActivityReporter
 from .agent import AgentSettings
+from .budgets import Budgets
 from .demo_model import DemoModel
 from .github import GitHubAccounts, GitHubHosts
 from .github import handlers as github_handlers
@@ -51,7 +52,7 @@ class TabbiExtension(ExtensionApp):
     load_other_extensions = True
     #: The embedded backends, so ``--help-all`` shows their traits (Modal's and Convex's classes are
     #: imported only when selected).
-    classes = [LocalProvider, SQLiteStore, TabbiLimits, admin.TabbiAdmins]
+    classes = [LocalProvider, SQLiteStore, TabbiLimits, admin.TabbiAdmins, Budgets]
 
     data_dir = Unicode(
         help="Where tabbi keeps its database, sandboxes and snapshots. Env: TABBI_DATA_DIR."
@@ -99,6 +100,13 @@ class TabbiExtension(ExtensionApp):
     @default("llm_api_key")
     def _llm_api_key_default(self) -> str | None:
         return _env("TABBI_LLM_API_KEY")
+
+    llm_pricing = Dict(
+        help="Prices of the llm_base_url model in dollars per million tokens, as OpenCode takes "
+        "them: {'input': 3, 'output': 15, 'cache_read': 0.3, 'cache_write': 3.75}. OpenCode "
+        "reports each message's cost from them and budgets (c.Budgets.*) count it. Unset: the "
+        "cost of that model counts as 0 (OpenCode's own providers are priced by OpenCode).",
+    ).tag(config=True)
 
     gateway_url = Unicode(
         None,
@@ -320,14 +328,7 @@ class TabbiExtension(ExtensionApp):
         self.store = self.make_store(data)
         self.provider = self.make_provider(data)
         secrets = self.make_secret_box(data)
-        model_settings = ModelSettings(
-            model=self.model,
-            llm_base_url=self.llm_base_url,
-            llm_api_key=self.llm_api_key,
-            provider_keys={k: os.environ[k] for k in PROVIDER_KEYS if os.environ.get(k)},
-            permissions=dict(self.permissions),
-            demo=self.demo_model,
-        )
+        model_settings = self.model_settings()
         if (trouble := model_problem(model_settings)) is not None:
             self.log.warning("tabbi: %s; sessions cannot start until it is", trouble)
         self.gateway = model_gateway.ModelGateway(
@@ -342,6 +343,7 @@ class TabbiExtension(ExtensionApp):
             max_lifetime=self.max_lifetime,
             snapshots_keep=self.snapshots_keep,
             secrets=secrets,
+            budgets=self.configured(Budgets, {}, {}),
         )
         self.github = self.make_github(secrets)
         self.manager = SessionManager(self.store, self.provider, settings, self.github.git_access,
@@ -377,6 +379,19 @@ class TabbiExtension(ExtensionApp):
             tabbi_gateway=self.gateway,
             tabbi_limits=TabbiLimits(self.store, parent=self),
             tabbi_admins=admin.TabbiAdmins(parent=self),
+        )
+
+    def model_settings(self) -> ModelSettings:
+        """The model configuration (traits and provider keys of the environment); the doctor
+        checks the same one."""
+        return ModelSettings(
+            model=self.model,
+            llm_base_url=self.llm_base_url,
+            llm_api_key=self.llm_api_key,
+            provider_keys={k: os.environ[k] for k in PROVIDER_KEYS if os.environ.get(k)},
+            permissions=dict(self.permissions),
+            demo=self.demo_model,
+            pricing=dict(self.llm_pricing),
         )
 
     def server_url(self) -> str:

@@ -86,6 +86,8 @@ class ModelSettings:
     gateway: Gateway | None = field(default=None, compare=False)
     #: The demo model, started on first use (None: ``demo`` is not offered).
     demo: Demo | None = field(default=None, compare=False, repr=False)
+    #: Prices of the llm_base_url model (dollars per million tokens; OpenCode's ``cost``).
+    pricing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ def build(settings: ModelSettings, model: str | None = None,
                     "name": model_id,
                     "tool_call": True,
                     "limit": {"context": 128000, "output": 8192},
+                    **({"cost": dict(settings.pricing)} if settings.pricing else {}),
                 }
             },
         })
