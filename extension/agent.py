@@ -36,6 +36,7 @@ from tabbi_sandbox.provider import (
     SandboxError,
     SandboxProvider,
     SandboxSpec,
+    WarmSandbox,
 )
 
 from . import model_config, states, workspace
@@ -140,6 +141,8 @@ class SessionAgent:
         self._hold: str | None = None
         self._last_activity = time.monotonic()
         self._running_since = time.monotonic()
+        #: A warm sandbox reserved for this session's first start (``pool.WarmPool.take``).
+        self.warm: WarmSandbox | None = None
 
     @property
     def id(self) -> str:
@@ -200,7 +203,9 @@ class SessionAgent:
 
     async def _boot(self) -> None:
         try:
-            password = secrets.token_urlsafe(24)  # OpenCode's, random per sandbox start
+            warm, self.warm = self.warm, None
+            # OpenCode's, random per sandbox start (a warm sandbox's OpenCode already has one)
+            password = warm.password if warm else secrets.token_urlsafe(24)
             setup = model_config.for_sandbox(self.settings.model, self.id, password, self.record.model)
             repo = parse_repo(self.record.repo, self.settings.github_url)
             access, why_anonymous = await self._clone_access(repo)
@@ -222,7 +227,7 @@ class SessionAgent:
             latest = await self.snapshots.latest()
             restore = latest.ref if latest else None
             try:
-                self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
+                self._sandbox = await self.provider.start(spec, self._on_progress, restore, warm)
             except SandboxError as exc:
                 if why_anonymous and "clone" in str(exc):
                     raise SandboxError(f"{exc} ({why_anonymous})") from None
