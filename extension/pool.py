@@ -164,7 +164,7 @@ class WarmPool(LoggingConfigurable):
         """Whether one more sandbox fits under ``max_memory_mb``."""
         held = 0
         for warm in self._ready:
-            measured = await asyncio.to_thread(self.provider.memory, warm.sandbox)
+            measured = await asyncio.to_thread(self.provider.memory_held, warm.sandbox)
             held += measured or self._estimate
         return held + self._estimate <= self.max_memory_mb * MB
 
@@ -192,7 +192,11 @@ class WarmPool(LoggingConfigurable):
             started = time.monotonic()
             self._filling = True
             warm = await self.provider.prepare(spec)
-        except (SandboxError, model_config.ModelConfigError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # SandboxError, ModelConfigError, or a defect: never a hot loop
+            if not isinstance(exc, (SandboxError, model_config.ModelConfigError)):
+                self.log.exception("tabbi: starting a warm sandbox failed unexpectedly")
             self._failures += 1
             pause = min(600.0, 15.0 * 2 ** self._failures)
             self._retry_at = time.monotonic() + pause
@@ -206,9 +210,9 @@ class WarmPool(LoggingConfigurable):
         if self._closed or time.monotonic() >= self._active_until:
             await self._discard(warm)
             return
-        measured = await asyncio.to_thread(self.provider.memory, warm.sandbox)
+        self._ready.append(warm)  # first: from here on, shutdown ends it
+        measured = await asyncio.to_thread(self.provider.memory_held, warm.sandbox)
         self._measured = max(self._measured, measured or 0)
-        self._ready.append(warm)
         self.log.info("tabbi: warm sandbox %s ready in %.1f s", warm.id, time.monotonic() - started)
 
     def _config(self, sandbox_id: str, password: str, model: str | None) -> dict[str, Any]:

@@ -562,7 +562,7 @@ class LocalProvider(SandboxProvider):
         sandbox.remote_paths = list(spec.read_only_paths)
         return spec.repo_url
 
-    def memory(self, sandbox: Sandbox) -> int | None:
+    def memory_held(self, sandbox: Sandbox) -> int | None:
         """The resident memory of every process carrying the sandbox's marker."""
         return sum(_resident_bytes(pid) for pid in processes.sandbox_pids(sandbox.id))
 

@@ -322,7 +322,7 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
         await sandbox.terminate()
         await self.destroy(sandbox.id)
 
-    def memory(self, sandbox: Sandbox) -> int | None:
+    def memory_held(self, sandbox: Sandbox) -> int | None:
         """Bytes of memory the sandbox's processes hold now (None: not measurable here)."""
         return None
 
@@ -353,8 +353,7 @@ async def forget_workspace(endpoint: Endpoint) -> None:
     folder with no git (measured with 1.18.33). The pool makes no such request, so there is
     normally nothing to drop; this makes sure the clone, fenced by then, is what it reads."""
     try:
-        async with httpx.AsyncClient(timeout=30, auth=("opencode", endpoint.password),
-                                     trust_env=False) as http:
+        async with httpx.AsyncClient(timeout=30, auth=("opencode", endpoint.password)) as http:
             response = await http.post(f"{endpoint.url}/instance/dispose")
     except httpx.HTTPError as exc:
         raise SandboxError(f"the warm sandbox's OpenCode did not answer: {exc}") from None
