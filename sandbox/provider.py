@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from traitlets import TraitType
 from traitlets.config import LoggingConfigurable
 from traitlets.traitlets import MetaHasTraits
@@ -274,8 +273,14 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
 
     async def assign(self, sandbox: Sandbox, spec: SandboxSpec, progress: ProgressCallback) -> None:
         """Clone ``spec``'s repository into the warm ``sandbox`` (``bootstrap.py clone``: the
-        credential on its stdin, the plugin fence after it), then have OpenCode drop whatever it
-        may hold of the workspace, so that it reads the fenced clone afresh."""
+        credential on its stdin, the plugin fence after it).
+
+        OpenCode reads a directory (git root, project, config, plugins) when it first serves a
+        request for it, and keeps what it read: an instance made before the clone would see an
+        empty folder with no git (measured with 1.18.33; its ``POST /instance/dispose`` does not
+        help: the instance made afresh then lost the configured provider). So nothing asks
+        OpenCode about the workspace before this returns: a warm sandbox is only ever probed at
+        ``/global/health``, and the session's first request comes after the fence."""
         request = {
             "workspace": sandbox.workspace_path,
             "home": sandbox.home_path,
@@ -296,12 +301,11 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
                 message = json.loads(line)
                 if message.get("phase") == "failed":
                     failed = message.get("error")
-                elif message.get("phase") not in (None, "cloning"):
+                elif message.get("phase") not in (None, "cloning", "cloned"):
                     await progress(message)
         if failed or done.returncode != 0:
             raise SandboxError(failed or f"the clone failed (status {done.returncode}): "
                                f"{done.stderr.strip()[-300:]}")
-        await forget_workspace(sandbox.endpoint())
         await progress({"phase": "ready"})
 
     #: Seconds a clone into a warm sandbox may take.
@@ -343,19 +347,3 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
 
 async def no_progress(message: dict[str, Any]) -> None:
     """The progress of a warm sandbox's start: nobody waits for it."""
-
-
-async def forget_workspace(endpoint: Endpoint) -> None:
-    """Ask OpenCode to drop the state it keeps per directory (``POST /instance/dispose``).
-
-    OpenCode reads a directory (git root, project, config, plugins) when it first serves a
-    request for it, and keeps that: an instance made before the clone would see an empty
-    folder with no git (measured with 1.18.33). The pool makes no such request, so there is
-    normally nothing to drop; this makes sure the clone, fenced by then, is what it reads."""
-    try:
-        async with httpx.AsyncClient(timeout=30, auth=("opencode", endpoint.password)) as http:
-            response = await http.post(f"{endpoint.url}/instance/dispose")
-    except httpx.HTTPError as exc:
-        raise SandboxError(f"the warm sandbox's OpenCode did not answer: {exc}") from None
-    if response.status_code != 200:
-        raise SandboxError(f"the warm sandbox's OpenCode refused to reload (HTTP {response.status_code})")

@@ -158,9 +158,10 @@ def source_repo(tmp_path: Path) -> Path:
 MODEL_KEY = "sk-pool-" + secrets.token_hex(16)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pool_leftovers():
-    """Ids of the pool's sandboxes; after the server stopped, none may have a process left."""
+    """Ids of the pool's sandboxes; once the servers stopped (module-scoped: after pytest-jupyter's
+    clean-up stopped the extension), none may have a process left."""
     ids: set[str] = set()
     yield ids
     wait_exited(lambda: [p for i in ids for p in processes.sandbox_pids(i)], 60,
@@ -179,9 +180,10 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     repository planted."""
     pool = tabbi_app.pool
     await kernel.run("%load_ext tabbi_kernel")  # the intent: the pool fills
+    await wait_until(lambda: pool._asked, "the kernel asking for a warm sandbox", 60)
+    assert (await api.call("POST", "tabbi/api/warm"))[0] == 429  # just asked, by the kernel
     warm = await ready(pool)
     pool_leftovers.add(warm.id)
-    assert (await api.call("POST", "tabbi/api/warm"))[0] == 429  # just asked, by the kernel
 
     await sign_in_web(api, jp_fetch, github)
     token = github.issued[-1]["access_token"]
