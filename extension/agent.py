@@ -36,6 +36,7 @@ from tabbi_sandbox.provider import (
     SandboxError,
     SandboxProvider,
     SandboxSpec,
+    WarmSandbox,
 )
 
 from . import logs, metrics, model_config, states, workspace
@@ -148,6 +149,8 @@ class SessionAgent:
         self._running_since = time.monotonic()
         self._usage = metrics.UsageCounter()
         self.log = logs.SessionLog(log, record.id, record.owner)
+        #: A warm sandbox reserved for this session's first start (``pool.WarmPool.take``).
+        self.warm: WarmSandbox | None = None
 
     @property
     def id(self) -> str:
@@ -237,7 +240,9 @@ class SessionAgent:
             metrics.SANDBOX_START_SECONDS.labels(self.provider.name, outcome).observe(seconds)
 
         try:
-            password = secrets.token_urlsafe(24)  # OpenCode's, random per sandbox start
+            warm, self.warm = self.warm, None
+            # OpenCode's, random per sandbox start (a warm sandbox's OpenCode already has one)
+            password = warm.password if warm else secrets.token_urlsafe(24)
             setup = model_config.for_sandbox(self.settings.model, self.id, password, self.record.model)
             repo = parse_repo(self.record.repo, self.settings.github_url)
             access, why_anonymous = await self._clone_access(repo)
@@ -259,7 +264,7 @@ class SessionAgent:
             latest = await self.snapshots.latest()
             restore = latest.ref if latest else None
             try:
-                self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
+                self._sandbox = await self.provider.start(spec, self._on_progress, restore, warm)
             except SandboxError as exc:
                 if why_anonymous and "clone" in str(exc):
                     raise SandboxError(f"{exc} ({why_anonymous})") from None

@@ -36,6 +36,7 @@ from .manager import SessionManager
 from .model_config import DEFAULT_PERMISSIONS, PROVIDER_KEYS, ModelConfigError, ModelSettings
 from .model_config import build as build_model_config
 from .model_config import problem as model_problem
+from .pool import WarmPool
 from .push import Publisher
 from .store import SQLiteStore, Store
 
@@ -52,7 +53,7 @@ class TabbiExtension(ExtensionApp):
     load_other_extensions = True
     #: The embedded backends, so ``--help-all`` shows their traits (Modal's and Convex's classes are
     #: imported only when selected).
-    classes = [LocalProvider, SQLiteStore, TabbiLimits, admin.TabbiAdmins, Budgets]
+    classes = [LocalProvider, SQLiteStore, TabbiLimits, admin.TabbiAdmins, Budgets, WarmPool]
 
     data_dir = Unicode(
         help="Where tabbi keeps its database, sandboxes and snapshots. Env: TABBI_DATA_DIR."
@@ -319,6 +320,7 @@ class TabbiExtension(ExtensionApp):
     store = Instance(Store, allow_none=True)
     provider = Instance(SandboxProvider, allow_none=True)
     gateway = Instance(model_gateway.ModelGateway, allow_none=True)
+    pool = Instance(WarmPool, allow_none=True)
     demo_model = Instance(DemoModel, args=(), help="The demo model (TABBI_MODEL=demo), started on first use.")
 
     def initialize_settings(self) -> None:
@@ -346,8 +348,9 @@ class TabbiExtension(ExtensionApp):
             budgets=self.configured(Budgets, {}, {}),
         )
         self.github = self.make_github(secrets)
+        self.pool = WarmPool(self.provider, settings, parent=self)
         self.manager = SessionManager(self.store, self.provider, settings, self.github.git_access,
-                                      lease_seconds=self.server_lease)
+                                      lease_seconds=self.server_lease, pool=self.pool)
         metrics.watch(self.manager)
         self._ready_lock = asyncio.Lock()
         self._ready = False
@@ -379,6 +382,7 @@ class TabbiExtension(ExtensionApp):
             tabbi_gateway=self.gateway,
             tabbi_limits=TabbiLimits(self.store, parent=self),
             tabbi_admins=admin.TabbiAdmins(parent=self),
+            tabbi_pool=self.pool,
         )
 
     def model_settings(self) -> ModelSettings:

@@ -24,6 +24,7 @@ from .agent import AgentError, SessionAgent
 from .github.accounts import GitHubError
 from .limits import LimitExceeded
 from .manager import SessionManager, SessionNotFound
+from .pool import PoolBusy, WarmPool
 from .push import PushRequest, parse_author, validate_message
 from .states import LIVE
 from .store import Event
@@ -152,6 +153,25 @@ class WhoAmIHandler(TabbiHandler):
     async def get(self) -> None:
         user = self.current_user
         self.write_json({"owner": self.username, "name": user.name, "display_name": user.display_name})
+
+
+class WarmHandler(TabbiHandler):
+    """``POST /tabbi/api/warm``: the person is about to start a session (a kernel loaded tabbi,
+    a panel opened): fill the warm pool. Nothing of the person goes into it; a no-op when full;
+    429 when asked again within ``c.WarmPool.warm_interval``."""
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        pool: WarmPool | None = self.settings.get("tabbi_pool")
+        if pool is None:
+            self.write_json({"size": 0, "ready": 0, "starting": False}, 202)
+            return
+        try:
+            self.write_json(pool.warm(self.username), 202)
+        except PoolBusy as exc:
+            self.set_header("Retry-After", str(max(1, round(exc.retry_after))))
+            self.write_json({"message": str(exc)}, 429)
 
 
 class SessionsHandler(TabbiHandler):
@@ -461,6 +481,7 @@ def routes() -> list[tuple[str, type]]:
         (prefix + f"/sessions/{SESSION_ID}/push", PushHandler),
         (prefix + "/health", HealthHandler),
         (prefix + "/whoami", WhoAmIHandler),
+        (prefix + "/warm", WarmHandler),
         (prefix + "/sessions", SessionsHandler),
         (prefix + f"/sessions/{SESSION_ID}", SessionHandler),
         (prefix + f"/sessions/{SESSION_ID}/prompt", PromptHandler),

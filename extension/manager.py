@@ -25,6 +25,7 @@ from tabbi_sandbox.provider import SandboxError, SandboxProvider
 
 from . import model_config, states
 from .agent import AgentError, AgentSettings, GitAccessLookup, SessionAgent
+from .pool import WarmPool
 from .store import Lease, SessionRecord, Store, StoreError
 from .validation import RepoSpec
 
@@ -80,8 +81,11 @@ class SessionManager:
         settings: AgentSettings,
         git_access: GitAccessLookup | None = None,
         lease_seconds: float = 30.0,
+        pool: WarmPool | None = None,
     ):
         self.store = store
+        #: Warm sandboxes for new sessions (None: every start is cold).
+        self.pool = pool
         self.git_access = git_access
         self.provider = provider
         self.settings = settings
@@ -102,8 +106,10 @@ class SessionManager:
         profile: dict | None = None,
     ) -> SessionAgent:
         await self.store.upsert_user(owner, profile or {})
-        session_id = "ses-" + secrets.token_hex(6)
         model = resolved_model(self.settings.model, model)
+        # A warm sandbox is reserved for the session it serves: the session takes its id.
+        warm = self.pool.take(model) if self.pool is not None else None
+        session_id = warm.id if warm else "ses-" + secrets.token_hex(6)
         record = SessionRecord(
             id=session_id,
             owner=owner,
@@ -113,9 +119,15 @@ class SessionManager:
             model=model,
             server_id=self.server_id,
         )
-        await self.store.create_session(record)
-        async with self._lock:
-            agent = await self._adopt(record)
+        try:
+            await self.store.create_session(record)
+            async with self._lock:
+                agent = await self._adopt(record)
+        except BaseException:
+            if warm is not None:
+                await asyncio.shield(self.provider.discard(warm))
+            raise
+        agent.warm = warm
         # A git URL's query is left out of the log: someone may have put a credential there.
         agent.log.info("session.created", "session created", repo=record.repo.split("?", 1)[0],
                        model=model, provider=self.provider.name)
@@ -276,6 +288,8 @@ class SessionManager:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        if self.pool is not None:
+            await self.pool.shutdown()
         await asyncio.gather(*(a.shutdown() for a in self._agents.values()), return_exceptions=True)
         self._agents.clear()
         try:

@@ -513,7 +513,33 @@ def push_branch(request: dict) -> int:
     return 0 if result["pushed"] else 3
 
 
-COMMANDS = {"commit": commit_work, "push": push_branch}
+def fence_workspace(workspace: str) -> None:
+    """``disable_workspace_plugins``, said to the person when it renamed anything."""
+    disabled = disable_workspace_plugins(workspace)
+    if disabled:
+        emit("plugins_disabled", files=disabled)
+
+
+def clone_into(request: dict) -> int:
+    """``bootstrap.py clone``: clone into a warm sandbox's empty workspace (its OpenCode already
+    runs there, and has not read it yet), then fence it like a cold start does; progress lines
+    as ``main``'s, ``{"phase": "cloned"}`` or ``{"phase": "failed"}`` last.
+
+    The credential (on stdin) reaches only the clone's git process, as in a cold start; no
+    agent has run in this sandbox yet, and nothing of OpenCode loads from the workspace before
+    the fence (the server asks OpenCode to read the workspace afresh only after this ends)."""
+    try:
+        clone_or_reuse(request, base_env(request["home"]))
+        fence_workspace(request["workspace"])
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, BootstrapError) else f"{type(exc).__name__}: {exc}"
+        emit("failed", error=message)
+        return 3
+    emit("cloned")
+    return 0
+
+
+COMMANDS = {"commit": commit_work, "push": push_branch, "clone": clone_into}
 
 
 def _archive_module():
@@ -584,10 +610,11 @@ def main() -> int:
     proc = None
     try:
         env = prepare_home(spec["home"])
-        clone_or_reuse(spec, env)
-        disabled = disable_workspace_plugins(spec["workspace"])
-        if disabled:
-            emit("plugins_disabled", files=disabled)
+        if spec.get("repo_url"):
+            clone_or_reuse(spec, env)
+            fence_workspace(spec["workspace"])
+        else:  # a warm sandbox: the repository comes later (``clone_into``)
+            os.makedirs(spec["workspace"], exist_ok=True)
         proc, port, version = start_opencode(spec, env)
     except Exception as exc:
         if proc is not None:

@@ -589,6 +589,26 @@ class LocalProvider(SandboxProvider):
     async def confines(self) -> bool:
         return await asyncio.to_thread(isolation.choose, self.isolation)
 
+    # -- warm sandboxes ---------------------------------------------------------------------------
+    def warm_unsupported(self) -> str | None:
+        if self.detach:
+            return ("warm sandboxes die with this server, and detach_sandboxes asks sandboxes to "
+                    "outlive it")
+        return None
+
+
+    async def clone_url(self, sandbox: Sandbox, spec: SandboxSpec) -> str:
+        """A local repository is bound read-only for the clone (and writable for a push), as in
+        ``create``; the agent's own processes, started before, do not see it."""
+        assert isinstance(sandbox, LocalSandbox)
+        sandbox.read_only += [p for p in spec.read_only_paths if p not in sandbox.read_only]
+        sandbox.remote_paths = list(spec.read_only_paths)
+        return spec.repo_url
+
+    def memory_held(self, sandbox: Sandbox) -> int | None:
+        """The resident memory of every process carrying the sandbox's marker."""
+        return sum(_resident_bytes(pid) for pid in processes.sandbox_pids(sandbox.id))
+
     @property
     def survives_restart(self) -> bool:
         return self.detach
@@ -699,6 +719,16 @@ def _restored(name: str, status: int, out: bytes, err: bytes) -> None:
     if status != 0 or "restored" not in answer:
         why = answer.get("error") or _last_line(err) or f"status {status}"
         raise RestoreError(f"the snapshot {name} could not be restored: {why}")
+def _resident_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` (``VmRSS``), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _last_line(data: bytes) -> str:

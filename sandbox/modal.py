@@ -536,7 +536,7 @@ class ModalProvider(SandboxProvider):
         timeout, idle = self.lifetimes(spec)
         tags = {
             "tabbi_session": spec.sandbox_id,
-            "tabbi_owner": spec.owner or "unknown",
+            "tabbi_owner": spec.owner or ("nobody" if not spec.repo_url else "unknown"),
             "tabbi_server": self.server_tag,
         }
         options: dict[str, Any] = {
@@ -609,17 +609,7 @@ class ModalProvider(SandboxProvider):
                 self.call_timeout,
             )
         if bundle is not None:
-            repo_url = f"{modal_image.TABBI_DIR}/upload/source.bundle"
-            code, _, err = await sandbox.run(
-                ["sh", "-c", 'install -d -m 0755 "${0%/*}" && cat > "$0" && chmod 0644 "$0"', repo_url],
-                self.start_timeout,
-                input=bundle,
-                as_agent=False,
-            )
-            if code != 0:
-                raise SandboxError(
-                    f"the repository could not be uploaded: {err.decode(errors='replace')[-200:]}"
-                )
+            repo_url = await self.upload(sandbox, bundle)
         payload = {
             "workspace": modal_image.WORKSPACE,
             "home": modal_image.HOME,
@@ -668,6 +658,39 @@ class ModalProvider(SandboxProvider):
         sandbox._endpoint = Endpoint(url, spec.password)
         await self.check_tunnel(sandbox._endpoint)
         await progress(message)
+
+    async def upload(self, sandbox: ModalSandbox, bundle: bytes) -> str:
+        """Put a local repository's bundle into the sandbox; the path to clone it from."""
+        repo_url = f"{modal_image.TABBI_DIR}/upload/source.bundle"
+        code, _, err = await sandbox.run(
+            ["sh", "-c", 'install -d -m 0755 "${0%/*}" && cat > "$0" && chmod 0644 "$0"', repo_url],
+            self.start_timeout,
+            input=bundle,
+            as_agent=False,
+        )
+        if code != 0:
+            raise SandboxError(
+                f"the repository could not be uploaded: {err.decode(errors='replace')[-200:]}"
+            )
+        return repo_url
+
+    # -- warm sandboxes ---------------------------------------------------------------------------
+    def warm_unsupported(self) -> str | None:
+        if self.block_network or self.outbound_domain_allowlist is not None:
+            return ("a warm sandbox is created before its repository is known, and its network "
+                    "rules (block_network, outbound_domain_allowlist) could not name the "
+                    "repository's host")
+        return None
+
+
+    async def clone_url(self, sandbox: Sandbox, spec: SandboxSpec) -> str:
+        """Tag the sandbox with its owner now that it has one; upload a local repository."""
+        assert isinstance(sandbox, ModalSandbox)
+        tags = {"tabbi_session": spec.sandbox_id, "tabbi_owner": spec.owner or "unknown",
+                "tabbi_server": self.server_tag}
+        await self.call(sandbox.sb.set_tags.aio(tags), self.call_timeout, "tagging the sandbox")
+        bundle = await self.source_bundle(spec)
+        return spec.repo_url if bundle is None else await self.upload(sandbox, bundle)
 
     async def tunnel_url(self, sandbox: ModalSandbox) -> str:
         tunnels = await self.call(sandbox.sb.tunnels.aio(), self.call_timeout, "finding the sandbox's tunnel")
@@ -820,7 +843,7 @@ class ModalProvider(SandboxProvider):
             session = tags.get("tabbi_session", "")
             state = live.get(session, {}) if session in live else None
             owned = session in live and (not state or state.get("modal_id") in (None, sb.object_id))
-            if not owned:
+            if not owned and session not in self.warm_ids:
                 log.info(
                     "tabbi: terminating Modal sandbox %s of %s: no live session owns it",
                     sb.object_id,

@@ -9,8 +9,12 @@ Modal sandboxes implement the same calls, and both run ``bootstrap.py`` inside.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+import json
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +81,27 @@ class SandboxSpec:
     git_credential: dict[str, str] | None = field(default=None, repr=False)
     #: The session's owner, for providers that label their sandboxes (Modal's ``tabbi_owner`` tag).
     owner: str | None = None
+
+
+@dataclass
+class WarmSandbox:
+    """A sandbox started ahead of demand (``SandboxProvider.prepare``): OpenCode healthy in an
+    empty workspace, no repository, no person. Its ``id`` is the session id it will serve, so the
+    sandbox's folder, marker, tags and model gateway route are already the session's; its
+    OpenCode runs with ``password`` and ``config`` (whose gateway token unlocks nothing until the
+    gateway issues a grant for that session, at assignment). Used by one session at most:
+    ``consumed`` once ``start`` assigned or discarded it."""
+
+    sandbox: Sandbox
+    password: str = field(repr=False)
+    config: dict[str, Any] = field(repr=False)
+    model: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    consumed: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.sandbox.id
 
 
 @dataclass(frozen=True)
@@ -155,6 +180,10 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
     #: Short name shown in health output and logs.
     name: str = "abstract"
 
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.warm_ids: set[str] = set()
+
     @abc.abstractmethod
     async def create(
         self, spec: SandboxSpec, progress: ProgressCallback, restore: dict[str, Any] | None = None
@@ -188,6 +217,119 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
     async def destroy(self, sandbox_id: str) -> None:
         """Remove everything the sandbox left behind (workspace, home); snapshots stay."""
 
+    # -- warm sandboxes (the pool of ``tabbi_extension.pool``) ---------------------------------
+    #: ``warm_ids``: the sandboxes ``prepare`` made that no session has taken yet; ``reconcile``
+    #: spares them. In memory only: once this server process is gone, they are orphans like any
+    #: other.
+
+    def warm_unsupported(self) -> str | None:
+        """Why this provider cannot prepare warm sandboxes as configured (None: it can)."""
+        return f"the {self.name} provider has no warm sandboxes"
+
+    async def prepare(self, spec: SandboxSpec) -> WarmSandbox:
+        """Start a sandbox for ``spec`` (no repository: ``repo_url`` empty, no credential, no
+        owner) whose OpenCode is healthy in an empty workspace (``create`` with no repository:
+        the bootstrap then clones nothing); ``start(..., warm=)`` later clones into it. Raises
+        ``SandboxError``."""
+        if (why := self.warm_unsupported()) is not None:
+            raise SandboxError(why)
+        if spec.repo_url or spec.git_credential or spec.owner:
+            raise SandboxError("a warm sandbox is prepared for nobody and no repository")
+        self.warm_ids.add(spec.sandbox_id)
+        try:
+            sandbox = await self.create(spec, no_progress)
+        except BaseException:
+            self.warm_ids.discard(spec.sandbox_id)
+            with contextlib.suppress(SandboxError):
+                await asyncio.shield(self.destroy(spec.sandbox_id))
+            raise
+        return WarmSandbox(sandbox, spec.password, spec.opencode_config)
+
+    async def start(
+        self, spec: SandboxSpec, progress: ProgressCallback, restore: dict[str, Any] | None = None,
+        warm: WarmSandbox | None = None,
+    ) -> Sandbox:
+        """``create``, or with ``warm`` (prepared for this very session, with ``spec``'s password
+        and OpenCode config) clone into that sandbox instead. A warm sandbox that no longer
+        fits (dead, a restore, another config) is discarded and the start is cold; one whose
+        clone fails is destroyed and the failure raised, as a cold start's would be."""
+        if warm is None:
+            return await self.create(spec, progress, restore)
+        fits = (restore is None and not warm.consumed and warm.id == spec.sandbox_id
+                and warm.password == spec.password and warm.config == spec.opencode_config
+                and warm.sandbox.poll() is None
+                and (warm.sandbox.confined or spec.git_credential is None))
+        if not fits:
+            await self.discard(warm)
+            return await self.create(spec, progress, restore)
+        warm.consumed = True
+        self.warm_ids.discard(warm.id)
+        try:
+            await self.assign(warm.sandbox, spec, progress)
+        except BaseException:
+            await asyncio.shield(self._end(warm.sandbox))
+            raise
+        return warm.sandbox
+
+    async def assign(self, sandbox: Sandbox, spec: SandboxSpec, progress: ProgressCallback) -> None:
+        """Clone ``spec``'s repository into the warm ``sandbox`` (``bootstrap.py clone``: the
+        credential on its stdin, the plugin fence after it).
+
+        OpenCode reads a directory (git root, project, config, plugins) when it first serves a
+        request for it, and keeps what it read: an instance made before the clone would see an
+        empty folder with no git (measured with 1.18.33; its ``POST /instance/dispose`` does not
+        help: the instance made afresh then lost the configured provider). So nothing asks
+        OpenCode about the workspace before this returns: a warm sandbox is only ever probed at
+        ``/global/health``, and the session's first request comes after the fence."""
+        request = {
+            "workspace": sandbox.workspace_path,
+            "home": sandbox.home_path,
+            "repo_url": await self.clone_url(sandbox, spec),
+            "repo_display": spec.repo_display,
+            "base_branch": spec.base_branch,
+            "branch": spec.work_branch,
+            "git_identity": {"name": spec.git_name, "email": spec.git_email},
+            "git_credential": spec.git_credential,
+        }
+        await progress({"phase": "cloning", "repo": spec.repo_display})
+        done = await sandbox.exec(sandbox.bootstrap_argv("clone"), timeout=self.clone_timeout,
+                                  input=json.dumps(request).encode(), max_output=1 << 20)
+        del request
+        failed = None
+        for line in done.stdout.splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                message = json.loads(line)
+                if message.get("phase") == "failed":
+                    failed = message.get("error")
+                elif message.get("phase") not in (None, "cloning", "cloned"):
+                    await progress(message)
+        if failed or done.returncode != 0:
+            raise SandboxError(failed or f"the clone failed (status {done.returncode}): "
+                               f"{done.stderr.strip()[-300:]}")
+        await progress({"phase": "ready"})
+
+    #: Seconds a clone into a warm sandbox may take.
+    clone_timeout: float = 600.0
+
+    async def clone_url(self, sandbox: Sandbox, spec: SandboxSpec) -> str:
+        """Where the sandbox clones ``spec``'s repository from (a provider that cannot reach a
+        local path uploads it first)."""
+        return spec.repo_url
+
+    async def discard(self, warm: WarmSandbox) -> None:
+        """End a warm sandbox nobody will use (never handed on: it is used once at most)."""
+        warm.consumed = True
+        self.warm_ids.discard(warm.id)
+        await self._end(warm.sandbox)
+
+    async def _end(self, sandbox: Sandbox) -> None:
+        await sandbox.terminate()
+        await self.destroy(sandbox.id)
+
+    def memory_held(self, sandbox: Sandbox) -> int | None:
+        """Bytes of memory the sandbox's processes hold now (None: not measurable here)."""
+        return None
+
     async def confines(self) -> bool:
         """Whether sandboxes created now are confined (see ``Sandbox.confined``)."""
         return True
@@ -201,3 +343,7 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
     def check(self) -> dict[str, Any]:
         """Health details for ``GET /tabbi/api/health``: ``{"usable": bool, ...}``."""
         return {"usable": True}
+
+
+async def no_progress(message: dict[str, Any]) -> None:
+    """The progress of a warm sandbox's start: nobody waits for it."""

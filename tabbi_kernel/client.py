@@ -96,6 +96,15 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self.request("GET", "health")
 
+    def warm(self) -> bool:
+        """Tell the server a session may start soon, so it readies a warm sandbox (nothing of
+        yours goes into it until a session of yours takes it). False if it could not be told."""
+        try:
+            self.request("POST", "warm", timeout=5)
+        except TabbiError:
+            return False
+        return True
+
     def sessions(self) -> list[dict[str, Any]]:
         return self.request("GET", "sessions")["sessions"]
 

@@ -6,6 +6,7 @@ Errors come back as one readable line (``UsageError``: red, no traceback of tabb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -231,6 +232,13 @@ class TabbiMagics(Magics):
         self._client_factory = client_factory
         self._client: Client | None = None
         self.current: str | None = None
+        # Loading tabbi is a sign a session will start: the server warms a sandbox meanwhile
+        # (off this thread, so %load_ext stays instant; no server, no harm).
+        threading.Thread(target=self._warm, daemon=True, name="tabbi-warm").start()
+
+    def _warm(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client_factory().warm()
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
