@@ -25,6 +25,7 @@ from tabbi_sandbox.provider import SandboxError, SandboxProvider
 
 from . import model_config, states
 from .agent import AgentError, AgentSettings, GitAccessLookup, SessionAgent
+from .environments import EnvironmentStart
 from .store import Lease, SessionRecord, Store, StoreError
 from .validation import RepoSpec
 
@@ -100,7 +101,10 @@ class SessionManager:
         model: str | None,
         base_branch: str | None,
         profile: dict | None = None,
+        fresh: bool = False,
     ) -> SessionAgent:
+        """A new session, starting. ``fresh``: build the repository's environment anew rather
+        than start from the person's warm snapshot of it (``environments.py``)."""
         await self.store.upsert_user(owner, profile or {})
         session_id = "ses-" + secrets.token_hex(6)
         model = resolved_model(self.settings.model, model)
@@ -116,6 +120,9 @@ class SessionManager:
         await self.store.create_session(record)
         async with self._lock:
             agent = await self._adopt(record)
+        if self.settings.environments is not None:
+            agent.environment = EnvironmentStart(self.settings.environments, record.id, owner,
+                                                 record.repo, base_branch, fresh)
         await agent.start()
         return agent
 

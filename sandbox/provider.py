@@ -77,6 +77,9 @@ class SandboxSpec:
     git_credential: dict[str, str] | None = field(default=None, repr=False)
     #: The session's owner, for providers that label their sandboxes (Modal's ``tabbi_owner`` tag).
     owner: str | None = None
+    #: What the bootstrap does about the repository's environment (no secret):
+    #: ``{"setup": True, "setup_timeout": S}`` or ``{"warm": True}`` (``bootstrap.prepare_environment``).
+    environment: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
