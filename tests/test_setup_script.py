@@ -95,6 +95,7 @@ async def test_a_setup_script_runs_once_and_later_sessions_start_from_its_snapsh
 ):
     first_commit = commit_setup(source_repo, SETUP)
     repo = str(source_repo)
+    registry = tabbi_app.manager.settings.environments
 
     # The first session clones, runs the script (its output shown as progress) and keeps the result.
     a, events, info = await start(api, repo)
@@ -102,55 +103,51 @@ async def test_a_setup_script_runs_once_and_later_sessions_start_from_its_snapsh
     assert "installing the demo package" in lines and "setup finished" in lines
     assert setup_ran(events) and info["environment"]["source"] == "built"
     assert info["environment"]["commit"] == first_commit
-    built = info["environment"]["snapshot"]
     assert (workspace(a) / ".tabbi-env" / "runs").read_text() == "run\n"
-
-    # The next one starts from it: the script does not run again, its effect is there.
-    b, events, info = await start(api, repo)
-    assert not setup_ran(events)
-    assert info["environment"]["source"] == "warm" and info["environment"]["snapshot"] == built
-    await synced(api, b)
-    assert (workspace(b) / ".tabbi-env" / "runs").read_text() == "run\n"
-    assert git("branch", "--show-current", cwd=workspace(b)) == info["work_branch"]
-    assert f"tabbi/{a.removeprefix('ses-')}" not in git("branch", "--list", cwd=workspace(b))
 
     # Another person never gets this person's warm snapshot (the clone used the owner's token).
     alice = Api(jp_fetch, headers("alice"))
-    c, events, info = await start(alice, repo)
+    b, events, info = await start(alice, repo)
     assert setup_ran(events) and info["environment"]["source"] == "built"
-    owners = sorted(e.owner for e in await tabbi_app.manager.settings.environments.all())
-    assert owners == ["alice", "owner"]
+    assert sorted(e.owner for e in await registry.all()) == ["alice", "owner"]
 
     # --fresh builds it anew although a warm snapshot exists.
-    d, events, info = await start(api, repo, fresh=True)
+    c, events, info = await start(api, repo, fresh=True)
     assert setup_ran(events) and info["environment"]["source"] == "built"
-    await delete(api, a, b, d)
-    await delete(alice, c)
+    built = info["environment"]["snapshot"]
+    await delete(api, a, c)
+    await delete(alice, b)
 
-    # The base branch moves: the next session starts warm and is brought up to date; the
+    # The base branch moves. The next session starts from the warm snapshot (the script does
+    # not run again, its effect is there), on its own branch, and is brought up to date; the
     # snapshot is outdated, so the session after builds a fresh one.
     moved = commit_change(source_repo, "# sample, moved on\n")
-    e, events, info = await start(api, repo)
-    assert not setup_ran(events) and info["environment"]["commit"] == first_commit
-    events = await synced(api, e)
+    d, events, info = await start(api, repo)
+    assert not setup_ran(events)
+    assert info["environment"]["source"] == "warm" and info["environment"]["snapshot"] == built
+    assert info["environment"]["commit"] == first_commit
+    events = await synced(api, d)
     assert events[-1]["data"]["commit"] == moved
-    assert (workspace(e) / "README.md").read_text() == "# sample, moved on\n"
-    assert (await api.ok("GET", f"tabbi/api/sessions/{e}"))["base_commit"] == moved
-    f, events, info = await start(api, repo)
+    assert (workspace(d) / ".tabbi-env" / "runs").read_text() == "run\n"
+    assert (workspace(d) / "README.md").read_text() == "# sample, moved on\n"
+    assert git("branch", "--show-current", cwd=workspace(d)) == info["work_branch"]
+    assert git("branch", "--list", "tabbi/*", cwd=workspace(d)).strip("* \n") == info["work_branch"]
+    assert (await api.ok("GET", f"tabbi/api/sessions/{d}"))["base_commit"] == moved
+    assert [e.owner for e in await registry.all()] == ["alice"]  # the next session builds anew
+    e, events, info = await start(api, repo)
     assert setup_ran(events) and info["environment"]["commit"] == moved
-    await delete(api, e)
+    await delete(api, d)
 
     # The setup script changes: the warm session runs the new one before writes go ahead, and
-    # the session after builds a fresh snapshot.
+    # the snapshot is retired.
     commit_setup(source_repo, SETUP.replace("setup finished", "setup v2 finished"), "setup v2")
-    g, events, info = await start(api, repo)
-    assert not setup_ran(events)
-    events = await synced(api, g)
+    f, events, info = await start(api, repo)
+    assert not setup_ran(events) and info["environment"]["source"] == "warm"
+    events = await synced(api, f)
     assert any(x["type"] == "environment" and x["data"]["status"] == "setup" for x in events)
-    assert (workspace(g) / ".tabbi-env" / "runs").read_text() == "run\nrun\n"
-    h, events, info = await start(api, repo)
-    assert setup_ran(events) and info["environment"]["source"] == "built"
-    await delete(api, f, g, h)
+    assert (workspace(f) / ".tabbi-env" / "runs").read_text() == "run\nrun\n"
+    assert [e.owner for e in await registry.all()] == ["alice"]
+    await delete(api, e, f)
 
 
 @pytest.mark.tabbi(setup_timeout=5.0)
