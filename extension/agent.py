@@ -234,8 +234,19 @@ class SessionAgent:
                 spec.environment, warm = await environment.plan(self.provider.name != "modal")
                 spec.opencode_config = environment.opencode_config(spec.opencode_config)
                 restore = warm
+                if environment.warm is not None:
+                    await self._emit("session.status", {"state": states.STARTING, "phase": "warm_snapshot",
+                                                        "snapshot": environment.warm.id})
             try:
-                self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
+                try:
+                    self._sandbox = await self.provider.create(spec, self._on_progress, restore=restore)
+                except RestoreError:
+                    if environment is None or environment.warm is None:
+                        raise
+                    # The warm snapshot is unusable (retired meanwhile, damaged): start cold.
+                    spec.environment, spec.opencode_config = await environment.fall_back(spec.opencode_config)
+                    await self.provider.destroy(self.id)
+                    self._sandbox = await self.provider.create(spec, self._on_progress)
             except SandboxError as exc:
                 if why_anonymous and "clone" in str(exc):
                     raise SandboxError(f"{exc} ({why_anonymous})") from None

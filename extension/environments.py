@@ -214,6 +214,8 @@ class EnvironmentStart:
         self.status: dict[str, Any] = {"source": "none"}
         self._setup_hash: str | None = None
         self._base_commit: str | None = None
+        #: The person's permissions, as they were before a warm start held the writing ones.
+        self._permission: dict[str, Any] = {}
 
     async def plan(self, private_exec: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """``(spec.environment, restore ref)`` for the sandbox. ``private_exec``: whether a
@@ -232,9 +234,21 @@ class EnvironmentStart:
         if self.warm is None:
             return config
         permission = dict(config.get("permission") or {})
+        self._permission = permission
         families = {f for f in WRITING if permission.get(f, "allow") == "allow"}
         self.gate = WriteGate(families)
         return {**config, "permission": {**permission, **{f: "ask" for f in families}}}
+
+    async def fall_back(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The warm snapshot could not be restored: retire it and start cold. Returns the new
+        ``(spec.environment, OpenCode config)``."""
+        warm, self.warm, self.gate = self.warm, None, None
+        if warm is not None:
+            log.warning("tabbi: the warm snapshot %s could not be restored; building a fresh one", warm.id)
+            await self.registry.retire(warm)
+        self.status = {"source": "none"}
+        return ({"setup": True, "setup_timeout": self.registry.setup_timeout},
+                {**config, "permission": dict(self._permission)})
 
     def observe(self, message: dict[str, Any]) -> None:
         """A progress line of the bootstrap."""

@@ -514,11 +514,15 @@ def push_branch(request: dict) -> int:
 
 
 # -- per-repository environments (see setup_script.py and extension/environments.py) ------------
+#: git without the sandbox home's config (the agent's and the setup script's to write).
+NO_HOME_CONFIG = {"GIT_CONFIG_GLOBAL": "/dev/null"}
+
+
 def setup_hash(workspace: str, env: dict[str, str], commit: str = "HEAD") -> str | None:
     """The git blob id of the setup script at ``commit`` (None: there is none). Read from git's
     objects, not the working tree: the same for every clone, and nothing of the tree is run."""
     done = run_git(["rev-parse", "--verify", "--quiet", f"{commit}:.tabbi/setup.sh"], workspace,
-                   {**env, "GIT_CONFIG_GLOBAL": "/dev/null"})
+                   {**env, **NO_HOME_CONFIG})
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -558,7 +562,7 @@ def start_warm_branch(workspace: str, branch: str, env: dict[str, str]) -> None:
     """Put a workspace restored from a warm snapshot on this session's branch, at the commit the
     snapshot was made from (the sync brings it up to date once OpenCode runs). Only a ref is
     written: no file of the tree is checked out, so no filter of the workspace's config runs."""
-    safe_env = {**env, "GIT_CONFIG_GLOBAL": "/dev/null"}
+    safe_env = {**env, **NO_HOME_CONFIG}
     current = run_git(["symbolic-ref", "--quiet", "--short", "HEAD"], workspace, safe_env).stdout.strip()
     if current == branch:
         return
@@ -579,8 +583,7 @@ def sync_workspace(request: dict) -> int:
     workspace, url, branch = request["workspace"], request["remote_url"], request["branch"]
     base = request.get("base_branch")
     scratch = tempfile.mkdtemp(prefix="tabbi-sync-", dir="/tmp")
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch,
-           "GIT_CONFIG_GLOBAL": "/dev/null"}
+    env = {**base_env(scratch), **NO_HOME_CONFIG}
     bare, ref = os.path.join(scratch, "sync.git"), "refs/heads/tabbi-sync"
     result: dict = {}
     try:

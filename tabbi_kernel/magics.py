@@ -222,6 +222,8 @@ def describe_phase(data: dict[str, Any]) -> str:
         "setup": f"setup: {data['line']}" if "line" in data else "running .tabbi/setup.sh",
         "setup_done": f".tabbi/setup.sh done in {data.get('seconds')} s",
         "saving_environment": "saving the environment for the next sessions (warm snapshot)",
+        "warm_snapshot": f"starting from your warm snapshot {data.get('snapshot')} (%tabbi start --fresh: "
+                         "build it anew)",
         "ready": "ready",
         "reattached": "re-attached to the running sandbox",
     }.get(phase or "", phase or "starting")
