@@ -51,6 +51,24 @@ def repository(work: Path) -> Path:
     return repo
 
 
+def phases(server: JupyterProcess, sid: str) -> dict[str, float]:
+    """Seconds spent in the start's parts, from the session's event timestamps: the setup script,
+    the restore of the warm snapshot, saving it, and OpenCode's start."""
+    events = server.call("GET", f"tabbi/api/sessions/{sid}/events?after=0")["events"]
+    at: dict[str, float] = {}
+    for e in events:
+        if e["type"] in ("session.status", "environment"):
+            at.setdefault(e["data"].get("phase") or e["data"].get("status"), e["ts"])  # the first
+    out = {}
+    agent_up = "saving_environment" if "saving_environment" in at else "ready"
+    parts = (("setup.sh", "setup", "setup_done"), ("restore", "restoring", "reusing_workspace"),
+             ("opencode", "starting_agent", agent_up), ("save", "saving_environment", "ready"))
+    for name, begin, end in parts:
+        if begin in at and end in at:
+            out[name] = at[end] - at[begin]
+    return out
+
+
 def one_session(server: JupyterProcess, repo: Path, fresh: bool = False) -> tuple[float, float, dict]:
     """(create -> running, create -> writes allowed, the environment) of one new session."""
     started = time.monotonic()
@@ -65,6 +83,7 @@ def one_session(server: JupyterProcess, repo: Path, fresh: bool = False) -> tupl
     if environment["source"] == "warm":
         server.wait_event(sid, lambda e: e["type"] == "environment" and e["data"]["status"] == "synced")
         in_sync = time.monotonic() - started
+    environment["phases"] = phases(server, sid)
     server.call("DELETE", f"tabbi/api/sessions/{sid}")
     return running, in_sync, environment
 
@@ -81,12 +100,14 @@ def main(n: int = 5) -> None:
         assert built["source"] == "built", built
         warm_running: list[float] = []
         warm_sync: list[float] = []
+        warm_phases: list[dict] = []
         for _ in range(n):
             running, in_sync, environment = one_session(server, repo)
             assert environment["source"] == "warm", environment
             warm_running.append(running)
             warm_sync.append(in_sync)
-        fresh, _, _ = one_session(server, repo, fresh=True)
+            warm_phases.append(environment["phases"])
+        fresh, _, rebuilt = one_session(server, repo, fresh=True)
     finally:
         server.stop()
         llm.stop()
@@ -100,6 +121,10 @@ def main(n: int = 5) -> None:
     print(f"--fresh session (the same, again)             -> running: {fresh * 1000:.0f} ms")
     print(f"later sessions from the warm snapshot -> running: {summary(warm_running)}")
     print(f"later sessions from the warm snapshot -> in sync: {summary(warm_sync)}")
+    for label, parts in (("first", built["phases"]), ("--fresh", rebuilt["phases"]),
+                         ("warm (median)", {k: statistics.median(p[k] for p in warm_phases)
+                                            for k in warm_phases[0]})):
+        print(f"  {label:14} parts: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in parts.items()))
     print(f"ratio (median warm -> running / first): {statistics.median(warm_running) / first:.2f}")
     print(f"ratio (median warm -> in sync / first): {statistics.median(warm_sync) / first:.2f}")
 
