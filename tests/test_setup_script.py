@@ -301,3 +301,36 @@ async def test_the_setup_script_runs_in_the_bootstrap_on_every_provider(kit, sou
         await sandbox.terminate()
         await kit.provider.destroy(spec.sandbox_id)
 
+
+
+def test_start_fresh_reaches_the_server_and_status_names_the_snapshot(capsys):
+    """``%tabbi start REPO --fresh`` asks for a fresh environment; ``%tabbi status`` says which
+    warm snapshot the session started from (a client stand-in: no server needed)."""
+    from tabbi_kernel.magics import TabbiMagics
+
+    info = {"id": "ses-000000000001", "state": "running", "repo": "/r", "work_branch": "tabbi/1",
+            "model": None, "environment": {"source": "warm", "snapshot": "env-abc", "created_at": 0,
+                                           "setup_hash": "8d1e0c2b4a6f99", "synced": True}}
+    asked: list[bool] = []
+
+    class Session:
+        id = info["id"]
+
+        def __init__(self) -> None:
+            self.info = info
+
+    class Client:
+        def start(self, repo: str, model=None, branch=None, fresh: bool = False) -> Session:
+            asked.append(fresh)
+            return Session()
+
+        def session(self, session_id: str) -> Session:
+            return Session()
+
+    magics = TabbiMagics(None, client_factory=Client)
+    magics.cmd_start(["/r", "--fresh", "--no-wait"])
+    magics.cmd_start(["/r", "--no-wait"])
+    magics.cmd_status([])
+    assert asked == [True, False]
+    assert ("environment: warm snapshot env-abc from 1970-01-01 00:00 UTC, setup.sh 8d1e0c2b4a6f, "
+            "in sync with the base branch") in capsys.readouterr().out
