@@ -149,6 +149,14 @@ async def test_a_setup_script_runs_once_and_later_sessions_start_from_its_snapsh
     assert [e.owner for e in await registry.all()] == ["alice"]
     await delete(api, e, f)
 
+    # A warm snapshot that cannot be restored (damaged, or retired meanwhile) means a cold start.
+    (damaged,) = await registry.all()
+    archive = tabbi_app.provider._archive(damaged.ref)
+    archive.write_bytes(archive.read_bytes()[:4096])
+    i, events, info = await start(alice, repo)
+    assert setup_ran(events) and info["environment"]["source"] == "built"
+    await delete(alice, i)
+
 
 @pytest.mark.tabbi(setup_timeout=5.0)
 async def test_a_failing_or_endless_setup_script_fails_the_start_with_its_last_lines(
