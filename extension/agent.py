@@ -41,6 +41,7 @@ from tabbi_sandbox.provider import (
 
 from . import logs, metrics, model_config, states, workspace
 from .encryption import SecretBox
+from .environments import EnvironmentRegistry, EnvironmentStart
 from .eventlog import EventLog, with_retries
 from .github.accounts import GitAccess, GitHubError
 from .opencode import OpenCodeRuntime
@@ -93,6 +94,8 @@ class AgentSettings:
     secrets: SecretBox | None = None
     #: Cost and running-time budgets (``budgets.py``); None: none.
     budgets: Budgets | None = None
+    #: Per-person warm snapshots of repositories with a setup script (None: none are kept).
+    environments: EnvironmentRegistry | None = None
 
 
 @dataclass
@@ -151,6 +154,9 @@ class SessionAgent:
         self.log = logs.SessionLog(log, record.id, record.owner)
         #: A warm sandbox reserved for this session's first start (``pool.WarmPool.take``).
         self.warm: WarmSandbox | None = None
+        #: The repository's environment at the first start (``environments.py``); None after a
+        #: restart of the server (the session then resumes from its own snapshots).
+        self.environment: EnvironmentStart | None = None
 
     @property
     def id(self) -> str:
@@ -186,8 +192,9 @@ class SessionAgent:
 
     def describe(self) -> dict[str, Any]:
         waiting = self._turn.waiting_since if self._turn is not None else None
+        environment = self.environment.status if self.environment is not None else None
         return {**self.record.public(), "busy": self.busy, "waiting_since": waiting,
-                "last_seq": self.events.last_seq}
+                "last_seq": self.events.last_seq, "environment": environment}
 
     async def load(self) -> None:
         """Pick up the log where it stands and start the prompt pump."""
@@ -263,18 +270,44 @@ class SessionAgent:
             self._model_ref = setup.model_ref
             latest = await self.snapshots.latest()
             restore = latest.ref if latest else None
+            environment = self.environment if latest is None and self.record.base_commit is None else None
+            if environment is not None:
+                # A private exec keeps the sync's credential from the agent; Modal's shares its container.
+                spec.environment, warm = await environment.plan(self.provider.name != "modal")
+                spec.opencode_config = environment.opencode_config(spec.opencode_config)
+                restore = warm
+                if environment.warm is not None:
+                    await self._emit("session.status", {"state": states.STARTING, "phase": "warm_snapshot",
+                                                        "snapshot": environment.warm.id})
             try:
-                self._sandbox = await self.provider.start(spec, self._on_progress, restore, warm)
+                try:
+                    self._sandbox = await self.provider.start(spec, self._on_progress, restore, warm)
+                except RestoreError:
+                    if environment is None or environment.warm is None:
+                        raise
+                    # The warm snapshot is unusable (retired meanwhile, damaged): start cold.
+                    spec.environment, spec.opencode_config = await environment.fall_back(spec.opencode_config)
+                    await self.provider.destroy(self.id)
+                    self._sandbox = await self.provider.create(spec, self._on_progress)
             except SandboxError as exc:
                 if why_anonymous and "clone" in str(exc):
                     raise SandboxError(f"{exc} ({why_anonymous})") from None
                 raise
             await self._remember_sandbox(self._sandbox, spec.password)
+            if environment is not None:
+                await environment.built(self.provider, self._sandbox, self._emit)
             await self._connect(self._sandbox)
             self._running_since = self._last_activity = time.monotonic()
             await self._set_state(states.RUNNING, phase="ready")
             took("ready")
             self._spawn("watch", self._watch_limits())
+            if environment is not None and environment.warm is not None:
+                request = {"workspace": self._sandbox.workspace_path, "home": self._sandbox.home_path,
+                           "remote_url": repo.url, "branch": self.record.work_branch,
+                           "base_branch": self.record.base_branch,
+                           "credential": access.credential if access else None}
+                self._spawn("sync", environment.sync(self._sandbox, request, self._emit,
+                                                     self._approve, self._rebased))
             self._wake.set()
         except asyncio.CancelledError:
             raise
@@ -344,7 +377,10 @@ class SessionAgent:
         if phase == "branch" and message.get("base_commit"):
             self.record.base_commit = message["base_commit"]
             await self.store.update_session(self.id, base_commit=self.record.base_commit)
-        detail = {k: v for k, v in message.items() if k in ("repo", "branch", "files")}
+        if self.environment is not None:
+            self.environment.observe(message)
+        detail = {k: v for k, v in message.items()
+                  if k in ("repo", "branch", "files", "line", "setup_hash", "seconds")}
         await self._emit("session.status", {"state": states.STARTING, "phase": phase, **detail})
 
     async def _fault(self, message: str, restart_queued: bool = True) -> None:
@@ -366,13 +402,15 @@ class SessionAgent:
 
     async def _release_sandbox(self) -> None:
         current = asyncio.current_task()
-        for name in ("feed", "boot", "watch", "snapshot"):
+        for name in ("feed", "boot", "watch", "snapshot", "sync"):
             task = self._tasks.get(name)
             if task is None or task is current or task.done():
                 continue
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.environment is not None and self.environment.gate is not None:
+            self.environment.gate.release()  # nothing is left to wait for in this sandbox
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
             await runtime.aclose()
@@ -587,6 +625,9 @@ class SessionAgent:
             raise AgentError(f"'reply' must be one of {', '.join(PERMISSION_REPLIES)}", 400)
         if self._runtime is None:
             raise AgentError("the session is not running")
+        gate = self.environment.gate if self.environment is not None else None
+        if gate is not None and reply != "reject":
+            await gate.wait()  # writes wait until the warm workspace is in sync
         try:
             await self._runtime.reply_permission(permission_id, reply)
         except AgentRuntimeError as exc:
@@ -623,6 +664,9 @@ class SessionAgent:
         sandbox = self._sandbox
         if sandbox is None:
             return None
+        gate = self.environment.gate if self.environment is not None else None
+        if gate is not None:
+            await gate.wait()  # not of a workspace the sync is still updating
         started = time.monotonic()
         snapshot = await self.snapshots.take(sandbox, reason, _readable)
         self.log.event(logging.INFO if snapshot else logging.WARNING, "snapshot",
@@ -822,6 +866,8 @@ class SessionAgent:
             message_id, part_id, part = signals.part
             await self._retry_store(lambda: self.store.upsert_part(self.id, message_id, part_id, part))
         for event in update.events:
+            if event.type == "permission.asked" and await self._gated(event.data):
+                continue  # a write held until the workspace is in sync (``environments.WriteGate``)
             turn = self._turn
             output = turn is not None and _model_output(event.type, event.data)
             if output:
@@ -890,6 +936,22 @@ class SessionAgent:
                 return  # the same error arrives as session.error and on the message
             turn.outcome, turn.error = "error", message
         await self._emit("error", {"name": name, "message": message})
+
+    # -- the environment's sync ------------------------------------------------------------------
+    async def _gated(self, data: dict[str, Any]) -> bool:
+        gate = self.environment.gate if self.environment is not None else None
+        return gate is not None and await gate.asked(data, self._approve)
+
+    async def _approve(self, permission_id: str) -> None:
+        """Let a write tabbi held go ahead (it asked on tabbi's behalf, the person allows it)."""
+        if self._runtime is not None:
+            with contextlib.suppress(AgentRuntimeError):
+                await self._runtime.reply_permission(permission_id, "once")
+
+    async def _rebased(self, commit: str) -> None:
+        """The sync moved the session branch to the base branch's newest commit: diffs start there."""
+        self.record.base_commit = commit
+        await self._retry_store(lambda: self.store.update_session(self.id, base_commit=commit))
 
     # -- helpers ------------------------------------------------------------------------------
     def _spawn(self, name: str, coro: Awaitable[None]) -> None:

@@ -27,6 +27,7 @@ from .activity import ActivityReporter
 from .agent import AgentSettings
 from .budgets import Budgets
 from .demo_model import DemoModel
+from .environments import EnvironmentRegistry
 from .github import GitHubAccounts, GitHubHosts
 from .github import handlers as github_handlers
 from .github.oauth import DEFAULT_SCOPE, OAuthApp
@@ -178,6 +179,20 @@ class TabbiExtension(ExtensionApp):
         "(0: no limit).",
     ).tag(config=True)
     snapshots_keep = Int(3, help="Snapshots kept per session (the newest).").tag(config=True)
+    environments = Bool(
+        True,
+        help="Keep a warm snapshot per person and repository after its setup script "
+        "(.tabbi/setup.sh) ran, and start later sessions on that repository from it "
+        "(docs/environments.md). False: every session clones and runs the setup script.",
+    ).tag(config=True)
+    environment_max_age = Float(
+        6 * 3600.0,
+        help="Seconds after which a warm snapshot is rebuilt by the next session on its "
+        "repository, even if neither the base branch nor the setup script changed (0: never).",
+    ).tag(config=True)
+    setup_timeout = Float(
+        600.0, help="Seconds a repository's setup script (.tabbi/setup.sh) may run."
+    ).tag(config=True)
     server_lease = Float(
         30.0,
         help="Seconds this server's lease on its sessions lasts unrenewed (it renews it every "
@@ -346,6 +361,9 @@ class TabbiExtension(ExtensionApp):
             snapshots_keep=self.snapshots_keep,
             secrets=secrets,
             budgets=self.configured(Budgets, {}, {}),
+            environments=EnvironmentRegistry(data / "environments.json", self.provider,
+                                             self.environment_max_age, self.setup_timeout)
+            if self.environments else None,
         )
         self.github = self.make_github(secrets)
         self.pool = WarmPool(self.provider, settings, parent=self)

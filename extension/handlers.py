@@ -188,10 +188,11 @@ class SessionsHandler(TabbiHandler):
         repo = await asyncio.to_thread(parse_repo, body.get("repo"), self.settings["tabbi_github_url"], local)
         model = validate_model(body.get("model"))
         branch = validate_branch(body.get("branch"))
+        fresh = validate_flag(body.get("fresh"), "fresh")
         user = self.current_user
         profile = {"name": user.name, "display_name": user.display_name}
         async with self.settings["tabbi_limits"].starting(self.username, new_session=True):
-            agent = await self.manager.create(self.username, repo, model, branch, profile)
+            agent = await self.manager.create(self.username, repo, model, branch, profile, fresh=fresh)
         self.write_json(agent.describe(), 201)
 
     async def _local_repo_policy(self) -> LocalRepoPolicy:

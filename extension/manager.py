@@ -25,6 +25,7 @@ from tabbi_sandbox.provider import SandboxError, SandboxProvider
 
 from . import model_config, states
 from .agent import AgentError, AgentSettings, GitAccessLookup, SessionAgent
+from .environments import EnvironmentStart
 from .pool import WarmPool
 from .store import Lease, SessionRecord, Store, StoreError
 from .validation import RepoSpec
@@ -104,7 +105,10 @@ class SessionManager:
         model: str | None,
         base_branch: str | None,
         profile: dict | None = None,
+        fresh: bool = False,
     ) -> SessionAgent:
+        """A new session, starting. ``fresh``: build the repository's environment anew rather
+        than start from the person's warm snapshot of it (``environments.py``)."""
         await self.store.upsert_user(owner, profile or {})
         model = resolved_model(self.settings.model, model)
         # A warm sandbox is reserved for the session it serves: the session takes its id.
@@ -131,6 +135,9 @@ class SessionManager:
         # A git URL's query is left out of the log: someone may have put a credential there.
         agent.log.info("session.created", "session created", repo=record.repo.split("?", 1)[0],
                        model=model, provider=self.provider.name)
+        if self.settings.environments is not None:
+            agent.environment = EnvironmentStart(self.settings.environments, record.id, owner,
+                                                 record.repo, base_branch, fresh)
         await agent.start()
         return agent
 

@@ -255,9 +255,9 @@ def remove_any(path: str) -> None:
         os.unlink(path)
 
 
-def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
-    """Clone into the workspace on the session branch, or reuse a workspace a previous run left
-    (or a snapshot restored) exactly as it is.
+def clone_or_reuse(spec: dict, env: dict[str, str]) -> bool:
+    """Clone into the workspace on the session branch (True), or reuse a workspace a previous run
+    left (or a snapshot restored) exactly as it is (False).
 
     The clone ignores the sandbox home's git config and runs no hooks: a home the agent wrote in
     an earlier run could otherwise redirect the credentialed clone or run code beside it. A
@@ -270,7 +270,7 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
     safe_env = {**env, "GIT_CONFIG_GLOBAL": "/dev/null"}
     if os.path.isdir(os.path.join(workspace, ".git")):
         emit("reusing_workspace")
-        return
+        return False
     emit("cloning", repo=spec["repo_display"])
     os.makedirs(os.path.dirname(workspace), exist_ok=True)
     args = [*SAFE_GIT, "clone", "--quiet", "--no-hardlinks", "--template="]
@@ -289,6 +289,7 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> None:
     git(["config", "user.email", identity.get("email") or "tabbi@localhost"], workspace, safe_env)
     base = git(["rev-parse", "HEAD"], workspace, safe_env)
     emit("branch", branch=branch, base_commit=base)
+    return True
 
 
 def free_port() -> int:
@@ -529,7 +530,9 @@ def clone_into(request: dict) -> int:
     agent has run in this sandbox yet, and nothing of OpenCode loads from the workspace before
     the fence (the server asks OpenCode to read the workspace afresh only after this ends)."""
     try:
-        clone_or_reuse(request, base_env(request["home"]))
+        cloned = clone_or_reuse(request, base_env(request["home"]))
+        if prepare_environment(request, base_env(request["home"]), cloned):
+            prepare_home(request["home"])  # the setup script may have written OpenCode's config
         fence_workspace(request["workspace"])
     except Exception as exc:
         message = str(exc) if isinstance(exc, BootstrapError) else f"{type(exc).__name__}: {exc}"
@@ -539,16 +542,134 @@ def clone_into(request: dict) -> int:
     return 0
 
 
-COMMANDS = {"commit": commit_work, "push": push_branch, "clone": clone_into}
+# -- per-repository environments (see setup_script.py and extension/environments.py) ------------
+#: git without the sandbox home's config (the agent's and the setup script's to write).
+NO_HOME_CONFIG = {"GIT_CONFIG_GLOBAL": "/dev/null"}
+
+
+def setup_hash(workspace: str, env: dict[str, str], commit: str = "HEAD") -> str | None:
+    """The git blob id of the setup script at ``commit`` (None: there is none). Read from git's
+    objects, not the working tree: the same for every clone, and nothing of the tree is run."""
+    done = run_git(["rev-parse", "--verify", "--quiet", f"{commit}:.tabbi/setup.sh"], workspace,
+                   {**env, **NO_HOME_CONFIG})
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def prepare_environment(spec: dict, env: dict[str, str], cloned: bool) -> bool:
+    """The repository's environment, before OpenCode starts; True when the setup script ran.
+
+    ``spec["environment"]``: ``{"setup": true, "setup_timeout": S}`` runs ``.tabbi/setup.sh`` of a
+    fresh clone (its output streamed as ``{"phase": "setup", "line"}``, then ``{"phase":
+    "setup_done", "setup_hash", "seconds"}``); ``{"warm": true}`` takes a workspace restored from
+    a warm snapshot onto this session's branch (``{"phase": "branch"}``). A failed script
+    removes the clone, so that the next start clones and runs it again."""
+    environment = spec.get("environment") or {}
+    workspace = spec["workspace"]
+    if environment.get("warm") and not cloned:
+        start_warm_branch(workspace, spec["branch"], env)
+        return False
+    if not (cloned and environment.get("setup")):
+        return False
+    digest = setup_hash(workspace, env)
+    script = _sibling_module("setup_script.py", "tabbi_setup_script")
+    if digest is None or not script.present(workspace):
+        emit("setup_none")
+        return False
+    emit("setup", setup_hash=digest)
+    try:
+        seconds = script.run(workspace, {**env, "TABBI_SANDBOX_ID": spec.get("marker") or ""},
+                             float(environment.get("setup_timeout") or 600),
+                             lambda line: emit("setup", line=line))
+    except script.SetupError as exc:
+        shutil.rmtree(workspace, ignore_errors=True)
+        raise BootstrapError(str(exc)) from None
+    emit("setup_done", setup_hash=digest, seconds=seconds)
+    return True
+
+
+def start_warm_branch(workspace: str, branch: str, env: dict[str, str]) -> None:
+    """Put a workspace restored from a warm snapshot on this session's branch, at the commit the
+    snapshot was made from (the sync brings it up to date once OpenCode runs). Only a ref is
+    written: no file of the tree is checked out, so no filter of the workspace's config runs."""
+    safe_env = {**env, **NO_HOME_CONFIG}
+    current = run_git(["symbolic-ref", "--quiet", "--short", "HEAD"], workspace, safe_env).stdout.strip()
+    if current == branch:
+        return
+    git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], workspace, safe_env)
+    if current.startswith("tabbi/"):  # the branch of the session that built the snapshot
+        run_git(["branch", "--quiet", "-D", current], workspace, safe_env)
+    emit("branch", branch=branch, base_commit=git(["rev-parse", "HEAD"], workspace, safe_env))
+
+
+def sync_workspace(request: dict) -> int:
+    """``bootstrap.py sync``: bring a workspace restored from a warm snapshot up to date with the
+    base branch of ``remote_url``; print ``{"base_commit", "previous", "setup_hash"}`` or
+    ``{"error"}``.
+
+    Like ``push_branch`` in reverse: the credential (if any) goes only to a fetch into a fresh
+    bare repository in this process's private /tmp, whose config is ours; the workspace then
+    fetches from that bare repository with no credential anywhere near, and fast-forwards."""
+    workspace, url, branch = request["workspace"], request["remote_url"], request["branch"]
+    base = request.get("base_branch")
+    scratch = tempfile.mkdtemp(prefix="tabbi-sync-", dir="/tmp")
+    env = {**base_env(scratch), **NO_HOME_CONFIG}
+    bare, ref = os.path.join(scratch, "sync.git"), "refs/heads/tabbi-sync"
+    result: dict = {}
+    try:
+        git(["init", "--quiet", "--bare", "--template=", bare], scratch, env)
+        source = f"refs/heads/{base}" if base else "HEAD"
+        git([*SAFE_GIT, "--git-dir", bare, "fetch", "--quiet", "--no-tags", "--", url, f"+{source}:{ref}"],
+            scratch, env, timeout=600, remote=(url, request.pop("credential", None)))
+        git([*SAFE_GIT, "fetch", "--quiet", "--no-tags", "--", bare, f"+{ref}:{ref}"], workspace, env,
+            remote=(bare, None))
+        new = git(["rev-parse", ref], workspace, env)
+        previous = git(["rev-parse", "HEAD"], workspace, env)
+        head = run_git(["symbolic-ref", "--quiet", "--short", "HEAD"], workspace, env).stdout.strip()
+        if new != previous:
+            if head != branch:
+                raise BootstrapError(f"the workspace left the session branch {branch!r}")
+            git([*SAFE_GIT, "merge", "--quiet", "--ff-only", new], workspace, env)
+        run_git(["update-ref", "-d", ref], workspace, env)
+        result = {"base_commit": new, "previous": previous, "setup_hash": setup_hash(workspace, env, new)}
+    except BootstrapError as exc:
+        result["error"] = str(exc)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    return 0 if "error" not in result else 3
+
+
+def run_setup(request: dict) -> int:
+    """``bootstrap.py setup``: run the workspace's setup script again (its content changed when a
+    warm workspace was synced); print ``{"seconds", "output"}`` or ``{"error"}``."""
+    script = _sibling_module("setup_script.py", "tabbi_setup_script")
+    lines: list[str] = []
+    try:
+        seconds = script.run(request["workspace"], base_env(request["home"]),
+                             float(request.get("timeout") or 600), lines.append)
+        result: dict = {"seconds": seconds, "output": lines[-script.TAIL_LINES:]}
+    except script.SetupError as exc:
+        result = {"error": str(exc)}
+    print(json.dumps(result), flush=True)
+    return 0 if "error" not in result else 3
+
+
+COMMANDS = {"commit": commit_work, "push": push_branch, "clone": clone_into, "sync": sync_workspace,
+            "setup": run_setup}
 
 
 def _archive_module():
     """``snapshots.py``, the snapshot archive format, loaded from beside this file (this runs as
     a plain script, without its package; images must carry both files)."""
+    return _sibling_module("snapshots.py", "tabbi_snapshot_archive")
+
+
+def _sibling_module(filename: str, name: str):
+    """A module of this folder loaded by path (this runs as a plain script, without its package)."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots.py")
-    spec = importlib.util.spec_from_file_location("tabbi_snapshot_archive", path)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -611,7 +732,9 @@ def main() -> int:
     try:
         env = prepare_home(spec["home"])
         if spec.get("repo_url"):
-            clone_or_reuse(spec, env)
+            cloned = clone_or_reuse(spec, env)
+            if prepare_environment(spec, env, cloned):
+                env = prepare_home(spec["home"])  # the setup script may have written OpenCode's config
             fence_workspace(spec["workspace"])
         else:  # a warm sandbox: the repository comes later (``clone_into``)
             os.makedirs(spec["workspace"], exist_ok=True)

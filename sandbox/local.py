@@ -442,6 +442,7 @@ class LocalSandbox(Sandbox):
             "marker": self.id,
             "health_timeout": self.provider.start_timeout,
             "max_seconds": spec.max_seconds if self.provider.detach else None,
+            "environment": spec.environment,
             "opencode": {
                 "bin": opencode_bin,
                 "password": spec.password,

@@ -625,6 +625,7 @@ class ModalProvider(SandboxProvider):
             "max_seconds": spec.max_seconds,
             "port": OPENCODE_PORT,
             "hostname": "0.0.0.0",  # the tunnel reaches the container's address, not its loopback
+            "environment": spec.environment,
             "opencode": {
                 "bin": modal_image.OPENCODE_BIN,
                 "password": spec.password,

@@ -1,10 +1,10 @@
 """The image every Modal sandbox of tabbi starts from: one recipe, built once per tabbi version.
 
 The recipe is Debian slim with git, Node and ``opencode-ai`` at the version tabbi pins, the sandbox
-side of tabbi (``bootstrap.py``, ``snapshots.py``, ``forget_secrets.js``) in ``/opt/tabbi``, an
-execute-only copy of the OpenCode binary (so that OpenCode runs non-dumpable, see ``sealed.py``)
-and an unprivileged user for the agent. A team adds apt and pip packages for its repositories
-(``c.ModalProvider.apt_packages`` / ``pip_packages``); they are part of the recipe.
+side of tabbi (``bootstrap.py``, ``snapshots.py``, ``setup_script.py``, ``forget_secrets.js``) in
+``/opt/tabbi``, an execute-only copy of the OpenCode binary (so that OpenCode runs non-dumpable,
+see ``sealed.py``) and an unprivileged user for the agent. A team adds apt and pip packages for its
+repositories (``c.ModalProvider.apt_packages`` / ``pip_packages``); they are part of the recipe.
 
 tabbi's files are copied into the image's last layer (they change most often), so an upgrade
 rebuilds only that layer; Modal's layer cache makes a rebuild of an unchanged recipe free. On top
@@ -38,7 +38,7 @@ WORKSPACE = "/workspace"
 HOME = f"/home/{AGENT_USER}"
 
 #: The files of the sandbox side that every sandbox needs, beside one another.
-SANDBOX_FILES = ("bootstrap.py", "snapshots.py", "forget_secrets.js")
+SANDBOX_FILES = ("bootstrap.py", "snapshots.py", "setup_script.py", "forget_secrets.js")
 #: Debian packages of the base recipe: git for the clone and push, Node and npm to install
 #: OpenCode, certificates for HTTPS remotes, util-linux for ``setpriv`` (dropping to the agent).
 BASE_APT = ("git", "ca-certificates", "nodejs", "npm", "util-linux", "procps")

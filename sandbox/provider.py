@@ -81,6 +81,9 @@ class SandboxSpec:
     git_credential: dict[str, str] | None = field(default=None, repr=False)
     #: The session's owner, for providers that label their sandboxes (Modal's ``tabbi_owner`` tag).
     owner: str | None = None
+    #: What the bootstrap does about the repository's environment (no secret):
+    #: ``{"setup": True, "setup_timeout": S}`` or ``{"warm": True}`` (``bootstrap.prepare_environment``).
+    environment: dict[str, Any] | None = None
 
 
 @dataclass
@@ -290,6 +293,9 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
             "branch": spec.work_branch,
             "git_identity": {"name": spec.git_name, "email": spec.git_email},
             "git_credential": spec.git_credential,
+            # the repository's setup script runs after the clone, as in a cold start
+            "environment": spec.environment,
+            "marker": sandbox.id,
         }
         await progress({"phase": "cloning", "repo": spec.repo_display})
         done = await sandbox.exec(sandbox.bootstrap_argv("clone"), timeout=self.clone_timeout,

@@ -108,11 +108,13 @@ class Client:
     def sessions(self) -> list[dict[str, Any]]:
         return self.request("GET", "sessions")["sessions"]
 
-    def start(self, repo: str, model: str | None = None, branch: str | None = None) -> Session:
+    def start(self, repo: str, model: str | None = None, branch: str | None = None,
+              fresh: bool = False) -> Session:
         """Create a session; it starts in the background (``Session.wait_until_running``).
         ``repo``: owner/name on GitHub, a git URL, or a local path (a relative one is taken
-        from this process's working directory: in a kernel, the notebook's folder)."""
-        body = {"repo": local_path(repo), "model": model, "branch": branch}
+        from this process's working directory: in a kernel, the notebook's folder). ``fresh``:
+        build the repository's environment anew instead of starting from its warm snapshot."""
+        body = {"repo": local_path(repo), "model": model, "branch": branch, "fresh": fresh}
         info = self.request("POST", "sessions", {k: v for k, v in body.items() if v})
         return Session(self, info["id"], info)
 

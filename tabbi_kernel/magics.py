@@ -28,7 +28,7 @@ from .snippets import cell_source, earlier_note, latest_code
 HELP = """\
 %tabbi: AI coding-agent sessions in this notebook.
 
-  %tabbi start REPO [--model PROVIDER/MODEL] [--branch BASE] [--no-wait]
+  %tabbi start REPO [--model PROVIDER/MODEL] [--branch BASE] [--fresh] [--no-wait]
         Start a session on REPO: a local path (relative to this notebook's folder, or
         absolute, or ~/...), a git URL, or owner/name on GitHub. The agent works on a new
         branch tabbi/<id> of a clone, never in your files. The new session becomes current.
@@ -205,6 +205,8 @@ class TurnPrinter:
             self._line(f"[error] {data.get('message')}", error=True)
         elif kind == "session.status" and data.get("state") == "starting":
             self._line(f"[tabbi] {describe_phase(data)}")
+        elif kind == "environment":
+            self._line(f"[tabbi] environment {data.get('status')}: {render.environment(data)}")
         elif kind == "turn.finished":
             self._newline()
             if data.get("outcome") == "aborted":
@@ -220,6 +222,11 @@ def describe_phase(data: dict[str, Any]) -> str:
         "branch": f"working on branch {data.get('branch')}",
         "starting_agent": "starting the agent",
         "restoring": "restoring the last snapshot",
+        "setup": f"setup: {data['line']}" if "line" in data else "running .tabbi/setup.sh",
+        "setup_done": f".tabbi/setup.sh done in {data.get('seconds')} s",
+        "saving_environment": "saving the environment for the next sessions (warm snapshot)",
+        "warm_snapshot": f"starting from your warm snapshot {data.get('snapshot')} (%tabbi start --fresh: "
+                         "build it anew)",
         "ready": "ready",
         "reattached": "re-attached to the running sandbox",
     }.get(phase or "", phase or "starting")
@@ -314,9 +321,9 @@ class TabbiMagics(Magics):
     def cmd_start(self, argv: list[str]) -> None:
         args = _parser(
             "%tabbi start", (("repo",), {}), (("--model",), {}), (("--branch",), {}),
-            (("--no-wait",), {"action": "store_true"}),
+            (("--fresh",), {"action": "store_true"}), (("--no-wait",), {"action": "store_true"}),
         ).parse_args(argv)
-        session = self.client.start(args.repo, model=args.model, branch=args.branch)
+        session = self.client.start(args.repo, model=args.model, branch=args.branch, fresh=args.fresh)
         print(f"[tabbi] session {session.id} for {session.info['repo']}")
         if args.no_wait:
             self.current = session.id
@@ -363,6 +370,8 @@ class TabbiMagics(Magics):
                 busy += f": waiting for the model for {elapsed(time.time() - info['waiting_since'])}"
         print(f"{info['id']}: {info['state']}{busy}\n  repo:   {info['repo']}\n"
               f"  branch: {info['work_branch']}\n  model:  {render.model_name(info.get('model'))}")
+        if info.get("environment"):
+            print(f"  environment: {render.environment(info['environment'])}")
         if info.get("error"):
             print(f"  error:  {info['error']}", file=sys.stderr)
         if info["state"] == "error":

@@ -49,6 +49,24 @@ def model_name(model: str | None, short: bool = False) -> str:
     return model or ("" if short else "(the server's default)")
 
 
+def environment(info: dict[str, Any]) -> str:
+    """Where a session's environment came from, in one line: ``warm snapshot env-… from 09:12
+    UTC, setup.sh 3f2a1c9d0b1e`` (``environments.py`` in the extension)."""
+    import time
+
+    source = info.get("source")
+    if source in ("warm", "built"):
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(info.get("created_at") or 0))
+        what = "warm snapshot" if source == "warm" else "built now, saved as warm snapshot"
+        text = f"{what} {info.get('snapshot')} from {when}, setup.sh {str(info.get('setup_hash'))[:12]}"
+        if source == "warm":
+            text += ", in sync with the base branch" if info.get("synced") else ", syncing"
+        if info.get("sync_error"):
+            text += f" (sync failed: {info['sync_error']})"
+        return text
+    return "no setup script (cloned)" if source == "none" else str(source or "-")
+
+
 def sessions(rows: list[dict[str, Any]], current: str | None) -> dict[str, str]:
     if not rows:
         text = "No sessions yet. Start one with %tabbi start REPO"
