@@ -39,7 +39,6 @@ SECRETS = {
     "TABBI_ENCRYPTION_KEY": Fernet.generate_key().decode(),
 }
 REPOS = f"/home/{SERVICE_USER}/repos"
-GIT = ["git", "-c", "user.name=T", "-c", "user.email=t@example.test"]
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +55,8 @@ def hub(tmp_path_factory, llm):
     started = Hub(tmp_path_factory.mktemp("hub"), ["alice", "bob"], env,
                   {"local_repo_roots": [REPOS + "/{username}"]}, public_url=PUBLIC_URL)
     try:
-        # Each person's local repositories, readable by them, in a folder of the service's user
-        # (git refuses to clone a repository another user owns: see docs/deploy-jupyterhub.md).
-        as_user(SERVICE_USER, "mkdir", "-m", "755", REPOS)
-        for name in started.users:
-            repo = f"{REPOS}/{name}/repo"
-            as_user(SERVICE_USER, "mkdir", "-p", "-m", "755", repo)
-            as_user(SERVICE_USER, "git", "init", "-q", "-b", "main", cwd=repo)
-            as_user(SERVICE_USER, "sh", "-c", f"echo '# {name}' > README.md", cwd=repo)
-            as_user(SERVICE_USER, *GIT, "add", ".", cwd=repo)
-            as_user(SERVICE_USER, *GIT, "commit", "-qm", "init", cwd=repo)
+        for name in started.users:  # each person's local repository, in a folder of the service's user
+            started.shared_repo(REPOS, name)
             started.start_server(name)
         yield started
     finally:
@@ -245,7 +236,7 @@ async def test_no_way_into_the_service_files_from_a_kernel(hub, llm, sessions):
     home = hub.accounts[SERVICE_USER].pw_dir
     out = await run_in(hub, "alice", REACH.format(repos=REPOS, home=home, sid=sid))
     codes = json.loads(out.split("CODES ", 1)[1])
-    assert codes == {"bob's repo": 400, "the service's home": 400, "a notebook of the service": 403}, codes
+    assert codes == {"bob's repo": 400, "the service's home": 400, "a notebook of the service": 400}, codes
 
 
 LOGIN = """
