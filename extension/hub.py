@@ -39,6 +39,8 @@ from jupyter_server.auth import Authorizer
 #: their kernels reach it. Its presence is what tells the kernel side it runs under hub mode.
 SERVICE_URL_ENV = "TABBI_SERVICE_URL"
 SERVICE_NAME = "tabbi"
+#: Seconds the hub waits for the service to answer after starting it.
+SERVICE_START_TIMEOUT = 120
 
 
 class TabbiServiceAuthorizer(Authorizer):
@@ -103,11 +105,15 @@ def configure_hub(c: Any, *, service_url: str | None, bind_url: str, command: li
     """
     import pwd
 
+    from jupyterhub.services.service import Service
+
     service: dict[str, Any] = {"name": SERVICE_NAME, "url": bind_url, "command": command,
                                "environment": dict(environment or {}), "oauth_no_confirm": True,
                                "display": True}
     if user:
         service.update(user=user, cwd=pwd.getpwnam(user).pw_dir)
+    if "timeout" in Service.class_trait_names():  # JupyterHub >= 6: its 30 s default is short for
+        service["timeout"] = SERVICE_START_TIMEOUT  # a loaded machine, and the hub exits after it
     c.JupyterHub.services.append(service)
     scope = f"access:services!service={SERVICE_NAME}"
     # Every user may use the service; their servers' API tokens (which their kernels hold) carry
