@@ -96,3 +96,16 @@ def test_service_urls_follow_the_hubs_base_url_and_public_address():
     assert hub_service_urls({"JUPYTERHUB_HOST": "https://hub.example.org"}) == [
         "https://hub.example.org/services/tabbi/"]
     assert hub_service_urls({"JUPYTERHUB_PUBLIC_HUB_URL": "javascript:alert(1)"}) == []
+
+
+def test_a_hub_configured_without_a_service_url_leaves_kernels_to_probe():
+    from traitlets.config import Config
+
+    from tabbi_extension.hub import SERVICE_URL_ENV, configure_hub
+
+    c = Config()
+    c.Spawner.environment = {}
+    configure_hub(c, service_url=None, bind_url="http://127.0.0.1:8765", command=["python"])
+    assert SERVICE_URL_ENV not in c.Spawner.environment
+    [service] = c.JupyterHub.services.get_value([])
+    assert service["url"] == "http://127.0.0.1:8765" and service["timeout"] >= 60
