@@ -91,3 +91,58 @@ def file_for(notebook: dict[str, Any], notebook_path: str, selector: str, to: st
 def _source(cell: dict[str, Any]) -> str:
     source = cell.get("source") or ""
     return "".join(source) if isinstance(source, list) else str(source)
+
+
+#: What a push may carry of a notebook: its cells' sources, sent by the kernel (which reads the
+#: notebook as its person; the server may be another OS user's, the hub's service). The request
+#: body's own limit (handlers.MAX_BODY_BYTES) bounds the total.
+MAX_CELLS = 10_000
+MAX_TAGS = 50
+MAX_NAME_CHARS = 255
+_CELL_TYPES = ("code", "markdown", "raw")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def from_request(value: object) -> tuple[str, dict[str, Any]]:
+    """``(notebook name, notebook)`` from a push's ``cells`` object, ``{notebook, cells: [{cell_type,
+    source, id?, tags?}], select, to?, only?}``, checked field by field: only the shapes above
+    get through, and nothing of them names a file of the server's."""
+    if not isinstance(value, dict):
+        raise ValidationError("'cells' must be an object: {notebook, cells, select, to?, only?}")
+    name = value.get("notebook")
+    if (not isinstance(name, str) or not name.endswith(".ipynb") or len(name) > 1000 or "\0" in name
+            or len(posixpath.basename(name.replace("\\", "/"))) > MAX_NAME_CHARS):
+        raise ValidationError("'cells.notebook' must be the name of a saved .ipynb notebook")
+    raw = value.get("cells")
+    if not isinstance(raw, list) or len(raw) > MAX_CELLS:
+        raise ValidationError(
+            f"'cells.cells' must be the notebook's cells (at most {MAX_CELLS}), as the kernel "
+            "reads them from the saved notebook (%tabbi push --cells, or Session.push(cells=...))")
+    return posixpath.basename(name.replace("\\", "/")), {"cells": [_cell(c, i) for i, c in enumerate(raw, 1)]}
+
+
+def _cell(value: object, number: int) -> dict[str, Any]:
+    where = f"'cells.cells' item {number}"
+    if not isinstance(value, dict) or value.get("cell_type") not in _CELL_TYPES:
+        raise ValidationError(f"{where} must be an object whose cell_type is one of {', '.join(_CELL_TYPES)}")
+    source = value.get("source", "")
+    if isinstance(source, list) and all(isinstance(part, str) for part in source):
+        source = "".join(source)
+    if not isinstance(source, str):
+        raise ValidationError(f"{where}: 'source' must be text")
+    cell: dict[str, Any] = {"cell_type": value["cell_type"], "source": source,
+                            "metadata": {"tags": _tags(value.get("tags"), where)}}
+    if value.get("id") is not None:
+        if not isinstance(value["id"], str) or not _ID.match(value["id"]):
+            raise ValidationError(f"{where}: 'id' must be a notebook cell id (letters, digits, - and _)")
+        cell["id"] = value["id"]
+    return cell
+
+
+def _tags(value: object, where: str) -> list[str]:
+    if value is None:
+        return []
+    if (not isinstance(value, list) or len(value) > MAX_TAGS
+            or not all(isinstance(tag, str) and len(tag) <= 100 for tag in value)):
+        raise ValidationError(f"{where}: 'tags' must be at most {MAX_TAGS} short texts")
+    return value

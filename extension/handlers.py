@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from typing import Any
 
 from jupyter_core.utils import ensure_async
@@ -421,9 +420,10 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
 
 
 class PushHandler(TabbiHandler):
-    """``POST {message?, author?, pr?, title?, cells?: {notebook, select, to?, only?}}``: commit
-    and push the session branch. Cells are read from the saved notebook through the server's
-    contents manager (the person's own files), so the kernel sends only a path and a selector."""
+    """``POST {message?, author?, pr?, title?, cells?: {notebook, cells, select, to?, only?}}``:
+    commit and push the session branch. The cells come from the kernel, which reads its saved
+    notebook as its person: the server reads no notebook, so one path serves personal mode and
+    the hub's service (another OS user, who cannot and must not read people's files)."""
 
     @web.authenticated
     @authorized
@@ -433,17 +433,9 @@ class PushHandler(TabbiHandler):
         files, only = None, False
         cells_request = body.get("cells")
         if cells_request is not None:
-            if not isinstance(cells_request, dict):
-                raise ValidationError("'cells' must be an object: {notebook, select, to?, only?}")
-            if not await ensure_async(
-                self.authorizer.is_authorized(self, self.current_user, "read", "contents")
-            ):  # cells come from the server's files: only for people who may read them
-                raise web.HTTPError(403, "you may not read this server's notebooks")
-            notebook_path = await self._notebook_path(cells_request.get("notebook"))
-            contents = self.contents_manager
-            model = await ensure_async(contents.get(notebook_path, content=True, type="notebook"))
+            notebook_name, notebook = cells.from_request(cells_request)
             path, content = cells.file_for(
-                model["content"], notebook_path, cells_request.get("select"), cells_request.get("to")
+                notebook, notebook_name, cells_request.get("select"), cells_request.get("to")
             )
             files, only = {path: content}, validate_flag(cells_request.get("only"), "cells.only")
         request = PushRequest(
@@ -455,24 +447,6 @@ class PushHandler(TabbiHandler):
             author=parse_author(body.get("author")),
         )
         self.write_json(await self.settings["tabbi_publisher"].push(agent, request))
-
-    async def _notebook_path(self, value: object) -> str:
-        """An API path of a notebook under the server's root (kernels know theirs as an absolute
-        OS path, ``JPY_SESSION_NAME``, which is turned into one here)."""
-        if not isinstance(value, str) or not value.endswith(".ipynb") or len(value) > 1000 or "\0" in value:
-            raise ValidationError("'cells.notebook' must be the path of a saved .ipynb notebook")
-        path = value
-        root = getattr(self.contents_manager, "root_dir", None)
-        if os.path.isabs(value):
-            if not root:
-                raise ValidationError("give the notebook's path relative to the server's root")
-            real, real_root = os.path.realpath(value), os.path.realpath(root)
-            if os.path.commonpath([real, real_root]) != real_root:
-                raise ValidationError("the notebook is outside the server's root directory")
-            path = os.path.relpath(real, real_root).replace(os.sep, "/")
-        if not await ensure_async(self.contents_manager.file_exists(path)):
-            raise ValidationError(f"no saved notebook at {value}")
-        return path
 
 
 def routes() -> list[tuple[str, type]]:

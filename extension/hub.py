@@ -5,8 +5,9 @@ inherit its environment; the same OS user reads its ``/proc/<pid>/environ`` and 
 team's secrets (model API key, GitHub client secret, encryption key) cannot live there. Here the
 same server extension, with the same API, store and providers, runs in its own Jupyter server
 process, started and routed by the hub at ``/services/tabbi/`` and run as its own OS user; the
-users' servers run only the kernel side, which finds the service through ``TABBI_SERVICE_URL``
-(tabbi_kernel/discovery.py). Only identity and URLs differ from personal mode:
+users' servers run only the kernel side, which finds the service through ``TABBI_SERVICE_URL``,
+else by asking the hub's public address (tabbi_kernel/discovery.py). Only identity and URLs
+differ from personal mode:
 
 - people are authenticated by the hub: OAuth cookies for browsers and hub API tokens for kernels
   (a single-user server's ``JUPYTERHUB_API_TOKEN``), both accepted only when they carry the
@@ -38,6 +39,8 @@ from jupyter_server.auth import Authorizer
 #: their kernels reach it. Its presence is what tells the kernel side it runs under hub mode.
 SERVICE_URL_ENV = "TABBI_SERVICE_URL"
 SERVICE_NAME = "tabbi"
+#: Seconds the hub waits for the service to answer after starting it.
+SERVICE_START_TIMEOUT = 120
 
 
 class TabbiServiceAuthorizer(Authorizer):
@@ -45,11 +48,11 @@ class TabbiServiceAuthorizer(Authorizer):
 
     Threat: any hub user with access to the service could otherwise start a kernel or a terminal
     in it (``POST /services/tabbi/api/kernels``) or read its files through the contents API, as
-    the service's OS user, whose environment holds the team's secrets; or, pushing notebook
-    cells, name a notebook among the service's files (another person's sandbox workspace).
-    Starting a session asks for ``read contents`` to decide whether a person may name local
-    repositories at all (their folders are ``local_repo_roots``: none by default in hub mode);
-    that question alone is answered yes.
+    the service's OS user, whose environment holds the team's secrets. (Pushed notebook cells
+    are sent by the kernel: no route reads a notebook of the server's.) Starting a session asks
+    for ``read contents`` to decide whether a person may name local repositories at all (their
+    folders are ``local_repo_roots``: none by default in hub mode); that question alone is
+    answered yes.
     """
 
     def is_authorized(self, handler: Any, user: Any, action: str, resource: str) -> bool:
@@ -90,30 +93,37 @@ def server_argv(environ: Mapping[str, str]) -> list[str]:
     ]
 
 
-def configure_hub(c: Any, *, service_url: str, bind_url: str, command: list[str],
+def configure_hub(c: Any, *, service_url: str | None, bind_url: str, command: list[str],
                   user: str | None = None, environment: Mapping[str, str] | None = None) -> None:
     """Hub mode in a ``jupyterhub_config.py``: tabbi as a managed service, the access scope for
     every user and their servers' tokens, and users' servers that only run the kernel side.
 
     ``service_url``: the service's base URL as users' kernels reach it (through the proxy);
+    ``None``: kernels find it themselves at ``<the hub's public URL>/services/tabbi/`` (needs
+    ``c.JupyterHub.public_url``, reachable from users' servers; tabbi_kernel/discovery.py);
     ``bind_url``: where the service listens; ``user``: the OS user it runs as (its own: the
     users' servers must not be able to read its environment or files); ``environment``: its
     configuration and the team's secrets, given to this process only.
     """
     import pwd
 
+    from jupyterhub.services.service import Service
+
     service: dict[str, Any] = {"name": SERVICE_NAME, "url": bind_url, "command": command,
                                "environment": dict(environment or {}), "oauth_no_confirm": True,
                                "display": True}
     if user:
         service.update(user=user, cwd=pwd.getpwnam(user).pw_dir)
+    if "timeout" in Service.class_trait_names():  # JupyterHub >= 6: its 30 s default is short for
+        service["timeout"] = SERVICE_START_TIMEOUT  # a loaded machine, and the hub exits after it
     c.JupyterHub.services.append(service)
     scope = f"access:services!service={SERVICE_NAME}"
     # Every user may use the service; their servers' API tokens (which their kernels hold) carry
     # the scope too (a token gets the subset of these scopes its user holds).
     c.JupyterHub.load_roles.append({"name": "user", "scopes": ["self", scope]})
     c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", scope]
-    c.Spawner.environment.update({SERVICE_URL_ENV: service_url})
+    if service_url:
+        c.Spawner.environment.update({SERVICE_URL_ENV: service_url})
     c.Spawner.args.append("--ServerApp.jpserver_extensions=tabbi_extension=False")
 
 

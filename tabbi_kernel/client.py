@@ -56,15 +56,26 @@ class TurnResult:
         return self.outcome == "completed"
 
 
+#: Added to the service's refusal of a local path under hub mode: what to use instead.
+HUB_LOCAL_HINT = (
+    "Under JupyterHub, sessions run in the hub's tabbi service, as another user that cannot read "
+    "your server's files. Start from a git URL (https://...) or a GitHub owner/name instead "
+    "(push your local repository there first); local paths work only in folders your hub's "
+    "administrator shares with the service (docs/deploy-jupyterhub.md)."
+)
+
+
 class Client:
-    def __init__(self, url: str, token: str = "", timeout: float = 30):
+    def __init__(self, url: str, token: str = "", timeout: float = 30, hub_service: bool = False):
         self.url = url.rstrip("/") + "/"
         self.token = token
         self.timeout = timeout
+        #: Whether this is the hub's tabbi service (hub mode), which cannot read people's files.
+        self.hub_service = hub_service
 
     @classmethod
     def from_server(cls, info: ServerInfo) -> Client:
-        return cls(info.url, info.token)
+        return cls(info.url, info.token, hub_service=info.route.startswith("JupyterHub service"))
 
     def __repr__(self) -> str:
         return f"<tabbi Client {self.url}>"
@@ -114,8 +125,14 @@ class Client:
         ``repo``: owner/name on GitHub, a git URL, or a local path (a relative one is taken
         from this process's working directory: in a kernel, the notebook's folder). ``fresh``:
         build the repository's environment anew instead of starting from its warm snapshot."""
-        body = {"repo": local_path(repo), "model": model, "branch": branch, "fresh": fresh}
-        info = self.request("POST", "sessions", {k: v for k, v in body.items() if v})
+        path = local_path(repo)
+        body = {"repo": path, "model": model, "branch": branch, "fresh": fresh}
+        try:
+            info = self.request("POST", "sessions", {k: v for k, v in body.items() if v})
+        except TabbiError as exc:
+            if self.hub_service and exc.status == 400 and path.startswith("/"):
+                raise TabbiError(f"{exc} {HUB_LOCAL_HINT}", exc.status) from None
+            raise
         return Session(self, info["id"], info)
 
     def session(self, session_id: str) -> Session:
@@ -313,12 +330,38 @@ class Session:
              author: str | None = None) -> dict[str, Any]:
         """Commit the agent's changes (and the ``cells`` of the saved ``notebook``: a tag, numbers
         like ``2,4-6`` or ``id:CELLID``) on the session branch and push it; ``pr`` opens a pull
-        request (or reports the open one). Returns the branch, commit and links."""
+        request (or reports the open one). Returns the branch, commit and links. The notebook is
+        read here, as this kernel's person (``notebook_cells``), and its cells' sources are sent."""
         body: dict[str, Any] = {"message": message, "pr": pr, "title": title, "author": author}
         if cells:
-            body["cells"] = {"notebook": notebook, "select": cells, "to": to, "only": cells_only}
+            if not notebook:
+                raise TabbiError("pushing cells needs the notebook's path (notebook=...)")
+            body["cells"] = {"notebook": os.path.basename(notebook), "cells": notebook_cells(notebook),
+                             "select": cells, "to": to, "only": cells_only}
         body = {k: v for k, v in body.items() if v not in (None, False)}
         return self.client.request("POST", self._path("push"), body, timeout=900)
+
+
+def notebook_cells(path: str) -> list[dict[str, Any]]:
+    """The saved notebook's cells as a push sends them: type, source, id and tags, no outputs.
+
+    Read by the kernel, which runs as the person, rather than by the server: under a hub, tabbi's
+    service is another OS user that cannot read (and must not be told to read) people's files. A
+    relative ``path`` is taken from this process's working directory (a kernel's: its notebook's
+    folder)."""
+    full = os.path.abspath(os.path.expanduser(path))
+    try:
+        with open(full, encoding="utf-8") as f:
+            notebook = json.load(f)
+    except FileNotFoundError:
+        raise TabbiError(f"no saved notebook at {full} (save it first)") from None
+    except (OSError, ValueError) as exc:
+        raise TabbiError(f"cannot read the notebook {full}: {exc}") from None
+    cells = notebook.get("cells") if isinstance(notebook, dict) else None
+    if not isinstance(cells, list):
+        raise TabbiError(f"{full} is not a notebook (it has no list of cells)")
+    return [{"cell_type": cell.get("cell_type"), "source": cell.get("source", ""), "id": cell.get("id"),
+             "tags": (cell.get("metadata") or {}).get("tags")} for cell in cells if isinstance(cell, dict)]
 
 
 def connect(url: str | None = None, token: str | None = None) -> Client:

@@ -18,6 +18,7 @@ import nbformat
 import pytest
 from cryptography.fernet import Fernet
 
+from tabbi_kernel.client import notebook_cells
 from tests.conftest import git
 from tests.support.github import FakeGitHub
 from tests.support.llm import Reply, write
@@ -255,7 +256,10 @@ async def test_tagged_cells_of_a_real_notebook_arrive_as_a_percent_file(
     await api.wait_state(sid, "running")
     (workspace(sid) / "agent.txt").write_text("the agent's work\n")
 
-    cells = {"notebook": str(jp_root_dir / "work" / "analysis.ipynb"), "select": "export", "only": True}
+    # The kernel reads the saved notebook and sends its cells (client.notebook_cells).
+    sent = notebook_cells(str(jp_root_dir / "work" / "analysis.ipynb"))
+    assert "ignored output" not in json.dumps(sent)
+    cells = {"notebook": "analysis.ipynb", "cells": sent, "select": "export", "only": True}
     pushed = await api.ok("POST", f"tabbi/api/sessions/{sid}/push", {"cells": cells})
     assert pushed["files"] == ["notebooks/analysis-export.py"]
     bare = github.root / "octo" / "sample.git"
@@ -281,7 +285,11 @@ async def test_tagged_cells_of_a_real_notebook_arrive_as_a_percent_file(
     for bad, why in (({**cells, "select": "missing"}, "no cell is tagged"),
                      ({**cells, "select": "9"}, "outside"),
                      ({**cells, "to": "../escape.py"}, "without '..'"),
-                     ({**cells, "notebook": "/etc/passwd.ipynb"}, "outside the server's root")):
+                     ({**cells, "cells": [{"cell_type": "code", "source": 5}]}, "'source' must be text"),
+                     ({**cells, "cells": [{"cell_type": "output"}]}, "cell_type is one of"),
+                     ({**cells, "cells": [{"cell_type": "code", "tags": "export"}]}, "'tags' must be"),
+                     ({**cells, "cells": {"path": "/etc/passwd"}}, "the notebook's cells"),
+                     ({**cells, "notebook": "/etc/passwd"}, "saved .ipynb")):
         code, body = await api.call("POST", f"tabbi/api/sessions/{sid}/push", {"cells": bad})
         assert code == 400 and why in body["message"], body
 

@@ -55,7 +55,6 @@ REPOS = f"/home/{SERVICE_USER}/repos"
 #: The module's quotas: each person runs one sandbox at a time and sends at most 4 prompts an hour
 #: (the other tests send no more than 3 each; an hour, so that none is refused by chance).
 LIMITS = {"running_per_user": 1, "prompts_per_minute": 4, "rate_window": 3600}
-GIT = ["git", "-c", "user.name=T", "-c", "user.email=t@example.test"]
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +72,8 @@ def hub(tmp_path_factory, llm):
                   {"local_repo_roots": [REPOS + "/{username}"]}, public_url=PUBLIC_URL,
                   sections={"TabbiLimits": LIMITS}, admins=("alice",))
     try:
-        # Each person's local repositories, readable by them, in a folder of the service's user
-        # (git refuses to clone a repository another user owns: see docs/deploy-jupyterhub.md).
-        as_user(SERVICE_USER, "mkdir", "-m", "755", REPOS)
         for name in [*started.users, "carol"]:  # carol: a person with no server (see test_quotas_...)
-            repo = f"{REPOS}/{name}/repo"
-            as_user(SERVICE_USER, "mkdir", "-p", "-m", "755", repo)
-            as_user(SERVICE_USER, "git", "init", "-q", "-b", "main", cwd=repo)
-            as_user(SERVICE_USER, "sh", "-c", f"echo '# {name}' > README.md", cwd=repo)
-            as_user(SERVICE_USER, *GIT, "add", ".", cwd=repo)
-            as_user(SERVICE_USER, *GIT, "commit", "-qm", "init", cwd=repo)
+            started.shared_repo(REPOS, name)  # each person's, in a folder of the service's user
             if name in started.users:
                 started.start_server(name)
         yield started
@@ -263,7 +254,7 @@ async def test_no_way_into_the_service_files_from_a_kernel(hub, llm, sessions):
     home = hub.accounts[SERVICE_USER].pw_dir
     out = await run_in(hub, "alice", REACH.format(repos=REPOS, home=home, sid=sid))
     codes = json.loads(out.split("CODES ", 1)[1])
-    assert codes == {"bob's repo": 400, "the service's home": 400, "a notebook of the service": 403}, codes
+    assert codes == {"bob's repo": 400, "the service's home": 400, "a notebook of the service": 400}, codes
 
 
 LOGIN = """

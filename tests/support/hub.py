@@ -85,11 +85,12 @@ def pids_of_user(uid: int) -> list[int]:
     return found
 
 
-def as_user(name: str, *cmd: str, cwd: str | None = None) -> None:
+def as_user(name: str, *cmd: str, cwd: str | None = None, input: str | None = None) -> str:
+    """Run ``cmd`` as the OS user ``name`` (``input`` on its stdin); its output."""
     entry = pwd.getpwnam(name)
-    subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
-                    *cmd], check=True, cwd=cwd, capture_output=True,
-                   env={"HOME": entry.pw_dir, "PATH": "/usr/bin:/bin"})
+    return subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
+                           *cmd], check=True, cwd=cwd, capture_output=True, text=True, input=input,
+                          env={"HOME": entry.pw_dir, "PATH": "/usr/bin:/bin"}).stdout
 
 
 def shared_python(folder: Path) -> str:
@@ -117,17 +118,26 @@ def shared_python(folder: Path) -> str:
 
 
 class Hub:
+    """``users``: the people (OS users created here; each module uses its own names, as test
+    modules may run at once in parallel workers); ``service_user``: the service's OS user;
+    ``public_url``: the service's (``TABBI_PUBLIC_URL``); ``lab``: users' servers open
+    JupyterLab; ``probe``: the hub's config gives users' servers no ``TABBI_SERVICE_URL`` and sets
+    the hub's public URL (the proxy's), so kernels find the service by probing."""
+
     def __init__(self, workdir: Path, users: list[str], service_env: dict[str, str],
                  tabbi_config: dict[str, Any], public_url: str | None = None,
-                 sections: dict[str, dict[str, Any]] | None = None, admins: tuple[str, ...] = ()):
+                 sections: dict[str, dict[str, Any]] | None = None, admins: tuple[str, ...] = (),
+                 service_user: str = SERVICE_USER, lab: bool = False, probe: bool = False):
         self.workdir = workdir
         self.users = users
         self.admins = admins  # hub admins (c.Authenticator.admin_users)
+        self.service_user = service_user
+        self.lab, self.probe = lab, probe
         self.proxy_port, self.hub_port, self.api_port, self.service_port = (free_port() for _ in range(4))
         self.admin_token = secrets.token_hex(16)
         self.proc: subprocess.Popen | None = None
-        self.accounts = {name: create_user(name) for name in [*users, SERVICE_USER]}
-        service = self.accounts[SERVICE_USER]
+        self.accounts = {name: create_user(name) for name in [*users, service_user]}
+        service = self.accounts[service_user]
         workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(workdir, 0o700)
         config_dir = Path(service.pw_dir) / "jupyter-config"
@@ -187,11 +197,14 @@ class Hub:
             c.Spawner.cmd = ["{self.python}", "-m", "jupyterhub.singleuser"]
             c.Spawner.start_timeout = 120
             c.Spawner.http_timeout = 120
+            c.Spawner.default_url = "{'/lab' if self.lab else ''}"
+            if {self.probe!r}:
+                c.JupyterHub.public_url = "{self.url}"
             from tabbi_extension.hub import configure_hub
-            configure_hub(c, service_url="{self.url}services/tabbi/",
+            configure_hub(c, service_url=None if {self.probe!r} else "{self.service_url}",
                           bind_url="http://127.0.0.1:{self.service_port}",
                           command=["{self.python}", "-m", "tabbi_extension.hub"],
-                          user="{SERVICE_USER}", environment={service_env!r})
+                          user="{self.service_user}", environment={service_env!r})
             c.JupyterHub.services.append({{"name": "test-admin", "api_token": "{self.admin_token}"}})
             c.JupyterHub.load_roles.append({{
                 "name": "test-admin", "services": ["test-admin"],
@@ -249,6 +262,20 @@ class Hub:
         while self.api("GET", f"users/{name}")[1].get("servers"):  # the hub's own bookkeeping
             assert time.monotonic() < deadline, f"the hub still lists {name}'s server"
             self.output.wait_new_line(deadline - time.monotonic())
+
+    def shared_repo(self, root: str, user: str) -> str:
+        """A git repository for ``user`` at ``root/user/repo``, owned by the service's user and
+        readable by all (git refuses to clone a repository another OS user owns: see
+        docs/deploy-jupyterhub.md); ``root/{username}`` is then a ``local_repo_roots`` entry."""
+        repo = f"{root}/{user}/repo"
+        git = ["git", "-c", "user.name=T", "-c", "user.email=t@example.test"]
+        as_user(self.service_user, "mkdir", "-p", "-m", "755", repo)
+        as_user(self.service_user, "chmod", "755", root, f"{root}/{user}")
+        as_user(self.service_user, "git", "init", "-q", "-b", "main", cwd=repo)
+        as_user(self.service_user, "sh", "-c", f"echo '# {user}' > README.md", cwd=repo)
+        as_user(self.service_user, *git, "add", ".", cwd=repo)
+        as_user(self.service_user, *git, "commit", "-qm", "init", cwd=repo)
+        return repo
 
     async def kernel(self, name: str) -> HubKernel:
         """A new kernel on ``name``'s server, reached through the hub's proxy."""
