@@ -273,9 +273,9 @@ class SessionAgent:
             environment = self.environment if latest is None and self.record.base_commit is None else None
             if environment is not None:
                 # A private exec keeps the sync's credential from the agent; Modal's shares its container.
-                spec.environment, warm = await environment.plan(self.provider.name != "modal")
+                spec.environment, warm_snapshot = await environment.plan(self.provider.name != "modal")
                 spec.opencode_config = environment.opencode_config(spec.opencode_config)
-                restore = warm
+                restore = warm_snapshot
                 if environment.warm is not None:
                     await self._emit("session.status", {"state": states.STARTING, "phase": "warm_snapshot",
                                                         "snapshot": environment.warm.id})
