@@ -24,6 +24,7 @@ bench: setup
 	cd bench && ../.venv/bin/python bench_latency.py
 	cd bench && ../.venv/bin/python bench_import.py
 	cd bench && ../.venv/bin/python bench_lifecycle.py
+	cd bench && ../.venv/bin/python bench_snapshots.py
 	cd bench && ../.venv/bin/python bench_load.py
 	cd bench && ../.venv/bin/python bench_push.py
 	cd bench && ../.venv/bin/python bench_panel.py

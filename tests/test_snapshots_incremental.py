@@ -444,10 +444,11 @@ def test_a_format_1_archive_still_restores_exactly(tmp_path):
 
 # -- through the local provider, in real sandboxes ---------------------------------------------------
 async def test_local_provider_incremental_snapshots_damage_and_format_1(request, tmp_path, source_repo):
-    """The provider end to end: a second snapshot stores only what changed, a restore of it is
-    exact, a corrupt blob fails the restore with the file named and nothing in place (and a
-    retry works once it is whole), deleting every snapshot leaves no blob, and a format-1
-    archive left by the previous code restores and is snapshotted on in the new format."""
+    """The provider end to end: a second snapshot stores only what changed, a corrupt blob fails
+    the restore with the file named and nothing in place, deleting every snapshot leaves no
+    blob, and a format-1 archive left by the previous code restores and is snapshotted on in the
+    new format. (The exact round trip and a retry after damage through the provider are
+    test_provider_contract.py's, which run on this store.)"""
     kit = local_kit(request, tmp_path / "tabbi-data")
     provider = kit.provider
     spec = make_spec(source_repo)
@@ -459,7 +460,6 @@ async def test_local_provider_incremental_snapshots_damage_and_format_1(request,
         held = blobs(store)
         await shell(sandbox, "echo two > mine.txt")
         second, size = await provider.snapshot(sandbox, "second")
-        expected = json.loads(await shell(sandbox, f"python3 -c '{MANIFEST_SCRIPT}'"))
     finally:
         await sandbox.terminate()
     # New: mine.txt, the database's copy if it changed, and OpenCode's own files it rewrote.
@@ -473,13 +473,6 @@ async def test_local_provider_incremental_snapshots_damage_and_format_1(request,
         await start(kit, spec, restore=second)
     root = provider.sandbox_root(spec.sandbox_id)
     assert not (root / "workspace").exists() and not (root / ".tabbi-restore").exists()
-    mine.write_bytes(b"two\n")
-    again, _ = await start(kit, spec, restore=second)
-    try:
-        after = json.loads(await shell(again, f"python3 -c '{MANIFEST_SCRIPT}'"))
-    finally:
-        await again.terminate()
-    assert comparable(after) == comparable(expected)
     for ref in (first, second):
         await provider.delete_snapshot(ref)
     assert blobs(store) == set() and store.names() == []
