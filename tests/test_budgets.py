@@ -66,11 +66,11 @@ async def test_a_turn_is_stopped_at_the_session_cost_budget_and_the_next_prompt_
     sid = (await api.create(str(source_repo)))["id"]
     await api.prompt(sid, "write many files")
     await api.prompt(sid, "then this")  # admitted: nothing is spent yet
-    first = await api.wait_turn(sid)
+    first = await api.wait_turn(sid, timeout=180)
     error = turn_error(first)
     assert "this session's model cost budget is used up" in error and "of $0.0500" in error, error
     assert len(llm.script) >= 3, "the turn ran on past its budget"
-    error = turn_error(await api.wait_turn(sid, after=first[-1]["seq"]))
+    error = turn_error(await api.wait_turn(sid, after=first[-1]["seq"], timeout=180))
     assert "model cost budget is used up" in error, error
     message = await refused(api, sid)
     assert "model cost budget" in message and "c.Budgets.session_cost" in message, message
@@ -90,13 +90,13 @@ async def test_the_user_cost_budget_spans_sessions(api, llm, source_repo):
     llm.enqueue(Reply(tools=[write("a.txt", "a")]), Reply(text="A done"))
     a = (await api.create(str(source_repo)))["id"]
     await api.prompt(a, "one file")
-    finished = [e for e in await api.wait_turn(a) if e["type"] == "turn.finished"]
+    finished = [e for e in await api.wait_turn(a, timeout=180) if e["type"] == "turn.finished"]
     assert finished[-1]["data"]["outcome"] == "completed", finished
 
     llm.enqueue(*[Reply(tools=[write(f"b{i}.txt", "b")]) for i in range(4)], Reply(text="B done"))
     b = (await api.create(str(source_repo)))["id"]
     await api.prompt(b, "many files")
-    error = turn_error(await api.wait_turn(b))
+    error = turn_error(await api.wait_turn(b, timeout=180))
     assert "model cost budget (all sessions) is used up" in error, error
     assert len(llm.script) >= 2, "session B ran on past the user's budget"
     assert "c.Budgets.user_cost" in await refused(api, a)
