@@ -133,7 +133,7 @@ async def _quiet(message: dict) -> None:
 
 
 # -- through the server -------------------------------------------------------------------------
-INSTRUCTION = "Always answer as a ship's pilot would (from AGENTS.md)."
+INSTRUCTION = "Always answer as a harbour pilot would (from AGENTS.md)."
 PLUGIN = """import fs from "node:fs";
 fs.writeFileSync(process.cwd() + "/.planted-repo", "loaded " + JSON.stringify(process.env));
 export const Planted = async () => ({});
