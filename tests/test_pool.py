@@ -86,6 +86,8 @@ async def test_the_pool_fills_hands_out_once_destroys_failures_and_ends_at_shutd
         assert (await shell(first.sandbox, "ls -A")).strip() == ""  # no repository yet
         assert not secrets_in(first.id, model_key, token)
         assert pool.take("another-model") is None  # made for the default model only
+        # No session owns it, yet the orphan sweep (Modal's reconcile) leaves it to the pool.
+        assert await kit.provider.reconcile({}, force=True) == 0 and healthy(first.sandbox)
 
         # A clone that fails: the sandbox is destroyed, not kept nor offered again.
         taken = pool.take("scripted")
