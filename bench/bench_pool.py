@@ -95,7 +95,9 @@ def main(n: int = 5) -> None:
         for _ in range(n):
             wait_pool_full(server)
             live = {s["id"] for s in server.call("GET", "tabbi/api/sessions")["sessions"]}
-            memory += [m for sid, m in memory_by_sandbox().items() if sid not in live]
+            # This server's sandboxes (other processes on the machine may run their own).
+            pooled = {d.name for d in (work / "warm" / "tabbi-data" / "sandboxes").iterdir()} - live
+            memory += [m for sid, m in memory_by_sandbox().items() if sid in pooled]
             seconds, sid = create_until_running(server, repo)
             warm.append(seconds)
             server.call("DELETE", f"tabbi/api/sessions/{sid}")
