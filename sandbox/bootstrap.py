@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -323,24 +322,6 @@ def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: floa
             pass
         time.sleep(0.1)  # poll interval between probes, bounded by the deadline above
     raise BootstrapError(f"OpenCode did not become healthy within {timeout:.0f} s")
-
-
-def warm_up(port: int, password: str, tmp: str) -> None:
-    """Have a warm sandbox's OpenCode load what it loads once per process (its plugins, the
-    provider's SDK, ...) by serving a request for a scratch folder, never for the workspace: OpenCode
-    reads a folder once, at its first request for it, and the workspace is read only after the
-    clone. Measured under load: the session's first request then takes 2.2 s instead of 7.4 s."""
-    scratch = os.path.join(tmp, "tabbi-warm-up")
-    os.makedirs(scratch, exist_ok=True)
-    token = base64.b64encode(f"opencode:{password}".encode()).decode()
-    query = urllib.parse.urlencode({"directory": scratch})
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/session?{query}",
-                                     headers={"Authorization": f"Basic {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            response.read()
-    except (OSError, urllib.error.URLError):
-        pass  # only slower: the session's first request does the same work
 
 
 #: Switches that keep OpenCode offline and quiet: no model catalogue fetch, no updates, no sharing,
@@ -633,8 +614,6 @@ def main() -> int:
         else:  # a warm sandbox: the repository comes later (``clone_into``)
             os.makedirs(spec["workspace"], exist_ok=True)
         proc, port, version = start_opencode(spec, env)
-        if not spec.get("repo_url"):
-            warm_up(port, spec["opencode"]["password"], env["TMPDIR"])
     except Exception as exc:
         if proc is not None:
             proc.kill()
