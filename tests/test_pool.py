@@ -41,7 +41,8 @@ def kit(request, tmp_path) -> Kit:
 def pool_of(kit: Kit, model_key: str) -> WarmPool:
     """A pool of one on the server's default model (an upstream nobody calls here)."""
     model = ModelSettings(model="scripted", llm_base_url="http://127.0.0.1:9/v1", llm_api_key=model_key)
-    return WarmPool(kit.provider, AgentSettings(model=model, max_lifetime=0), size=1, warm_interval=60)
+    return WarmPool(kit.provider, AgentSettings(model=model, max_lifetime=0), size=1, warm_interval=60,
+                    refill_delay=0)
 
 
 async def ready(pool: WarmPool, but_not: set[str] = frozenset()) -> WarmSandbox:
