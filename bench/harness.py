@@ -46,7 +46,8 @@ class BareOpenCode:
         self.password = secrets.token_urlsafe(16)
         setup = build(ModelSettings(model="scripted", llm_base_url=llm.url))
         self.model_ref = setup.model_ref
-        env = bootstrap.opencode_env(bootstrap.prepare_home(str(self.home)), self.password, setup.config)
+        env = bootstrap.opencode_env(bootstrap.prepare_home(str(self.home)), self.password, setup.config,
+                                     str(workspace))
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [find_opencode(), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],

@@ -70,6 +70,11 @@ class WarmPool(LoggingConfigurable):
     warm_interval = Float(
         5.0, help="Seconds one person must wait between two warm requests (POST /tabbi/api/warm)."
     ).tag(config=True)
+    refill_delay = Float(
+        20.0,
+        help="Seconds after a session took a warm sandbox before the pool starts another: the "
+        "session's own start (OpenCode reading the new workspace) goes first on a small machine.",
+    ).tag(config=True)
 
     def __init__(self, provider: SandboxProvider, settings: AgentSettings, **kwargs: Any):
         super().__init__(**kwargs)
@@ -119,6 +124,7 @@ class WarmPool(LoggingConfigurable):
             if warm.model == model:
                 self._ready.remove(warm)
                 self._lent.append(warm)
+                self._retry_at = max(self._retry_at, time.monotonic() + self.refill_delay)
                 self._wake.set()
                 return warm
         return None

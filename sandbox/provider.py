@@ -280,10 +280,13 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
 
         OpenCode reads a directory (git root, project, config, plugins) when it first serves a
         request for it, and keeps what it read: an instance made before the clone would see an
-        empty folder with no git (measured with 1.18.33; its ``POST /instance/dispose`` does not
-        help: the instance made afresh then lost the configured provider). So nothing asks
-        OpenCode about the workspace before this returns: a warm sandbox is only ever probed at
-        ``/global/health``, and the session's first request comes after the fence."""
+        empty folder with no git (measured with 1.18.33). Nor can a warm sandbox's OpenCode
+        read another folder first (to load its plugins early, or ``POST /instance/dispose``
+        after the clone): ``forget_secrets.js`` removes ``OPENCODE_CONFIG_CONTENT`` from its
+        environment when the first folder loads it, so a second folder's instance has no
+        configured provider ("Model not found"). So nothing asks OpenCode about any folder
+        before this returns: a warm sandbox is only probed at ``/global/health``, and the
+        session's first request, after the fence, is for the workspace."""
         request = {
             "workspace": sandbox.workspace_path,
             "home": sandbox.home_path,

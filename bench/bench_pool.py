@@ -1,0 +1,124 @@
+"""The warm pool against cold starts, in one run: a bare ``opencode serve`` cold start -> healthy
+(the baseline), tabbi's cold create -> running (pool off), and create -> running from the warm
+pool; then the memory an idle pooled sandbox holds (RSS and PSS of its processes).
+
+Run: ``.venv/bin/python bench/bench_pool.py [N]``. Ratios are against the bare cold start's
+median. Each pooled sample waits first for the pool to be full again (the refill runs in the
+background between sessions, as it would between a person's sessions).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from harness import BareOpenCode, JupyterProcess, ScriptedLLM, machine, percentile, sample_repo, summary
+
+from tabbi_sandbox import processes
+
+
+def create_until_running(server: JupyterProcess, repo: Path) -> tuple[float, str]:
+    started = time.monotonic()
+    sid = server.call("POST", "tabbi/api/sessions", {"repo": str(repo)})["id"]
+    event = server.wait_event(sid, lambda e: e["type"] == "session.status"
+                              and e["data"]["state"] in ("running", "error"))
+    if event["data"]["state"] != "running":
+        raise RuntimeError(f"session {sid} failed: {event['data']}")
+    return time.monotonic() - started, sid
+
+
+def wait_pool_full(server: JupyterProcess, timeout: float = 300) -> None:
+    """Ask for warm sandboxes (an intent, rate limit off) until one is ready."""
+    deadline = time.monotonic() + timeout
+    while server.call("POST", "tabbi/api/warm")["ready"] < 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the pool did not fill")
+        time.sleep(0.2)  # a poll interval: the server has no pool event to wait on
+
+
+def memory_by_sandbox() -> dict[str, tuple[int, int]]:
+    """``sandbox id -> (RSS, PSS)`` in bytes, over every process carrying a sandbox marker."""
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                marker = next((v for v in f.read().split(b"\0")
+                               if v.startswith(processes.MARKER.encode() + b"=")), None)
+            if marker is None:
+                continue
+            fields = {}
+            with open(f"/proc/{entry}/smaps_rollup") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 2 and parts[1].isdigit():
+                        fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
+        except OSError:
+            continue
+        sid = marker.split(b"=", 1)[1].decode()
+        totals[sid][0] += fields.get("Rss", 0)
+        totals[sid][1] += fields.get("Pss", 0)
+    return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def main(n: int = 5) -> None:
+    llm = ScriptedLLM().start()
+    work = Path(tempfile.mkdtemp(prefix="tabbi-bench-pool-"))
+    repo = sample_repo(work)
+    load_before = os.getloadavg()
+    bare: list[float] = []
+    for _ in range(n):
+        oc = BareOpenCode(llm, repo)
+        bare.append(oc.wait_healthy())
+        oc.stop()
+
+    cold: list[float] = []
+    server = JupyterProcess(llm.url, work / "cold", extra=["--WarmPool.size=0"])
+    try:
+        for _ in range(n):
+            seconds, sid = create_until_running(server, repo)
+            cold.append(seconds)
+            server.call("DELETE", f"tabbi/api/sessions/{sid}")
+    finally:
+        server.stop()
+
+    warm: list[float] = []
+    memory: list[tuple[int, int]] = []
+    server = JupyterProcess(llm.url, work / "warm", extra=["--WarmPool.size=1", "--WarmPool.warm_interval=0"])
+    try:
+        for _ in range(n):
+            wait_pool_full(server)
+            live = {s["id"] for s in server.call("GET", "tabbi/api/sessions")["sessions"]}
+            # This server's sandboxes (other processes on the machine may run their own).
+            pooled = {d.name for d in (work / "warm" / "tabbi-data" / "sandboxes").iterdir()} - live
+            memory += [m for sid, m in memory_by_sandbox().items() if sid in pooled]
+            seconds, sid = create_until_running(server, repo)
+            warm.append(seconds)
+            server.call("DELETE", f"tabbi/api/sessions/{sid}")
+    finally:
+        server.stop()
+        llm.stop()
+    load_after = os.getloadavg()
+
+    base = statistics.median(bare)
+    print(f"machine: {machine()}; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
+    print(f"bare opencode serve cold start -> healthy: {summary(bare)}")
+    print(f"tabbi cold create -> running (no pool):    {summary(cold)}  "
+          f"= {statistics.median(cold) / base:.2f}x bare")
+    print(f"tabbi create -> running from the pool:     {summary(warm)}  "
+          f"= {statistics.median(warm) / base:.2f}x bare "
+          f"(p99 {percentile(warm, 99) / base:.2f}x); goal <= 0.10x")
+    if memory:
+        rss = statistics.median(m[0] for m in memory) / 2**20
+        pss = statistics.median(m[1] for m in memory) / 2**20
+        print(f"idle pooled sandbox memory (median of {len(memory)}): RSS {rss:.0f} MB, PSS {pss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
