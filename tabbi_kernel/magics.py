@@ -206,7 +206,9 @@ class TurnPrinter:
         elif kind == "session.status" and data.get("state") == "starting":
             self._line(f"[tabbi] {describe_phase(data)}")
         elif kind == "environment":
-            self._line(f"[tabbi] environment {data.get('status')}: {render.environment(data)}")
+            what = ("running the changed .tabbi/setup.sh" if data.get("status") == "setup"
+                    else render.environment(data))
+            self._line(f"[tabbi] environment {data.get('status')}: {what}")
         elif kind == "turn.finished":
             self._newline()
             if data.get("outcome") == "aborted":
