@@ -308,8 +308,7 @@ def describe(name: str, r: Repeat) -> str:
             f"model->tabbi p50 {ms(r.model_to_tabbi, 50)} / p99 {ms(r.model_to_tabbi, 99)} ms; "
             f"{r.tabbi_events} tabbi events ({r.agent_events} agent events) in {r.wall:.1f} s; "
             f"server CPU {r.server_cpu * 1000:.0f} ms = {r.cpu_per_1000 * 1000:.0f} ms per 1,000 events; "
-            f"agents CPU {r.agent_cpu * 1000:.0f} ms = "
-            f"{r.agent_cpu / r.tabbi_events * 1e6:.0f} ms per 1,000; "
+            f"agents CPU {r.agent_cpu * 1000:.0f} ms = {r.agent_cpu / r.wall * 100:.0f}% of a core; "
             f"this process (model + readers) CPU {r.bench_cpu / r.wall * 100:.0f}% of a core; "
             f"load {r.load[0]:.1f} -> {r.load[1]:.1f}")
 
@@ -333,7 +332,8 @@ async def measure(args: argparse.Namespace) -> None:
         for target in targets:
             agent_access(server, target)
         if args.nice:
-            prioritize([server.proc.pid, *descendants(server.proc.pid)], args.nice)
+            prioritize([server.proc.pid, *(descendants(server.proc.pid) if args.nice_agents else [])],
+                       args.nice)
         idle0, idle_at = cpu_seconds(server.proc.pid), time.monotonic()
         await asyncio.sleep(3)  # the measurement itself: the server's CPU while nothing happens
         idle = (cpu_seconds(server.proc.pid) - idle0) / (time.monotonic() - idle_at)
@@ -355,7 +355,8 @@ async def measure(args: argparse.Namespace) -> None:
                     (min(r.load[0] for r in repeats), max(r.load[1] for r in repeats)))
     print(f"machine: {machine()}")
     print(f"{args.sessions} sessions x {args.chunks} chunks {args.drip * 1000:.0f} ms apart, agent: "
-          f"{args.agent}, tabbi client: {args.client}, {args.repeats} repeats, niceness {args.nice}")
+          f"{args.agent}, tabbi client: {args.client}, {args.repeats} repeats, niceness {args.nice} "
+          f"({'with' if args.nice_agents else 'without'} the agents)")
     print(describe("pooled", pooled))
     print(f"spread over repeats: added p50 {min(percentile(r.added, 50) for r in repeats) * 1000:.2f}-"
           f"{max(percentile(r.added, 50) for r in repeats) * 1000:.2f} ms, p99 "
@@ -382,6 +383,8 @@ def main() -> None:
                         help="the niceness of the scheduler groups of this process, the server and its "
                         "sandboxes (below 0 needs root): on a shared machine, so that others' jobs do "
                         "not starve them")
+    parser.add_argument("--nice-agents", action="store_true",
+                        help="with --nice: the agents' sandboxes too (each is a scheduler group of its own)")
     asyncio.run(measure(parser.parse_args()))
 
 
