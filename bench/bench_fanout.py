@@ -173,6 +173,7 @@ def agent_access(server: JupyterProcess, target: Target) -> None:
 
 async def read_direct(target: Target, arrivals: Arrivals, connected: asyncio.Event) -> None:
     """The agent's own SSE stream, filtered to the session, until it is idle after streaming."""
+    busy = False
     async with httpx.AsyncClient(base_url=target.agent_url, auth=("opencode", target.agent_password),
                                  timeout=httpx.Timeout(120)) as client, \
             client.stream("GET", "/event") as stream:
@@ -191,7 +192,8 @@ async def read_direct(target: Target, arrivals: Arrivals, connected: asyncio.Eve
             arrivals.events += 1
             if event["type"] == "message.part.delta":
                 arrivals.stamp(props.get("delta", ""), at)
-            if event["type"] == "session.idle" and arrivals.pieces:
+            busy = busy or (event["type"] == "session.status" and props["status"].get("type") == "busy")
+            if event["type"] == "session.idle" and busy:  # (an idle of an earlier turn has no busy before it)
                 return
 
 
@@ -259,7 +261,13 @@ async def one_turn(server: JupyterProcess, llm: ScriptedLLM, targets: list[Targe
                                  timeout=60) as client:
         await asyncio.gather(*(client.post(f"tabbi/api/sessions/{t.sid}/prompt", json={"text": "stream"})
                                for t in targets))
-    await asyncio.wait_for(asyncio.gather(*tasks), 600)
+    done, pending = await asyncio.wait(tasks, timeout=args.chunks * args.drip + 120)
+    if pending:
+        stuck = [f"{'direct' if i < len(targets) else 'tabbi'} {targets[i % len(targets)].sid}"
+                 for i, task in enumerate(tasks) if task in pending]
+        raise RuntimeError(f"readers that did not see their turn end: {', '.join(stuck)}")
+    for task in done:
+        task.result()  # a reader's error
     cpu1, agent1, wall = cpu_seconds(server.proc.pid), tree_cpu(agents), time.monotonic() - started
     bench_cpu = sum(os.times()[:2]) - bench0
 
