@@ -354,6 +354,8 @@ async def measure(args: argparse.Namespace) -> None:
     finally:
         server.stop()
         llm.stop()
+        if args.nice:  # this process's group is the shell's too: give it back its share
+            prioritize([os.getpid()], 0)
     pooled = Repeat(*([x for r in repeats for x in getattr(r, f)]
                       for f in ("added", "added_late", "added_in", "added_out", "model_to_direct",
                                 "model_to_tabbi")),
