@@ -173,6 +173,7 @@ def agent_access(server: JupyterProcess, target: Target) -> None:
 
 async def read_direct(target: Target, arrivals: Arrivals, connected: asyncio.Event) -> None:
     """The agent's own SSE stream, filtered to the session, until it is idle after streaming."""
+    busy = False
     async with httpx.AsyncClient(base_url=target.agent_url, auth=("opencode", target.agent_password),
                                  timeout=httpx.Timeout(120)) as client, \
             client.stream("GET", "/event") as stream:
@@ -191,7 +192,8 @@ async def read_direct(target: Target, arrivals: Arrivals, connected: asyncio.Eve
             arrivals.events += 1
             if event["type"] == "message.part.delta":
                 arrivals.stamp(props.get("delta", ""), at)
-            if event["type"] == "session.idle" and arrivals.pieces:
+            busy = busy or (event["type"] == "session.status" and props["status"].get("type") == "busy")
+            if event["type"] == "session.idle" and busy:  # (an idle of an earlier turn has no busy before it)
                 return
 
 
@@ -259,7 +261,13 @@ async def one_turn(server: JupyterProcess, llm: ScriptedLLM, targets: list[Targe
                                  timeout=60) as client:
         await asyncio.gather(*(client.post(f"tabbi/api/sessions/{t.sid}/prompt", json={"text": "stream"})
                                for t in targets))
-    await asyncio.wait_for(asyncio.gather(*tasks), 600)
+    done, pending = await asyncio.wait(tasks, timeout=args.chunks * args.drip + 120)
+    if pending:
+        stuck = [f"{'direct' if i < len(targets) else 'tabbi'} {targets[i % len(targets)].sid}"
+                 for i, task in enumerate(tasks) if task in pending]
+        raise RuntimeError(f"readers that did not see their turn end: {', '.join(stuck)}")
+    for task in done:
+        task.result()  # a reader's error
     cpu1, agent1, wall = cpu_seconds(server.proc.pid), tree_cpu(agents), time.monotonic() - started
     bench_cpu = sum(os.times()[:2]) - bench0
 
@@ -308,8 +316,7 @@ def describe(name: str, r: Repeat) -> str:
             f"model->tabbi p50 {ms(r.model_to_tabbi, 50)} / p99 {ms(r.model_to_tabbi, 99)} ms; "
             f"{r.tabbi_events} tabbi events ({r.agent_events} agent events) in {r.wall:.1f} s; "
             f"server CPU {r.server_cpu * 1000:.0f} ms = {r.cpu_per_1000 * 1000:.0f} ms per 1,000 events; "
-            f"agents CPU {r.agent_cpu * 1000:.0f} ms = "
-            f"{r.agent_cpu / r.tabbi_events * 1e6:.0f} ms per 1,000; "
+            f"agents CPU {r.agent_cpu * 1000:.0f} ms = {r.agent_cpu / r.wall * 100:.0f}% of a core; "
             f"this process (model + readers) CPU {r.bench_cpu / r.wall * 100:.0f}% of a core; "
             f"load {r.load[0]:.1f} -> {r.load[1]:.1f}")
 
@@ -333,7 +340,8 @@ async def measure(args: argparse.Namespace) -> None:
         for target in targets:
             agent_access(server, target)
         if args.nice:
-            prioritize([server.proc.pid, *descendants(server.proc.pid)], args.nice)
+            prioritize([server.proc.pid, *(descendants(server.proc.pid) if args.nice_agents else [])],
+                       args.nice)
         idle0, idle_at = cpu_seconds(server.proc.pid), time.monotonic()
         await asyncio.sleep(3)  # the measurement itself: the server's CPU while nothing happens
         idle = (cpu_seconds(server.proc.pid) - idle0) / (time.monotonic() - idle_at)
@@ -346,6 +354,8 @@ async def measure(args: argparse.Namespace) -> None:
     finally:
         server.stop()
         llm.stop()
+        if args.nice:  # this process's group is the shell's too: give it back its share
+            prioritize([os.getpid()], 0)
     pooled = Repeat(*([x for r in repeats for x in getattr(r, f)]
                       for f in ("added", "added_late", "added_in", "added_out", "model_to_direct",
                                 "model_to_tabbi")),
@@ -355,7 +365,8 @@ async def measure(args: argparse.Namespace) -> None:
                     (min(r.load[0] for r in repeats), max(r.load[1] for r in repeats)))
     print(f"machine: {machine()}")
     print(f"{args.sessions} sessions x {args.chunks} chunks {args.drip * 1000:.0f} ms apart, agent: "
-          f"{args.agent}, tabbi client: {args.client}, {args.repeats} repeats, niceness {args.nice}")
+          f"{args.agent}, tabbi client: {args.client}, {args.repeats} repeats, niceness {args.nice} "
+          f"({'with' if args.nice_agents else 'without'} the agents)")
     print(describe("pooled", pooled))
     print(f"spread over repeats: added p50 {min(percentile(r.added, 50) for r in repeats) * 1000:.2f}-"
           f"{max(percentile(r.added, 50) for r in repeats) * 1000:.2f} ms, p99 "
@@ -382,6 +393,8 @@ def main() -> None:
                         help="the niceness of the scheduler groups of this process, the server and its "
                         "sandboxes (below 0 needs root): on a shared machine, so that others' jobs do "
                         "not starve them")
+    parser.add_argument("--nice-agents", action="store_true",
+                        help="with --nice: the agents' sandboxes too (each is a scheduler group of its own)")
     asyncio.run(measure(parser.parse_args()))
 
 
