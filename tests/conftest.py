@@ -87,13 +87,19 @@ def tabbi_config(request: pytest.FixtureRequest, data_dir: Path, llm: ScriptedLL
 
 
 @pytest.fixture
-def jp_server_config(tabbi_config: dict) -> dict:
+def jp_server_config(request: pytest.FixtureRequest, tabbi_config: dict) -> dict:
+    # No warm pool unless a test asks for one (``@pytest.mark.warm_pool(size=1)``): every kernel
+    # that loads tabbi would otherwise start one more OpenCode, for nothing in most tests.
+    pool = {"size": 0}
+    for marker in request.node.iter_markers("warm_pool"):
+        pool.update(marker.kwargs)
     return {
         "ServerApp": {
             "jpserver_extensions": {"tabbi_extension": True},
             "identity_provider_class": "tests.support.identity.TokenUsers",
         },
         "TabbiExtension": tabbi_config,
+        "WarmPool": pool,
     }
 
 

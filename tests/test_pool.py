@@ -172,6 +172,7 @@ def pool_leftovers():
 
 
 @pytest.mark.tabbi(llm_api_key=MODEL_KEY)
+@pytest.mark.warm_pool(size=1)
 @pytest.mark.parametrize("isolation", ["bwrap"])
 async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     pool_leftovers, kernel, api, jp_fetch, jp_serverapp, github, llm, tabbi_app, isolation, workspace,  # noqa: F811

@@ -50,7 +50,9 @@ class JupyterProcess:
              "--ServerApp.jpserver_extensions=tabbi_extension=True",
              f"--TabbiExtension.data_dir={workdir / 'tabbi-data'}",
              f"--TabbiExtension.llm_base_url={llm_url}",
-             "--TabbiExtension.model=scripted", *(extra or [])],
+             "--TabbiExtension.model=scripted",
+             "--WarmPool.size=0",  # no warm pool unless a test asks (``extra``): one OpenCode less
+             *(extra or [])],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.output = OutputWatch(self.proc, self.log_path)
