@@ -21,6 +21,8 @@ OpenCode versions and carry paths and internals. They see these types, each with
 ``snapshot.saved``     ``{snapshot_id, size, reason, seconds}`` (emitted by the agent, not OpenCode)
 ``snapshot.failed``    ``{reason, message}``: the sandbox keeps running; the next turn retries
 ``push.completed``     ``{branch, commit, files, links}`` the work was pushed (emitted by the push)
+``environment``        ``{status: syncing|setup|synced, ...}`` a warm start's sync (``environments.py``)
+``admin.action``       ``{action, by, was}`` an admin paused or stopped the session (``admin.py``)
 =====================  ===========================================================================
 
 The normalizer is pure bookkeeping (no I/O), so it is unit-tested against recorded payloads. It is
