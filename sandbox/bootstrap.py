@@ -573,8 +573,7 @@ def prepare_environment(spec: dict, env: dict[str, str], cloned: bool) -> bool:
     digest = setup_hash(workspace, env)
     script = _sibling_module("setup_script.py", "tabbi_setup_script")
     if digest is None or not script.present(workspace):
-        emit("setup_none")
-        return False
+        return False  # no setup script: nothing to say
     emit("setup", setup_hash=digest)
     try:
         seconds = script.run(workspace, {**env, "TABBI_SANDBOX_ID": spec.get("marker") or ""},

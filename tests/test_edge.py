@@ -125,13 +125,26 @@ async def test_stream_with_a_bad_seq_is_refused_at_the_handshake(api, source_rep
 
 
 @NO_MODEL
-async def test_stream_ignores_whatever_the_client_sends(api, source_repo, jp_ws_fetch):
+async def test_stream_refuses_what_it_does_not_understand_and_streams_on(api, source_repo, jp_ws_fetch):
     sid = (await api.create(str(source_repo)))["id"]
     ws = await jp_ws_fetch("tabbi", "api", "sessions", sid, "stream", params={"after": 0})
-    for junk in (b"\x00\xff" * 1000, "{" * 10_000, json.dumps({"after": 2**70})):
+    junks = (b"\x00\xff" * 1000, "{" * 10_000, json.dumps({"after": 2**70}))
+    for junk in junks:
         await ws.write_message(junk, binary=isinstance(junk, bytes))
-    first = json.loads(await asyncio.wait_for(ws.read_message(), 30))
+    # Each is refused in a frame of its own (no seq: not an event); the log streams on regardless.
+    refusals, first = [], None
+    while first is None:
+        frame = json.loads(await asyncio.wait_for(ws.read_message(), 30))
+        if "seq" in frame:
+            first = frame
+        else:
+            refusals.append(frame)
     assert first["seq"] == 1
+    while len(refusals) < len(junks):
+        frame = json.loads(await asyncio.wait_for(ws.read_message(), 30))
+        if "seq" not in frame:
+            refusals.append(frame)
+    assert [(r["type"], r["status"]) for r in refusals] == [("prompt.refused", 400)] * len(junks)
     ws.close()
 
 

@@ -141,6 +141,9 @@ git init -q --template= -b main .
 mkdir -p src data empty
 for i in $(seq 1 40); do echo "line $i" > src/f$i.py; done
 head -c 2000000 /dev/urandom > data/big.bin
+# Older than the index git writes next: otherwise they are "racily clean" to git, whose next
+# commit -a hashes them all again and freshens (re-stamps) every one of their objects.
+find src data -type f -exec touch -d '2 minutes ago' {} +
 git -c user.name=t -c user.email=t@x add -A && git -c user.name=t -c user.email=t@x commit -qm base
 """
 
