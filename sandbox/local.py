@@ -89,6 +89,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+#: util-linux's ``setpriv`` sets the parent-death signal and then execs the command. Using it
+#: instead of a ``preexec_fn`` lets CPython start processes with vfork: a ``preexec_fn`` forces a
+#: full fork of the server, whose cost grows with the server's memory and is paid on the event
+#: loop (bench/bench_spawn.py: about 100x slower for a server of a few hundred MB).
+SETPRIV = shutil.which("setpriv")
+
+
+def _dying_with_parent(argv: list[str]) -> tuple[list[str], Any]:
+    """``argv`` and the ``preexec_fn`` that make a process get SIGKILL when the server dies."""
+    if SETPRIV:
+        return [SETPRIV, "--pdeathsig", "KILL", "--", *argv], None
+    return argv, _die_with_parent
+
+
 async def _communicate_bounded(
     proc: asyncio.subprocess.Process, input: bytes | None, limit: int
 ) -> tuple[bytes, bytes]:
@@ -119,13 +133,11 @@ async def _spawn(argv: list[str], die_with_parent: bool = True, **options: Any) 
     server shutdown during a sandbox start. A cancelled caller still gets its cancellation, after
     the new process group is killed.
     """
+    preexec = None
+    if die_with_parent:
+        argv, preexec = _dying_with_parent(argv)
     creation = asyncio.ensure_future(
-        asyncio.create_subprocess_exec(
-            *argv,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,
-            **options,
-        )
+        asyncio.create_subprocess_exec(*argv, start_new_session=True, preexec_fn=preexec, **options)
     )
     try:
         return await asyncio.shield(creation)
