@@ -71,6 +71,14 @@ def completion_chunk(model: str, delta: dict[str, Any] | None, finish: str | Non
     return chunk
 
 
+class _ListeningServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` with room for many connections at once: its default listen backlog
+    of 5 made the kernel drop the connections of 50 agents calling at the same instant."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class ChatCompletionsServer:
     """A threaded HTTP server on a free loopback port. ``key``: the API key callers must send as
     ``Authorization: Bearer`` (401 otherwise, as a real model API answers)."""
@@ -82,8 +90,7 @@ class ChatCompletionsServer:
         self.key = key
         self.calls = 0
         self._calls_lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _ListeningServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name=f"{type(self).__name__}")
 
