@@ -139,7 +139,8 @@ class TabbiLimits(LoggingConfigurable):
                 seconds,
             )
 
-    async def prompt(self, owner: str, agent: Any, text: str, attachments: list[dict] | None = None) -> Prompt:
+    async def prompt(self, owner: str, agent: Any, text: str,
+                     attachments: list[dict] | None = None) -> Prompt:
         """Queue ``text`` on ``agent`` for ``owner`` within the limits: the one way prompts are
         accepted, over REST and the WebSocket alike. A prompt to a session that is not running
         starts its sandbox, so it also counts against the running limits."""

@@ -314,7 +314,8 @@ def validate_attachments(value: object) -> list[dict]:
         kind, label, content = item.get("kind"), item.get("label"), item.get("content")
         truncated = validate_flag(item.get("truncated"), f"attachments[{n}].truncated")
         if kind not in ATTACHMENT_KINDS:
-            raise ValidationError(f"attachment {n}: 'kind' must be one of {', '.join(sorted(ATTACHMENT_KINDS))}")
+            kinds = ", ".join(sorted(ATTACHMENT_KINDS))
+            raise ValidationError(f"attachment {n}: 'kind' must be one of {kinds}")
         if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS \
                 or any(ch in label for ch in "\0\n\r"):
             raise ValidationError(f"attachment {n}: 'label' must be one line of at most {MAX_LABEL_CHARS} "

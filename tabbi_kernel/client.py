@@ -253,7 +253,7 @@ class Session:
 
     # -- prompts --------------------------------------------------------------------------------
     def prompt(self, text: str, attach: Any = None) -> str:
-        """Queue a prompt and return its id at once. ``attach``: what goes with it, chosen by you
+        r"""Queue a prompt and return its id at once. ``attach``: what goes with it, chosen by you
         (``["df_sales", "@cell:3", "@error", "@file:PATH"]`` or ``"df_sales,@error"``, or
         ``context.Attachment``\ s; see ``tabbi_kernel.context``); nothing else is sent."""
         body: dict[str, Any] = {"text": text}

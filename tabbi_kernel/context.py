@@ -37,6 +37,9 @@ KINDS = ("variable", "cells", "error", "file")
 #: (64 KiB) is above every one of them.
 LIMITS = {"variable": 8_000, "cells": 32_000, "error": 16_000, "file": 48_000}
 
+#: Bytes of a traceback kept (its end) in ``@error``, leaving room for the cell's source.
+TRACEBACK_TAIL = 10_000
+
 #: Rows and columns of a data frame shown; characters of one value in those rows.
 HEAD_ROWS = 5
 HEAD_COLUMNS = 20
@@ -120,9 +123,9 @@ def gather(specs: str | Iterable[Any] | None, shell: Any = None) -> list[Attachm
     ``shell`` (IPython's; the running one when None). Raises ``ContextError`` for the first that
     cannot be made, so that nothing is sent half-attached."""
     shell = shell if shell is not None else _shell()
-    ready = [s for s in ([] if specs is None or isinstance(specs, str) else specs) if isinstance(s, Attachment)]
-    texts = parse_specs(specs if isinstance(specs, str) else
-                        [s for s in (specs or []) if not isinstance(s, Attachment)])
+    items = [specs] if isinstance(specs, str) else list(specs or [])
+    ready = [s for s in items if isinstance(s, Attachment)]
+    texts = parse_specs([s for s in items if not isinstance(s, Attachment)])
     return ready + [one(spec, shell) for spec in texts]
 
 
@@ -345,13 +348,20 @@ def last_error(shell: Any) -> Attachment:
         raise ContextError("no error yet: @error attaches the last exception a cell raised")
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     text = _ANSI.sub("", "".join(lines)).rstrip()
+    raw, cut = text.encode("utf-8"), False
+    if len(raw) > TRACEBACK_TAIL:  # the end says what failed where: keep it, and the cell below
+        kept = raw[-TRACEBACK_TAIL:].decode("utf-8", errors="ignore")
+        shown = len(kept.encode("utf-8"))
+        text = f"[truncated: {shown:,} of {len(raw):,} bytes shown: the traceback's end]\n{kept}"
+        cut = True
     cell = failed_cell(shell) if shell is not None else None
     if cell is not None:
         where = f"In[{cell.execution_count}]" if cell.execution_count else "the cell"
         text += f"\n\nThe cell that raised it ({where}):\n{cell.source}"
     else:
         text += "\n\n(the cell that raised it is not known: it ran before %load_ext tabbi_kernel)"
-    return _attachment("error", "@error", text)
+    found = _attachment("error", "@error", text)
+    return Attachment(found.kind, found.label, found.content, found.truncated or cut)
 
 
 def names_used(source: str) -> list[str]:

@@ -209,12 +209,12 @@ def _lines(conversation: Conversation) -> list[tuple[str, str, str | None]]:
         for part in message["parts"]:
             if part["type"] == "text" and part.get("text"):
                 rows.append((message["role"], part["text"], message.get("turn")))
-        if message.get("attachments"):
-            rows.append(("attached", attached_line(message["attachments"]), message.get("turn")))
             elif part["type"] == "tool":
                 title = part.get("title") or (part.get("input") or {}).get("filePath") or ""
                 rows.append(("tool", f"{part.get('tool', 'tool')} {title}".strip()
                              + f" ({part.get('status', 'pending')})", message.get("turn")))
+        if message.get("attachments"):
+            rows.append(("attached", attached_line(message["attachments"]), message.get("turn")))
         turn = outcomes.get(message.get("turn") or "")
         if turn and last_of_turn.get(turn.prompt_id) == message["id"] and turn.outcome in OUTCOME_LABELS:
             labelled.add(turn.prompt_id)
