@@ -25,13 +25,14 @@ async def test_attached_context_reaches_the_model_and_nothing_else(kernel, llm, 
     started = await kernel.run(f"%load_ext tabbi_kernel\n%tabbi start {source_repo}")
     assert "[tabbi] ready" in started.stdout, started
     sid = started.stdout.split("[tabbi] session ")[1].split()[0]
-    setup = await kernel.run(
+    await kernel.run(f"hidden_note = {MARKER!r}")  # a cell never attached
+    await kernel.run(
         "import pandas as pd\n"
         "df_sales = pd.DataFrame({'region': ['north', 'south'], 'units_sold': [3, 4]})\n"
-        f"hidden_note = {MARKER!r}\n"
-        "open('notes.txt', 'w').write('the fiscal year starts in April\\n')\n"
-        "print(get_ipython().execution_count)")
-    cell_number = int(setup.stdout.strip())
+        "open('notes.txt', 'w').write('the fiscal year starts in April\\n')")
+    await kernel.run("units_per_region = df_sales.groupby('region')['units_sold'].sum()")
+    where = await kernel.run("print([n for n, s in enumerate(In) if s.startswith('units_per_region =')])")
+    [cell_number] = json.loads(where.stdout)
     failing = await kernel.run("revenue = df_sales['price'] * df_sales['units_sold']")
     assert failing.error and failing.error["ename"] == "KeyError"
 
@@ -47,7 +48,7 @@ async def test_attached_context_reaches_the_model_and_nothing_else(kernel, llm, 
     model = seen_by_model(llm)
     for sent in ("2 rows x 2 columns", "units_sold: int64", "KeyError: 'price'",
                  "revenue = df_sales['price'] * df_sales['units_sold']",  # the failing cell
-                 "hidden_note = ",  # @cell:N's source (its value is never sent: only the name)
+                 "units_per_region = df_sales.groupby",  # @cell:N's source
                  "the fiscal year starts in April", '<attachment kind=\\"variable\\" label=\\"df_sales\\"'):
         assert sent in model, sent
     assert MARKER not in model
@@ -72,8 +73,8 @@ async def test_attached_context_reaches_the_model_and_nothing_else(kernel, llm, 
     # 3. Asking for what does not exist sends nothing.
     before = len(llm.agent_requests())
     refused = await kernel.run("%%tabbi --with df_sales,no_such_frame\nlook")
-    assert refused.error and "no variable 'no_such_frame'" in refused.error["evalue"]
-    assert "nothing was sent" in refused.error["evalue"]
+    assert refused.status == "error" and "no variable 'no_such_frame'" in refused.stderr
+    assert "nothing was sent" in refused.stderr
     assert len([e for e in (await api.events(sid))["events"] if e["type"] == "prompt.queued"]) == 1
     assert len(llm.agent_requests()) == before
 
