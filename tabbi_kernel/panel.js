@@ -360,9 +360,10 @@ function humanBytes(n) {
 // What a sent prompt carried: one badge per attachment (kind, size, cut or not), never the content.
 function attachmentBadges(message) {
   const box = el("div", { class: "tb-attached" });
+  if ((message.attachments || []).length) box.append(el("span", { class: "tb-attached-label" }, "attached:"));
   for (const a of message.attachments || []) {
     box.append(el("span", { class: "tb-badge", "data-kind": a.kind, title: `${a.kind}, ${humanBytes(a.bytes || 0)}` +
-      (a.truncated ? ", truncated" : "") }, `📎 ${a.label}${a.truncated ? " (truncated)" : ""}`));
+      (a.truncated ? ", truncated" : "") }, `${a.label}${a.truncated ? " (truncated)" : ""}`));
   }
   return box;
 }

@@ -326,7 +326,7 @@ class ChatPanel(anywidget.AnyWidget):
         elif action == "send":
             text = str(content.get("text", ""))
             if text.strip():
-                self._send(text, content.get("attach"))
+                self._prompt_with(text, content.get("attach"))
         elif action in ("context_options", "context_preview"):
             self._context(action, content)
         elif action == "abort":
@@ -367,7 +367,7 @@ class ChatPanel(anywidget.AnyWidget):
         self.send({"type": "context_preview", "spec": spec, "kind": found.kind, "label": found.label,
                    "bytes": found.size, "truncated": found.truncated, "preview": found.content[:4000]})
 
-    def _send(self, text: str, attach: Any) -> None:
+    def _prompt_with(self, text: str, attach: Any) -> None:
         """A prompt with the chips' attachments, gathered at the moment it is sent (the chips'
         previews showed what; a variable changed since is sent as it is now)."""
         from .context import ContextError, gather

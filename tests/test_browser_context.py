@@ -74,7 +74,8 @@ def test_context_chips_in_the_browser(lab, llm, source_repo, variant):  # noqa: 
             box.press("Enter")
             expect(panel.locator(".tb-assistant").last).to_contain_text("I see units_sold.", timeout=120_000)
             badge = panel.locator(".tb-user .tb-badge")
-            expect(badge).to_have_text("📎 df_sales")
+            expect(badge).to_have_text("df_sales")
+            expect(panel.locator(".tb-user .tb-attached")).to_contain_text("attached:")
             expect(panel.locator(".tb-chip")).to_have_count(0)  # sent chips are cleared
             ARTIFACTS.mkdir(exist_ok=True)
             panel.screenshot(path=str(ARTIFACTS / f"context-chips-{ui}.png"))
