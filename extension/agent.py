@@ -504,7 +504,7 @@ class SessionAgent:
             await self.store.delete_session(self.id)
 
     # -- prompts and turns --------------------------------------------------------------------
-    async def prompt(self, text: str) -> Prompt:
+    async def prompt(self, text: str, attachments: list[dict[str, Any]] | None = None) -> Prompt:
         if self.state == states.DELETED:
             raise AgentError("the session was deleted", 410)
         prompt = Prompt(
@@ -513,13 +513,15 @@ class SessionAgent:
             text=text,
             status="queued",
             created_at=time.time(),
+            attachments=list(attachments or []),
         )
         self._last_activity = time.monotonic()
         if self.settings.budgets is not None:
             await self.settings.budgets.admit(self)  # a used-up budget refuses the prompt
         await self._retry_store(lambda: self.store.enqueue_prompt(prompt))
         await self._emit(
-            "prompt.queued", {"prompt_id": prompt.id, "text": text, "position": prompt.position}
+            "prompt.queued", {"prompt_id": prompt.id, "text": text, "position": prompt.position,
+                              **attached(prompt.attachments)}
         )
         if self.state in (states.IDLE, states.ERROR, states.PAUSED):
             await self.start()
@@ -543,7 +545,8 @@ class SessionAgent:
     async def _begin_turn(self, prompt: Prompt) -> None:
         turn = self._turn = Turn(prompt.id)
         await self._retry_store(lambda: self.store.set_prompt_status(prompt.id, "running"))
-        await self._emit("turn.started", {"prompt_id": prompt.id, "text": prompt.text})
+        await self._emit("turn.started", {"prompt_id": prompt.id, "text": prompt.text,
+                                          **attached(prompt.attachments)})
         self.log.info("turn.started", f"turn {prompt.id} started", prompt_id=prompt.id,
                       prompt_chars=len(prompt.text))
         self.log.debug("turn.prompt", prompt.text, prompt_id=prompt.id)  # a prompt: never above DEBUG
@@ -553,7 +556,7 @@ class SessionAgent:
         try:
             if runtime is None:
                 raise AgentRuntimeError("the agent is not connected")
-            await runtime.prompt(prompt.text, self._model_ref)
+            await runtime.prompt(prompt.text, self._model_ref, attachment_blocks(prompt.attachments))
         except AgentRuntimeError as exc:
             message = _readable(exc, "The prompt could not be delivered")
             await self._finish_turn("error", message)
@@ -982,3 +985,23 @@ def _readable(exc: BaseException, fallback: str) -> str:
         return str(exc)
     text = str(exc).strip()
     return f"{fallback}: {text}" if text else fallback
+
+
+def attached(attachments: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a prompt's events record of its attachments: kind, label, size and whether it was
+    cut, never the content (the log is replayed to every view; the content went to the model)."""
+    if not attachments:
+        return {}
+    return {"attachments": [{"kind": a["kind"], "label": a["label"], "truncated": bool(a.get("truncated")),
+                             "bytes": len(a["content"].encode("utf-8"))} for a in attachments]}
+
+
+def attachment_blocks(attachments: list[dict[str, Any]]) -> list[str]:
+    """Each attachment as one labelled block of text for the model, after the person's prompt."""
+    blocks = []
+    for a in attachments:
+        label = a["label"].replace('"', "'")
+        cut = ' truncated="true"' if a.get("truncated") else ""
+        blocks.append(f'<attachment kind="{a["kind"]}" label="{label}"{cut}>\n'
+                      f"(attached by the person from their notebook)\n{a['content']}\n</attachment>")
+    return blocks

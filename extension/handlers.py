@@ -32,6 +32,7 @@ from .validation import (
     ValidationError,
     check_json_text,
     parse_repo,
+    validate_attachments,
     validate_branch,
     validate_flag,
     validate_model,
@@ -226,8 +227,10 @@ class PromptHandler(TabbiHandler):
     @authorized
     async def post(self, session_id: str) -> None:
         agent = await self.session(session_id)
-        text = validate_prompt(self.body().get("text"), self.settings["tabbi_max_prompt_chars"])
-        prompt = await self.settings["tabbi_limits"].prompt(self.username, agent, text)
+        body = self.body()
+        text = validate_prompt(body.get("text"), self.settings["tabbi_max_prompt_chars"])
+        attachments = validate_attachments(body.get("attachments"))
+        prompt = await self.settings["tabbi_limits"].prompt(self.username, agent, text, attachments)
         self.write_json({"prompt_id": prompt.id, "position": prompt.position}, 202)
 
 

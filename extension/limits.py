@@ -139,15 +139,16 @@ class TabbiLimits(LoggingConfigurable):
                 seconds,
             )
 
-    async def prompt(self, owner: str, agent: Any, text: str) -> Prompt:
+    async def prompt(self, owner: str, agent: Any, text: str,
+                     attachments: list[dict] | None = None) -> Prompt:
         """Queue ``text`` on ``agent`` for ``owner`` within the limits: the one way prompts are
         accepted, over REST and the WebSocket alike. A prompt to a session that is not running
         starts its sandbox, so it also counts against the running limits."""
         self.take_prompt(owner)
         if agent.state in states.LIVE:
-            return await agent.prompt(text)
+            return await agent.prompt(text, attachments)
         async with self.starting(owner):
-            return await agent.prompt(text)
+            return await agent.prompt(text, attachments)
 
     # -- sandboxes and sessions ----------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -162,6 +162,8 @@ class EventNormalizer:
             }
             signals.part = (message_id, part_id, {"type": "tool", **data})
             return [Normalized("tool", data)]
+        if ptype == "text" and role == "user" and part.get("synthetic"):
+            return []  # text added to the person's message for the model (attachments): not theirs
         if ptype in ("text", "reasoning"):
             data = {
                 "message_id": message_id,

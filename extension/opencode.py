@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -74,8 +74,13 @@ class OpenCodeClient:
             return False
         return True
 
-    async def prompt(self, session_id: str, text: str, model: dict[str, str] | None) -> None:
-        body: dict[str, Any] = {"parts": [{"type": "text", "text": text}]}
+    async def prompt(self, session_id: str, text: str, model: dict[str, str] | None,
+                     attachments: Sequence[str] = ()) -> None:
+        # Attachments are text parts of their own, marked synthetic: the model reads them, and
+        # the normalizer keeps them out of the user's message (what was attached shows as badges).
+        parts = [{"type": "text", "text": text}] + [
+            {"type": "text", "text": block, "synthetic": True} for block in attachments]
+        body: dict[str, Any] = {"parts": parts}
         if model:
             body["model"] = model
         await self._call("POST", f"/session/{session_id}/prompt_async", json=body)
@@ -181,8 +186,8 @@ class OpenCodeRuntime(AgentRuntime):
                 return True
         return False
 
-    async def prompt(self, text: str, model: dict[str, str] | None) -> None:
-        await self.client.prompt(self.conversation, text, model)
+    async def prompt(self, text: str, model: dict[str, str] | None, attachments: Sequence[str] = ()) -> None:
+        await self.client.prompt(self.conversation, text, model, attachments)
 
     async def abort(self) -> None:
         await self.client.abort(self.conversation)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +81,9 @@ class AgentRuntime(abc.ABC):
         """Whether the agent holds a prompt of the person that arrived after ``when`` (epoch s)."""
 
     @abc.abstractmethod
-    async def prompt(self, text: str, model: dict[str, str] | None) -> None:
-        """Hand the agent a prompt; returns once it accepted it (the turn runs on)."""
+    async def prompt(self, text: str, model: dict[str, str] | None, attachments: Sequence[str] = ()) -> None:
+        """Hand the agent a prompt (and the attachments' blocks of text that go with it); returns
+        once it accepted it (the turn runs on)."""
 
     @abc.abstractmethod
     async def abort(self) -> None: ...

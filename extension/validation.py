@@ -286,3 +286,51 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+#: What a prompt may carry besides its text (tabbi_kernel/context.py makes them): the kinds, and
+#: bounds per piece, in all and in number, so that one prompt cannot bloat the store or the model's
+#: context beyond what a person could mean to attach.
+ATTACHMENT_KINDS = frozenset({"variable", "cells", "error", "file"})
+MAX_ATTACHMENTS = 20
+MAX_ATTACHMENT_BYTES = 64 * 1024
+MAX_ATTACHMENTS_BYTES = 256 * 1024
+MAX_LABEL_CHARS = 300
+
+
+def validate_attachments(value: object) -> list[dict]:
+    """``attachments``: absent or a list of ``{kind, label, content, truncated?}``; returned as clean
+    dicts (no other keys). Sizes are UTF-8 bytes of ``content``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValidationError("'attachments' must be a list of {kind, label, content, truncated}")
+    if len(value) > MAX_ATTACHMENTS:
+        raise ValidationError(f"{len(value)} attachments; at most {MAX_ATTACHMENTS} go with one prompt")
+    clean, total = [], 0
+    for n, item in enumerate(value, 1):
+        if not isinstance(item, dict):
+            raise ValidationError(f"attachment {n} must be an object {{kind, label, content, truncated}}")
+        kind, label, content = item.get("kind"), item.get("label"), item.get("content")
+        truncated = validate_flag(item.get("truncated"), f"attachments[{n}].truncated")
+        if kind not in ATTACHMENT_KINDS:
+            kinds = ", ".join(sorted(ATTACHMENT_KINDS))
+            raise ValidationError(f"attachment {n}: 'kind' must be one of {kinds}")
+        if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS \
+                or any(ch in label for ch in "\0\n\r"):
+            raise ValidationError(f"attachment {n}: 'label' must be one line of at most {MAX_LABEL_CHARS} "
+                                  "characters")
+        if not isinstance(content, str):
+            raise ValidationError(f"attachment {n} ({label}): 'content' must be a string")
+        if "\0" in content or not _encodable(content) or not _encodable(label):
+            raise ValidationError(f"attachment {n} ({label}): NUL or text that is not valid Unicode")
+        size = len(content.encode("utf-8"))
+        if size > MAX_ATTACHMENT_BYTES:
+            raise ValidationError(f"attachment {n} ({label}) is {size:,} bytes; the limit per attachment "
+                                  f"is {MAX_ATTACHMENT_BYTES:,}")
+        total += size
+        if total > MAX_ATTACHMENTS_BYTES:
+            raise ValidationError(f"the attachments are over {MAX_ATTACHMENTS_BYTES:,} bytes in all; "
+                                  "attach less")
+        clean.append({"kind": kind, "label": label, "content": content, "truncated": truncated})
+    return clean

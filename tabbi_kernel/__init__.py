@@ -29,9 +29,11 @@ __all__ = [
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    from . import context
     from .magics import TabbiMagics
 
     ipython.register_magics(TabbiMagics(ipython))
+    context.install(ipython)  # records the cell an error comes from, for @error and %tabbi fix
 
 
 def unload_ipython_extension(ipython: Any) -> None:

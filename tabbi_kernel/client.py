@@ -252,21 +252,39 @@ class Session:
         return _settled(event)
 
     # -- prompts --------------------------------------------------------------------------------
-    def prompt(self, text: str) -> str:
-        """Queue a prompt and return its id at once."""
-        return self.client.request("POST", self._path("prompt"), {"text": text})["prompt_id"]
+    def prompt(self, text: str, attach: Any = None) -> str:
+        r"""Queue a prompt and return its id at once. ``attach``: what goes with it, chosen by you
+        (``["df_sales", "@cell:3", "@error", "@file:PATH"]`` or ``"df_sales,@error"``, or
+        ``context.Attachment``\ s; see ``tabbi_kernel.context``); nothing else is sent."""
+        body: dict[str, Any] = {"text": text}
+        if attach:
+            from .context import gather
+
+            body["attachments"] = [a.to_dict() for a in gather(attach)]
+        return self.client.request("POST", self._path("prompt"), body)["prompt_id"]
+
+    def fix(self, extra: str = "", on_event: Callable[[Event], None] | None = None,
+            timeout: float | None = None, on_tick: Callable[[], None] | None = None) -> TurnResult:
+        """Ask the agent to fix, in the repository's code, the last error of this kernel: the
+        traceback, the failing cell and the variables it names go as attachments (``ask``)."""
+        from .context import fix_request
+
+        text, attachments = fix_request(None, extra)
+        return self.ask(text, on_event=on_event, timeout=timeout, on_tick=on_tick, attach=attachments)
 
     def ask(self, text: str, on_event: Callable[[Event], None] | None = None,
-            timeout: float | None = None, on_tick: Callable[[], None] | None = None) -> TurnResult:
+            timeout: float | None = None, on_tick: Callable[[], None] | None = None,
+            attach: Any = None) -> TurnResult:
         """Send a prompt and follow its turn to the end. ``on_event`` sees each of the turn's
         events; ``on_tick`` is called after every read of the log (at least every second or so,
         events or not), e.g. to show how long the turn has been waiting for the model.
+        ``attach``: as for ``prompt``.
 
         Interrupting (the kernel's stop button, SIGINT) aborts the turn; the result then has
         outcome "aborted". The interrupt only sets a flag that the loop checks between reads (at
         least every second), so it never lands in the middle of printing or a request."""
         after = self.refresh().get("last_seq", 0)
-        prompt_id = self.prompt(text)
+        prompt_id = self.prompt(text, attach)
         result = TurnResult(prompt_id)
         is_end, mine = _turn_end(prompt_id), _own_turn(prompt_id)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -28,11 +28,13 @@ class Turn:
     started_at: float | None = None
     #: Since when the turn waits for the model (``turn.waiting``; None: it does not).
     waiting_since: float | None = None
+    #: What the person attached to the prompt: ``{kind, label, bytes, truncated}`` each.
+    attachments: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """What the panel's front end needs to label the turn (not its message list)."""
         return {"prompt_id": self.prompt_id, "text": self.text, "outcome": self.outcome,
-                "error": self.error, "started_at": self.started_at}
+                "error": self.error, "started_at": self.started_at, "attachments": self.attachments}
 
 
 @dataclass
@@ -110,7 +112,8 @@ class Conversation:
         self.error = data.get("error") if self.state == "error" else None
 
     def _on_turn_started(self, data: dict, seq: int) -> None:
-        self.turns.append(Turn(data["prompt_id"], data.get("text", ""), seq, started_at=self._ts))
+        self.turns.append(Turn(data["prompt_id"], data.get("text", ""), seq, started_at=self._ts,
+                               attachments=list(data.get("attachments") or [])))
         self.busy, self.retry = True, None
 
     def _on_turn_finished(self, data: dict, seq: int) -> None:
@@ -144,6 +147,9 @@ class Conversation:
         turn = self.current_turn
         message = {"id": message_id, "role": data["role"], "parts": [],
                    "turn": turn.prompt_id if turn else None}
+        if data["role"] == "user" and turn is not None and turn.attachments \
+                and not any(m["role"] == "user" for m in self.turn_messages(turn)):
+            message["attachments"] = turn.attachments  # the prompt's message shows what went with it
         self._by_id[message_id] = message
         self.messages.append(message)
         if turn is not None:
@@ -207,6 +213,8 @@ def _lines(conversation: Conversation) -> list[tuple[str, str, str | None]]:
                 title = part.get("title") or (part.get("input") or {}).get("filePath") or ""
                 rows.append(("tool", f"{part.get('tool', 'tool')} {title}".strip()
                              + f" ({part.get('status', 'pending')})", message.get("turn")))
+        if message.get("attachments"):
+            rows.append(("attached", attached_line(message["attachments"]), message.get("turn")))
         turn = outcomes.get(message.get("turn") or "")
         if turn and last_of_turn.get(turn.prompt_id) == message["id"] and turn.outcome in OUTCOME_LABELS:
             labelled.add(turn.prompt_id)
@@ -215,12 +223,23 @@ def _lines(conversation: Conversation) -> list[tuple[str, str, str | None]]:
     for turn in conversation.turns:  # a turn that ended before any message
         if turn.outcome in OUTCOME_LABELS and turn.prompt_id not in labelled:
             rows.append(("user", turn.text, turn.prompt_id))
+            if turn.attachments:
+                rows.append(("attached", attached_line(turn.attachments), turn.prompt_id))
             rows.append(("label", OUTCOME_LABELS[turn.outcome], turn.prompt_id))
     return rows
 
 
+def attached_line(attachments: list[dict[str, Any]]) -> str:
+    """``attached: df (variable, 1.2 KB), @error (error, 3.0 KB, truncated)``."""
+    from .context import human_bytes  # a light module; imported here to keep this one standalone
+
+    return "attached: " + ", ".join(
+        f"{a.get('label')} ({a.get('kind')}, {human_bytes(int(a.get('bytes') or 0))}"
+        f"{', truncated' if a.get('truncated') else ''})" for a in attachments)
+
+
 def transcript_text(conversation: Conversation, title: str) -> str:
-    who = {"user": "you", "assistant": "agent", "tool": "  tool", "label": "  --"}
+    who = {"user": "you", "assistant": "agent", "tool": "  tool", "label": "  --", "attached": "  +"}
     out = [title]
     for kind, text, _ in _lines(conversation):
         out.append(f"{who.get(kind, kind)}: {text}" if kind != "label" else f"  -- {text} --")
@@ -237,7 +256,8 @@ TRANSCRIPT_STYLE = """<style>
   padding: 2px 10px; }
 .tabbi-transcript .tt-row { white-space: pre-wrap; margin: 3px 0; }
 .tabbi-transcript .tt-user { font-weight: 600; }
-.tabbi-transcript .tt-tool, .tabbi-transcript .tt-label { color: #656d76; font-size: 90%; }
+.tabbi-transcript .tt-tool, .tabbi-transcript .tt-label, .tabbi-transcript .tt-attached { color: #656d76;
+  font-size: 90%; }
 </style>"""
 
 

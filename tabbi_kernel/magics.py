@@ -40,7 +40,12 @@ HELP = """\
   %%tabbi [ID] [--no-wait]   The cell body is the prompt. Output streams into the cell and the
                              cell returns when the turn ends. The stop button aborts the turn.
   %tabbi ask TEXT            The same, one line.
+      --with A,B,...         Attach context you choose (shown before it is sent): a variable
+                             (data frames as schema + a few rows), @cell:3, @cell:2-4, @cells,
+                             @error (last traceback + its cell), @file:PATH (docs/notebook-context.md).
   %tabbi abort [ID]          Abort the running turn.
+  %tabbi fix [WORDS]         Send the last error, its cell and the variables it uses; the agent
+                             fixes the repository's code (not the notebook).
 
   %tabbi diff                The branch's changes against where it started.
   %tabbi insert              The Python code of the last turn -> one new cell below (percent
@@ -430,30 +435,59 @@ class TabbiMagics(Magics):
 
     # -- prompts --------------------------------------------------------------------------------
     def _prompt_cell(self, line: str, cell: str) -> None:
-        args = _parser("%%tabbi", (("id",), {"nargs": "?"}),
+        args = _parser("%%tabbi", (("id",), {"nargs": "?"}), (("--with",), {"dest": "attach"}),
                        (("--no-wait",), {"action": "store_true"})).parse_args(shlex.split(line))
-        self._ask(self.session(args.id), cell, wait=not args.no_wait)
+        self._ask(self.session(args.id), cell, wait=not args.no_wait, attach=args.attach)
 
     def cmd_ask(self, argv: list[str]) -> None:
+        attach = None
+        if argv and argv[0] == "--with":
+            if len(argv) < 2:
+                raise UsageError("%tabbi ask --with A,B TEXT: say what to attach")
+            attach, argv = argv[1], argv[2:]
         if not argv:
             raise UsageError("%tabbi ask TEXT: say what the agent should do")
-        self._ask(self.session(), " ".join(argv), wait=True)
+        self._ask(self.session(), " ".join(argv), wait=True, attach=attach)
 
-    def _ask(self, session: Session, text: str, wait: bool) -> None:
+    def _attachments(self, attach: Any) -> list[Any]:
+        """Gather what ``--with`` names and show it before anything is sent."""
+        from .context import ContextError, gather
+
+        try:
+            attachments = gather(attach, self.shell)
+        except ContextError as exc:
+            raise UsageError(f"{exc}; nothing was sent") from None
+        if attachments:
+            print("[tabbi] attached: " + ", ".join(a.describe() for a in attachments))
+        return attachments
+
+    def _ask(self, session: Session, text: str, wait: bool, attach: Any = None) -> None:
         if not text.strip():
             raise UsageError("the prompt is empty: write it in the cell body")
+        attachments = self._attachments(attach) if attach else None
         if not wait:
-            session.prompt(text)
+            session.prompt(text, attachments)
             print("[tabbi] queued; it streams into the chat panel (%tabbi panel)")
             return
         printer = TurnPrinter()
-        result = session.ask(text, on_event=printer, on_tick=printer.tick)
+        result = session.ask(text, on_event=printer, on_tick=printer.tick, attach=attachments)
         if result.outcome == "error":
             print(f"[tabbi] the turn ended with an error: {result.error}", file=sys.stderr)
 
     def cmd_abort(self, argv: list[str]) -> None:
         self.session(argv[0] if argv else None).abort()
         print("[tabbi] abort sent")
+
+    def cmd_fix(self, argv: list[str]) -> None:
+        """The last error, its cell and the variables the cell names go to the agent, which is asked
+        to fix the repository's code; the turn streams here like ``%%tabbi``."""
+        from .context import ContextError, fix_request
+
+        try:
+            text, attachments = fix_request(self.shell, " ".join(argv))
+        except ContextError as exc:
+            raise UsageError(f"%tabbi fix: {exc}") from None
+        self._ask(self.session(), text, wait=True, attach=attachments)
 
     # -- the workspace --------------------------------------------------------------------------
     def cmd_diff(self, argv: list[str]) -> None:

@@ -180,6 +180,7 @@ function ensurePart(message, id, type) {
 function applyOp(store, op) {
   if (op.op === "message") {
     const message = ensureMessage(store, op.message.id, op.message.role, op.message.turn);
+    if (op.message.attachments) message.attachments = op.message.attachments;
     return { message };
   }
   if (op.op === "append") {
@@ -248,7 +249,7 @@ function initialize({ model }) {
 function drawPart(message, part, openTools) {
   if (part.type === "text" && part.text) {
     const div = el("div", { class: "tb-text", "data-part": part.id });
-    if (message.role === "user") div.textContent = part.text;
+    if (message.role === "user") div.append(part.text, attachmentBadges(message));
     else div.innerHTML = renderMarkdown(part.text); // escaped by renderMarkdown
     return div;
   }
@@ -351,6 +352,80 @@ function permissionCard(model, request) {
   return card;
 }
 
+// -- context chips: what goes with the next prompt (tabbi_kernel/context.py gathers it) ----------
+function humanBytes(n) {
+  return n < 1000 ? `${n} B` : n < 1e6 ? `${(n / 1000).toFixed(1)} KB` : `${(n / 1e6).toFixed(1)} MB`;
+}
+
+// What a sent prompt carried: one badge per attachment (kind, size, cut or not), never the content.
+function attachmentBadges(message) {
+  const box = el("div", { class: "tb-attached" });
+  if ((message.attachments || []).length) box.append(el("span", { class: "tb-attached-label" }, "attached:"));
+  for (const a of message.attachments || []) {
+    box.append(el("span", { class: "tb-badge", "data-kind": a.kind, title: `${a.kind}, ${humanBytes(a.bytes || 0)}` +
+      (a.truncated ? ", truncated" : "") }, `${a.label}${a.truncated ? " (truncated)" : ""}`));
+  }
+  return box;
+}
+
+// The composer's chips: "+ context" offers the kernel's data frames and arrays, @error and @cells,
+// or takes a typed name (df, @cell:3, @file:PATH). Each chip shows kind and size once the kernel
+// has gathered it, its text on hover or click, and is removable; only chips that gathered go.
+function contextChips(model) {
+  const chips = new Map(); // spec -> { node, ok }
+  const row = el("div", { class: "tb-chips" });
+  const menu = el("div", { class: "tb-context-menu", hidden: "" });
+  const typed = el("input", { class: "tb-context-input", type: "text", placeholder: "df, @cell:3, @error, @file:PATH" });
+  const add = (spec) => {
+    spec = spec.trim();
+    if (!spec || chips.has(spec)) return;
+    const node = el("span", { class: "tb-chip tb-chip-loading", "data-spec": spec }, spec);
+    chips.set(spec, { node, ok: false });
+    row.insertBefore(node, plus);
+    model.send({ type: "context_preview", spec });
+    menu.hidden = true;
+  };
+  const plus = el("button", { class: "tb-btn tb-context-add", onclick: () => {
+    menu.hidden = !menu.hidden;
+    if (!menu.hidden) model.send({ type: "context_options" });
+  } }, "+ context");
+  typed.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter") return;
+    event.preventDefault(); event.stopPropagation();
+    add(typed.value); typed.value = "";
+  });
+  const remove = (spec) => { chips.get(spec)?.node.remove(); chips.delete(spec); };
+  const drawChip = (msg) => {
+    const chip = chips.get(msg.spec);
+    if (!chip) return;
+    const close = el("button", { class: "tb-chip-remove", title: "remove", onclick: () => remove(msg.spec) }, "×");
+    const node = msg.error
+      ? el("span", { class: "tb-chip tb-chip-error", "data-spec": msg.spec, title: msg.error }, `${msg.spec}: ${msg.error}`, close)
+      : el("span", { class: "tb-chip", "data-spec": msg.spec, "data-kind": msg.kind, title: msg.preview },
+        el("span", { class: "tb-chip-label", onclick: () => node.classList.toggle("tb-chip-open") },
+          `${msg.label} · ${msg.kind} · ${humanBytes(msg.bytes)}${msg.truncated ? " · truncated" : ""}`),
+        close, el("pre", { class: "tb-chip-preview" }, msg.preview));
+    chip.node.replaceWith(node);
+    chips.set(msg.spec, { node, ok: !msg.error });
+  };
+  const onMessage = (msg) => {
+    if (msg.type === "context_preview") drawChip(msg);
+    else if (msg.type === "context_options") {
+      menu.replaceChildren(...(msg.options || []).map((o) => el("button", {
+        class: "tb-btn tb-context-option", "data-spec": o.spec, onclick: () => add(o.spec) }, `${o.spec} — ${o.what}`)),
+      typed);
+    }
+  };
+  model.on("msg:custom", onMessage);
+  row.append(plus);
+  return {
+    node: el("div", { class: "tb-context" }, row, menu),
+    specs: () => [...chips.entries()].filter(([, c]) => c.ok).map(([spec]) => spec),
+    clear: () => { for (const spec of [...chips.keys()]) remove(spec); },
+    dispose: () => model.off("msg:custom", onMessage),
+  };
+}
+
 function render({ model, el: root }) {
   const store = storeFor(model);
   const status = el("div", { class: "tb-status" });
@@ -370,8 +445,9 @@ function render({ model, el: root }) {
   const send = () => {
     const text = input.value;
     if (!text.trim()) return;
-    model.send({ type: "send", text });
+    model.send({ type: "send", text, attach: context.specs() });
     input.value = store.draft = "";
+    context.clear();
   };
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -397,8 +473,9 @@ function render({ model, el: root }) {
   const pushForm = el("div", { class: "tb-push-form", hidden: "" },
     pushMessage, el("label", {}, pushPr, " open a pull request"), pushGo);
   const push = el("button", { class: "tb-btn", onclick: () => { pushForm.hidden = !pushForm.hidden; } }, "Push…");
+  const context = contextChips(model);
   root.classList.add("tabbi-panel");
-  root.append(status, log, waiting, permissions, turnError, notice, pushed, extra,
+  root.append(status, log, waiting, permissions, turnError, notice, pushed, extra, context.node,
     el("div", { class: "tb-compose" }, input, sendButton),
     el("div", { class: "tb-actions" }, abort, pause, insert, diff, push), pushForm);
 
@@ -489,6 +566,7 @@ function render({ model, el: root }) {
   for (const [names, draw] of listeners) for (const name of names) model.on(`change:${name}`, draw);
   return () => {
     clearInterval(ticker);
+    context.dispose();
     store.views.delete(view);
     for (const [names, draw] of listeners) for (const name of names) model.off(`change:${name}`, draw);
   };

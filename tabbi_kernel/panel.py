@@ -326,7 +326,9 @@ class ChatPanel(anywidget.AnyWidget):
         elif action == "send":
             text = str(content.get("text", ""))
             if text.strip():
-                self._background(lambda: session.prompt(text))
+                self._prompt_with(text, content.get("attach"))
+        elif action in ("context_options", "context_preview"):
+            self._context(action, content)
         elif action == "abort":
             self._background(session.abort)
         elif action in ("pause", "resume"):
@@ -343,6 +345,40 @@ class ChatPanel(anywidget.AnyWidget):
             self._show_code()
         elif action == "push":
             self._push(str(content.get("message") or "").strip() or None, bool(content.get("pr")))
+
+    # -- context chips (tabbi_kernel/context.py) ----------------------------------------------
+    def _context(self, action: str, content: dict[str, Any]) -> None:
+        """What "+ context" offers, or one chip's preview (kind, size, the text that would be
+        sent), gathered now, in the kernel: the same path as ``--with``."""
+        from IPython import get_ipython
+
+        from .context import ContextError, gather, offers
+
+        shell = get_ipython()
+        if action == "context_options":
+            self.send({"type": "context_options", "options": offers(shell) if shell else []})
+            return
+        spec = str(content.get("spec", ""))
+        try:
+            [found] = gather([spec], shell)
+        except (ContextError, ValueError) as exc:
+            self.send({"type": "context_preview", "spec": spec, "error": str(exc)})
+            return
+        self.send({"type": "context_preview", "spec": spec, "kind": found.kind, "label": found.label,
+                   "bytes": found.size, "truncated": found.truncated, "preview": found.content[:4000]})
+
+    def _prompt_with(self, text: str, attach: Any) -> None:
+        """A prompt with the chips' attachments, gathered at the moment it is sent (the chips'
+        previews showed what; a variable changed since is sent as it is now)."""
+        from .context import ContextError, gather
+
+        specs = [str(s) for s in attach] if isinstance(attach, list) else []
+        try:
+            attachments = gather(specs)
+        except ContextError as exc:
+            self.notice = f"Not sent: {exc}"
+            return
+        self._background(lambda: self._session.prompt(text, attachments))
 
     def _background(self, work: Callable[[], Any], done: Callable[[Any], None] | None = None,
                     failed: str = "Error") -> asyncio.Future:

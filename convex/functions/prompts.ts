@@ -3,7 +3,7 @@
 import { v } from "convex/values";
 import type { Doc } from "./_generated/dataModel";
 import { mutation, query } from "./_generated/server";
-import { finite, id, promptStatus, text } from "./lib/checks";
+import { finite, id, json, promptStatus, text } from "./lib/checks";
 import { fail } from "./lib/errors";
 import { ownSession, requireOwnSession, user } from "./lib/identity";
 
@@ -14,11 +14,12 @@ const promptValidator = v.object({
   status: v.string(),
   created_at: v.number(),
   position: v.number(),
+  attachments: v.optional(v.string()),
 });
 
 function promptOut(doc: Doc<"prompts">) {
-  const { id, session_id, text, status, created_at, position } = doc;
-  return { id, session_id, text, status, created_at, position };
+  const { id, session_id, text, status, created_at, position, attachments } = doc;
+  return { id, session_id, text, status, created_at, position, ...(attachments === undefined ? {} : { attachments }) };
 }
 
 /** Queue a prompt with the next position. The same prompt again (a retry) gets its first result;
@@ -31,6 +32,8 @@ export const enqueue = mutation({
       text: v.string(),
       status: v.string(),
       created_at: v.number(),
+      // What the person attached: JSON text of [{kind, label, content, truncated}] (API.md).
+      attachments: v.optional(v.string()),
     }),
   },
   returns: promptValidator,
@@ -40,13 +43,15 @@ export const enqueue = mutation({
     const body = text(prompt.text, "text");
     const status = promptStatus(prompt.status);
     const created_at = finite(prompt.created_at, "created_at");
+    const attachments = prompt.attachments === undefined ? undefined : json(prompt.attachments, "attachments");
     const session = await requireOwnSession(ctx, owner, prompt.session_id);
     const existing = await ctx.db
       .query("prompts")
       .withIndex("by_pid", (q) => q.eq("id", pid))
       .unique();
     if (existing !== null) {
-      if (existing.session === session._id && existing.text === body && existing.created_at === created_at) {
+      if (existing.session === session._id && existing.text === body && existing.created_at === created_at &&
+          existing.attachments === attachments) {
         return promptOut(existing);
       }
       fail("conflict", `prompt ${pid} exists`);
@@ -61,6 +66,7 @@ export const enqueue = mutation({
       text: body,
       status,
       created_at,
+      ...(attachments === undefined ? {} : { attachments }),
     });
     return promptOut((await ctx.db.get(_id))!);
   },

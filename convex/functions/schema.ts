@@ -67,6 +67,7 @@ export default defineSchema({
     text: v.string(),
     status: v.string(),
     created_at: v.number(),
+    attachments: v.optional(v.string()), // JSON text: [{kind, label, content, truncated}]
   })
     .index("by_pid", ["id"])
     .index("by_session_status_position", ["session", "status", "position"]),

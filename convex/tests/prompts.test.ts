@@ -41,6 +41,20 @@ describe("prompts", () => {
     expect((await alice.mutation(api.prompts.enqueue, prompt("p4"))).position).toBe(2); // no gap left
   });
 
+  test("attachments are optional, kept with the prompt, checked as JSON and part of the idempotency key", async () => {
+    const { alice } = deployment();
+    await alice.mutation(api.sessions.create, { session: session("ses-1") });
+    const attachments = JSON.stringify([{ kind: "variable", label: "df", content: "df: 2 rows", truncated: false }]);
+    const first = await alice.mutation(api.prompts.enqueue, prompt("p1", "t", { attachments }));
+    expect(first.attachments).toBe(attachments);
+    expect(await alice.mutation(api.prompts.enqueue, prompt("p1", "t", { attachments }))).toEqual(first);
+    expect(await refused(alice.mutation(api.prompts.enqueue, prompt("p1", "t")))).toBe("conflict");
+    expect(await refused(alice.mutation(api.prompts.enqueue, prompt("p2", "t", { attachments: "{nope" })))).toBe("invalid");
+    await alice.mutation(api.prompts.enqueue, prompt("p3"));
+    const pending = await alice.query(api.prompts.pending, { session_id: "ses-1" });
+    expect(pending.map((p) => [p.id, p.attachments])).toEqual([["p1", attachments], ["p3", undefined]]);
+  });
+
   test("user B can neither queue into, read, nor change user A's prompts", async () => {
     const { alice, bob } = deployment();
     await alice.mutation(api.sessions.create, { session: session("ses-1") });

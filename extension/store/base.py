@@ -126,6 +126,9 @@ class Prompt:
     created_at: float
     #: Order of delivery within the session; assigned by the store.
     position: int = 0
+    #: What the person attached (``{kind, label, content, truncated}``, validated at the edge):
+    #: kept with the prompt until it is delivered, the model gets each as a labelled block.
+    attachments: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -170,7 +170,8 @@ def _event(session_id: str, value: dict[str, Any]) -> Event:
 
 def _prompt(value: dict[str, Any]) -> Prompt:
     return Prompt(value["id"], value["session_id"], value["text"], value["status"],
-                  value["created_at"], int(value["position"]))
+                  value["created_at"], int(value["position"]),
+                  json.loads(value["attachments"]) if value.get("attachments") else [])
 
 
 def _snapshot(value: dict[str, Any]) -> Snapshot:
@@ -543,6 +544,8 @@ class ConvexStore(Store):
     async def enqueue_prompt(self, prompt: Prompt) -> Prompt:
         args = {"id": prompt.id, "text": prompt.text, "status": prompt.status,
                 "created_at": prompt.created_at}
+        if prompt.attachments:  # optional: a deployment without the field still takes the rest
+            args["attachments"] = json.dumps(prompt.attachments)
         owner = await self._owner(prompt.session_id)
         if owner is None:
             raise ConvexRefused("prompts:enqueue", f"no session {prompt.session_id}", "not_found")

@@ -126,6 +126,10 @@ MIGRATIONS: list[str] = [
         info TEXT NOT NULL
     );
     """,
+    # 4: what the person attached to a prompt (JSON list of {kind, label, content, truncated}).
+    """
+    ALTER TABLE prompts ADD COLUMN attachments TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 #: Primary SQLite result codes that mean "not now" rather than "never": BUSY, LOCKED, NOMEM,
@@ -430,8 +434,10 @@ class SQLiteStore(Store):
                 (prompt.session_id,),
             ).fetchone()[0]
             c.execute(
-                "INSERT INTO prompts VALUES (?, ?, ?, ?, ?, ?)",
-                (prompt.id, prompt.session_id, position, prompt.text, prompt.status, prompt.created_at),
+                "INSERT INTO prompts (id, session_id, position, text, status, created_at, attachments) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (prompt.id, prompt.session_id, position, prompt.text, prompt.status, prompt.created_at,
+                 json.dumps(prompt.attachments)),
             )
             return position
 
@@ -441,12 +447,12 @@ class SQLiteStore(Store):
     async def pending_prompts(self, session_id: str) -> list[Prompt]:
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT id, session_id, text, status, created_at, position FROM prompts "
+                "SELECT id, session_id, text, status, created_at, position, attachments FROM prompts "
                 "WHERE session_id=? AND status IN ('queued', 'running') ORDER BY position",
                 (session_id,),
             ).fetchall()
         )
-        return [Prompt(*r) for r in rows]
+        return [Prompt(*r[:6], attachments=json.loads(r[6])) for r in rows]
 
     async def set_prompt_status(self, prompt_id: str, status: str) -> None:
         await self._run(
