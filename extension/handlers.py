@@ -210,7 +210,20 @@ class SessionHandler(TabbiHandler):
     @web.authenticated
     @authorized
     async def get(self, session_id: str) -> None:
-        self.write_json((await self.session(session_id)).describe())
+        self.write_json(await (await self.session(session_id)).info())
+
+    @web.authenticated
+    @authorized
+    async def patch(self, session_id: str) -> None:
+        """``{"model": "provider/model"}``: the model of the session's next turns (one the
+        server offers: ``GET /tabbi/api/models``; 400 with the list otherwise)."""
+        agent = await self.session(session_id)
+        body = self.body()
+        if set(body) != {"model"} or validate_model(body["model"]) is None:
+            raise ValidationError("the body must be {\"model\": \"provider/model\"} "
+                                  "(GET /tabbi/api/models lists them)")
+        await agent.set_model(body["model"])
+        self.write_json(await agent.info())
 
     @web.authenticated
     @authorized

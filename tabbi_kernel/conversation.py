@@ -28,11 +28,14 @@ class Turn:
     started_at: float | None = None
     #: Since when the turn waits for the model (``turn.waiting``; None: it does not).
     waiting_since: float | None = None
+    #: The turn's model use as OpenCode reported it (``turn.finished``): ``{tokens, cost,
+    #: session}``; None before it ends (or from a server that does not report it).
+    usage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """What the panel's front end needs to label the turn (not its message list)."""
         return {"prompt_id": self.prompt_id, "text": self.text, "outcome": self.outcome,
-                "error": self.error, "started_at": self.started_at}
+                "error": self.error, "started_at": self.started_at, "usage": self.usage}
 
 
 @dataclass
@@ -117,6 +120,8 @@ class Conversation:
         turn = self.current_turn
         if turn is not None and turn.prompt_id == data.get("prompt_id"):
             turn.end_seq, turn.outcome, turn.error = seq, data.get("outcome"), data.get("error")
+            if "tokens" in data:
+                turn.usage = {k: data.get(k) for k in ("tokens", "cost", "session")}
         self.busy, self.retry = False, None
         self.permissions.clear()
 
