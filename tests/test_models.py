@@ -44,7 +44,8 @@ def usage_line(output: str) -> str:
     return lines[0]
 
 
-async def test_models_listed_switched_and_every_turns_cost_shown(kernel, api, llm, source_repo):
+async def test_models_listed_switched_and_every_turns_cost_shown(kernel, api, llm, source_repo,
+                                                                  tabbi_app):
     # -- the list, from a kernel, before any session runs: names only, no key, no endpoint
     await kernel.run("%load_ext tabbi_kernel")
     listed = await kernel.run("%tabbi models")
@@ -56,8 +57,12 @@ async def test_models_listed_switched_and_every_turns_cost_shown(kernel, api, ll
     for text in (listed.text, str(raw)):
         assert KEY not in text and llm.url.split("/v1")[0] not in text, text
 
-    # -- a session; its model is marked
+    # -- a session; its model is marked, and its OpenCode reports the models listed for its server
     sid = await start(kernel, source_repo)
+    runtime = tabbi_app.manager.agents()[0]._runtime
+    reported = await runtime.client._call("GET", "/config/providers")
+    assert {p["id"]: sorted(p["models"]) for p in reported["providers"]} == {
+        "tabbi": ["scripted", "scripted-large"]}, reported
     marked = await kernel.run("%tabbi models")
     assert "> tabbi/scripted        (default)" in marked.stdout, marked.stdout
     assert "  tabbi/scripted-large" in marked.stdout
