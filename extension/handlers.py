@@ -18,7 +18,7 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web, websocket
 
-from . import cells, logs, socket_prompts
+from . import cells, logs, model_config, socket_prompts
 from .agent import AgentError, SessionAgent
 from .github.accounts import GitHubError
 from .limits import LimitExceeded
@@ -186,6 +186,11 @@ class SessionsHandler(TabbiHandler):
         local = await self._local_repo_policy()
         repo = await asyncio.to_thread(parse_repo, body.get("repo"), self.settings["tabbi_github_url"], local)
         model = validate_model(body.get("model"))
+        if model is not None:  # one the server offers (GET /tabbi/api/models), as for a switch
+            try:
+                model_config.choose(self.manager.settings.model, model)
+            except model_config.ModelConfigError as exc:
+                raise ValidationError(str(exc)) from None
         branch = validate_branch(body.get("branch"))
         fresh = validate_flag(body.get("fresh"), "fresh")
         user = self.current_user

@@ -57,6 +57,11 @@ async def test_models_listed_switched_and_every_turns_cost_shown(kernel, api, ll
     for text in (listed.text, str(raw)):
         assert KEY not in text and llm.url.split("/v1")[0] not in text, text
 
+    code, body = await api.call("POST", "tabbi/api/sessions", {"repo": str(source_repo),
+                                                               "model": "tabbi/gpt-9"})
+    assert code == 400 and "available: tabbi/scripted, tabbi/scripted-large, demo" in body["message"]
+    assert (await api.ok("GET", "tabbi/api/sessions"))["sessions"] == []
+
     # -- a session; its model is marked, and its OpenCode reports the models listed for its server
     sid = await start(kernel, source_repo)
     runtime = tabbi_app.manager.agents()[0]._runtime
