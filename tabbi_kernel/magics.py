@@ -217,8 +217,9 @@ class TurnPrinter:
             self._newline()
             if data.get("outcome") == "aborted":
                 self._line("[tabbi] the turn was aborted")
-            if "tokens" in data:
-                self._line(f"[tabbi] {render.usage(data['tokens'], data.get('cost'), data.get('session'))}")
+            tokens = data.get("tokens") or {}
+            if data.get("cost") or tokens.get("input") or tokens.get("output"):  # nothing used: nothing said
+                self._line(f"[tabbi] {render.usage(tokens, data.get('cost'), data.get('session'))}")
 
 
 def describe_phase(data: dict[str, Any]) -> str:
