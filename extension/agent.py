@@ -113,6 +113,8 @@ class Turn:
     #: Tool calls of the turn that have not ended: while any runs, the agent works, not the model.
     tools_running: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
+    #: The agent's messages of this turn, whose tokens and cost its ``turn.finished`` reports.
+    messages: set[str] = field(default_factory=set)
 
 
 class SessionAgent:
@@ -195,6 +197,15 @@ class SessionAgent:
         environment = self.environment.status if self.environment is not None else None
         return {**self.record.public(), "busy": self.busy, "waiting_since": waiting,
                 "last_seq": self.events.last_seq, "environment": environment}
+
+    async def info(self) -> dict[str, Any]:
+        """``describe()`` and the session's model use so far: ``usage: {tokens, cost}`` as
+        OpenCode reported it (None when it cannot be read now)."""
+        usage = None
+        if self.settings.budgets is not None:
+            with contextlib.suppress(Exception):  # the info is worth more than its usage
+                usage = await self.settings.budgets.model_usage(self.store, self.id)
+        return {**self.describe(), "usage": usage}
 
     async def load(self) -> None:
         """Pick up the log where it stands and start the prompt pump."""
@@ -546,6 +557,8 @@ class SessionAgent:
         turn = self._turn = Turn(prompt.id)
         await self._retry_store(lambda: self.store.set_prompt_status(prompt.id, "running"))
         await self._emit("turn.started", {"prompt_id": prompt.id, "text": prompt.text,
+                                          "model": model_config.current(self.settings.model,
+                                                                        self.record.model),
                                           **attached(prompt.attachments)})
         self.log.info("turn.started", f"turn {prompt.id} started", prompt_id=prompt.id,
                       prompt_chars=len(prompt.text))
@@ -556,7 +569,7 @@ class SessionAgent:
         try:
             if runtime is None:
                 raise AgentRuntimeError("the agent is not connected")
-            await runtime.prompt(prompt.text, self._model_ref, attachment_blocks(prompt.attachments))
+            await runtime.prompt(prompt.text, self._prompt_model(), attachment_blocks(prompt.attachments))
         except AgentRuntimeError as exc:
             message = _readable(exc, "The prompt could not be delivered")
             await self._finish_turn("error", message)
@@ -591,6 +604,7 @@ class SessionAgent:
         data: dict[str, Any] = {"prompt_id": turn.prompt_id, "outcome": outcome}
         if outcome == "error":
             data["error"] = error or turn.error
+        data.update(await self._turn_usage(turn))
         await self._retry_store(
             lambda: self.store.set_prompt_status(
                 turn.prompt_id, "done" if outcome != "error" else "failed"
@@ -606,6 +620,59 @@ class SessionAgent:
         if self.state == states.RUNNING and self._sandbox is not None and self._hold is None:
             self._request_snapshot()
         self._wake.set()
+
+    async def _turn_usage(self, turn: Turn) -> dict[str, Any]:
+        """``{tokens, cost, session: {tokens, cost}}``: the turn's model use and the session's,
+        as OpenCode reported it (the budgets' spend); empty when it cannot be read now (the turn
+        still ends)."""
+        budgets = self.settings.budgets
+        if budgets is None:
+            return {}
+        try:
+            spend = await budgets.spend(self.store, self.id, times=False)
+        except Exception:  # the store failing: the turn ends all the same, without its usage
+            log.debug("tabbi: usage of turn %s unknown", turn.prompt_id, exc_info=True)
+            return {}
+        return {**spend.usage(turn.messages), "session": spend.usage()}
+
+    def _prompt_model(self) -> dict[str, str] | None:
+        """The model a prompt names (OpenCode takes one per message): the session's choice now."""
+        try:
+            return model_config.resolve(self.settings.model, self.record.model)[0]
+        except model_config.ModelConfigError:
+            return self._model_ref
+
+    async def set_model(self, name: str) -> str:
+        """Use the available model ``name`` from the session's next turn on (a turn running now
+        keeps its model); stored with the session, so it survives pause, resume and a server
+        restart. Returns the model's id. A model of another model server than the one a live
+        sandbox is set up for (its OpenCode config and gateway grant) needs the sandbox
+        restarted: refused with what to do."""
+        if self.state == states.DELETED:
+            raise AgentError("the session was deleted", 410)
+        settings = self.settings.model
+        try:
+            choice = model_config.choose(settings, name)
+        except model_config.ModelConfigError as exc:
+            raise AgentError(str(exc), 400) from None
+        before = model_config.current(settings, self.record.model)
+        if before == choice.id:
+            return choice.id
+        if self.state in states.LIVE:
+            try:
+                running = model_config.choose(settings, self.record.model or settings.model or "")
+            except model_config.ModelConfigError:
+                running = None
+            if running is None or running.upstream != choice.upstream:
+                raise AgentError(
+                    f"{choice.id} is served by another model server than {before}, which this "
+                    "session's sandbox is set up for: pause the session (%tabbi pause), switch, "
+                    "then resume it", 409)
+        await self._retry_store(lambda: self.store.update_session(self.id, model=choice.id))
+        self.record.model = choice.id
+        self.log.info("session.model", f"model switched to {choice.id}", model=choice.id, previous=before)
+        await self._emit("session.model", {"model": choice.id, "previous": before})
+        return choice.id
 
     async def abort(self) -> None:
         runtime = self._runtime
@@ -858,6 +925,8 @@ class SessionAgent:
             message_id, role, info = signals.message
             if role == "assistant":
                 self._usage.add(message_id, info)
+                if self._turn is not None:
+                    self._turn.messages.add(message_id)
             if role == "user" and message_id not in self._user_messages:
                 self._user_messages.add(message_id)
                 if self._turn is not None:

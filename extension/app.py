@@ -21,7 +21,7 @@ from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Type, Unicod
 from tabbi_sandbox.local import LocalProvider
 from tabbi_sandbox.provider import SandboxProvider
 
-from . import admin, encryption, handlers, logs, metrics
+from . import admin, encryption, handlers, logs, metrics, models
 from . import gateway as model_gateway
 from .activity import ActivityReporter
 from .agent import AgentSettings
@@ -81,6 +81,13 @@ class TabbiExtension(ExtensionApp):
     @default("model")
     def _model_default(self) -> str | None:
         return _env("TABBI_MODEL")
+
+    extra_models = List(
+        Unicode(),
+        help="More models people may switch a session to (%tabbi model, --model), beside the "
+        "default model and the demo model: provider/model for OpenCode's providers (their key "
+        "set), or model ids on the llm_base_url server. %tabbi models lists them.",
+    ).tag(config=True)
 
     llm_base_url = Unicode(
         None,
@@ -414,6 +421,7 @@ class TabbiExtension(ExtensionApp):
             permissions=dict(self.permissions),
             demo=self.demo_model,
             pricing=dict(self.llm_pricing),
+            extra_models=tuple(self.extra_models),
         )
 
     def server_url(self) -> str:
@@ -486,7 +494,7 @@ class TabbiExtension(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         self.handlers.extend([*handlers.routes(), *admin.routes(), *github_handlers.routes(),
-                              *model_gateway.routes()])
+                              *model_gateway.routes(), *models.routes()])
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         await self.ensure_started()

@@ -11,6 +11,9 @@ work the same on SQLite and Convex):
   ``session.status`` of state ``running`` and the next status that leaves it (a pause, an error),
   plus the time since, if it runs now.
 
+The same spend is what people see: each turn's and the session's tokens and cost
+(``model_usage``; ``turn.finished`` and a session's info carry them, docs/models-and-cost.md).
+
 A session's spend is loaded from the store once per server process and then kept up to date from
 the live feed (messages) and the log (new events, read incrementally); a user's spend is the sum
 over the sessions they own. Spend of a deleted session no longer counts.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +63,8 @@ class Spend:
 
     #: Cost per assistant message id (OpenCode updates a message's cost as its steps finish).
     costs: dict[str, float] = field(default_factory=dict)
+    #: Tokens per assistant message id, as OpenCode reports them (``tokens_of``).
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Seconds of closed running intervals, and the start (epoch s) of an open one.
     closed_seconds: float = 0.0
     running_since: float | None = None
@@ -68,6 +74,20 @@ class Spend:
     @property
     def cost(self) -> float:
         return sum(self.costs.values())
+
+    def record(self, message_id: str, info: dict[str, Any] | None) -> None:
+        """An assistant message's latest info (its cost and tokens so far)."""
+        self.costs[message_id] = _cost(info)
+        self.tokens[message_id] = tokens_of(info)
+
+    def usage(self, message_ids: Collection[str] | None = None) -> dict[str, Any]:
+        """``{"tokens": {input, output, reasoning, cache: {read, write}}, "cost"}`` summed over
+        ``message_ids`` (None: every message of the session)."""
+        ids = self.costs.keys() if message_ids is None else [m for m in message_ids if m in self.costs]
+        total = tokens_of(None)
+        for message_id in ids:
+            add_tokens(total, self.tokens.get(message_id) or {})
+        return {"tokens": total, "cost": round(sum(self.costs[m] for m in ids), 10)}
 
     def seconds(self, now: float) -> float:
         return self.closed_seconds + (max(0.0, now - self.running_since) if self.running_since else 0.0)
@@ -119,8 +139,9 @@ class Budgets(LoggingConfigurable):
                     self.user_sandbox_seconds))
 
     # -- reading spend ------------------------------------------------------------------------
-    async def spend(self, store: Store, session_id: str) -> Spend:
-        """The session's spend, loaded on first use and brought up to date with its log."""
+    async def spend(self, store: Store, session_id: str, times: bool = True) -> Spend:
+        """The session's spend, loaded on first use and brought up to date with its log
+        (``times=False``: its model use only, without reading the log for running times)."""
         lock = self._locks.setdefault(session_id, asyncio.Lock())
         async with lock:
             spend = self._spend.get(session_id)
@@ -128,16 +149,17 @@ class Budgets(LoggingConfigurable):
                 spend = Spend()
                 for message in await store.list_messages(session_id):
                     if message["role"] == "assistant":
-                        spend.costs[message["id"]] = _cost(message.get("info"))
+                        spend.record(message["id"], message.get("info"))
                 self._spend[session_id] = spend
-            while True:
+            while times:
                 events = await store.list_events(session_id, after=spend.seq, limit=1000)
                 for event in events:
                     if event.type == "session.status":
                         spend.fold(event.data.get("state"), event.ts)
                     spend.seq = event.seq
                 if len(events) < 1000:
-                    return spend
+                    break
+            return spend
 
     async def usage(self, store: Store, record: SessionRecord) -> dict[str, float]:
         """What the session and its owner have spent: ``{session_cost, user_cost,
@@ -152,6 +174,13 @@ class Budgets(LoggingConfigurable):
                 user_seconds += spend.seconds(now)
         return {"session_cost": mine.cost, "user_cost": user_cost,
                 "session_seconds": mine.seconds(now), "user_seconds": user_seconds}
+
+    async def model_usage(self, store: Store, session_id: str,
+                          message_ids: Collection[str] | None = None) -> dict[str, Any]:
+        """Tokens and cost of the session's model calls, as OpenCode reported them: of the
+        messages ``message_ids`` (a turn's), or of the whole session. The same spend the
+        budgets count: what people see is what is enforced."""
+        return (await self.spend(store, session_id, times=False)).usage(message_ids)
 
     async def exceeded(self, store: Store, record: SessionRecord) -> str | None:
         """Which budget is used up, said with its spend and limit; None while all have room."""
@@ -190,12 +219,14 @@ class Budgets(LoggingConfigurable):
     async def on_message(self, agent: SessionAgent, message_id: str, role: str,
                          info: dict[str, Any]) -> None:
         """An assistant message reported its cost so far: count it, and stop the turn it
-        belongs to if that crossed a budget."""
-        if role != "assistant" or not self.active:
+        belongs to if that crossed a budget. Without budgets it is still counted (what turns
+        and sessions show), without reading the log for running times."""
+        if role != "assistant":
             return
-        spend = await self.spend(agent.store, agent.id)
-        spend.costs[message_id] = _cost(info)
-        await self._stop_if_exceeded(agent)
+        spend = await self.spend(agent.store, agent.id, times=self.active)
+        spend.record(message_id, info)
+        if self.active:
+            await self._stop_if_exceeded(agent)
 
     async def watch(self, agent: SessionAgent) -> None:
         """Once the agent has a turn's prompt: stop the turn at once if a budget was used up since
@@ -221,6 +252,29 @@ class Budgets(LoggingConfigurable):
         if why is not None:
             self.log.info("tabbi: session %s: turn stopped: %s", agent.id, why)
             await agent.stop_turn(turn, "BudgetExceeded", f"The turn was stopped: {why}.")
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def tokens_of(info: dict[str, Any] | None) -> dict[str, Any]:
+    """A message's ``tokens`` as OpenCode reports them, with every count present (0 when
+    missing or not a count): ``{input, output, reasoning, cache: {read, write}}``."""
+    raw = (info or {}).get("tokens")
+    raw = raw if isinstance(raw, dict) else {}
+    cache = raw.get("cache") if isinstance(raw.get("cache"), dict) else {}
+    return {"input": _count(raw.get("input")), "output": _count(raw.get("output")),
+            "reasoning": _count(raw.get("reasoning")),
+            "cache": {"read": _count(cache.get("read")), "write": _count(cache.get("write"))}}
+
+
+def add_tokens(total: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add ``more`` (a ``tokens_of``) into ``total``."""
+    for key in ("input", "output", "reasoning"):
+        total[key] += more.get(key, 0)
+    for key in ("read", "write"):
+        total["cache"][key] += (more.get("cache") or {}).get(key, 0)
 
 
 def _cost(info: dict[str, Any] | None) -> float:

@@ -18,7 +18,7 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web, websocket
 
-from . import cells, logs, socket_prompts
+from . import cells, logs, model_config, socket_prompts
 from .agent import AgentError, SessionAgent
 from .github.accounts import GitHubError
 from .limits import LimitExceeded
@@ -187,6 +187,11 @@ class SessionsHandler(TabbiHandler):
         local = await self._local_repo_policy()
         repo = await asyncio.to_thread(parse_repo, body.get("repo"), self.settings["tabbi_github_url"], local)
         model = validate_model(body.get("model"))
+        if model is not None:  # one the server offers (GET /tabbi/api/models), as for a switch
+            try:
+                model_config.choose(self.manager.settings.model, model)
+            except model_config.ModelConfigError as exc:
+                raise ValidationError(str(exc)) from None
         branch = validate_branch(body.get("branch"))
         fresh = validate_flag(body.get("fresh"), "fresh")
         user = self.current_user
@@ -211,7 +216,20 @@ class SessionHandler(TabbiHandler):
     @web.authenticated
     @authorized
     async def get(self, session_id: str) -> None:
-        self.write_json((await self.session(session_id)).describe())
+        self.write_json(await (await self.session(session_id)).info())
+
+    @web.authenticated
+    @authorized
+    async def patch(self, session_id: str) -> None:
+        """``{"model": "provider/model"}``: the model of the session's next turns (one the
+        server offers: ``GET /tabbi/api/models``; 400 with the list otherwise)."""
+        agent = await self.session(session_id)
+        body = self.body()
+        if set(body) != {"model"} or validate_model(body["model"]) is None:
+            raise ValidationError("the body must be {\"model\": \"provider/model\"} "
+                                  "(GET /tabbi/api/models lists them)")
+        await agent.set_model(body["model"])
+        self.write_json(await agent.info())
 
     @web.authenticated
     @authorized

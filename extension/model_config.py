@@ -51,6 +51,9 @@ class Upstream:
         return {"Authorization": f"Bearer {self.key}"}
 
 
+#: Stands for the demo model's server in ``Choice`` (the real one starts on first use).
+DEMO_UPSTREAM = Upstream("openai-compatible", "tabbi:demo")
+
 #: The providers whose model API the gateway speaks: public base URL and the key's variable.
 PUBLIC_APIS = {
     "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
@@ -88,6 +91,23 @@ class ModelSettings:
     demo: Demo | None = field(default=None, compare=False, repr=False)
     #: Prices of the llm_base_url model (dollars per million tokens; OpenCode's ``cost``).
     pricing: dict[str, float] = field(default_factory=dict)
+    #: More models people may switch to (``%tabbi model``), beside ``model`` and ``demo``.
+    extra_models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One model a session may use: ``id`` is how people name it (``%tabbi model ID``)."""
+
+    id: str
+    ref: dict[str, str] = field(compare=False)
+    upstream: Upstream = field(compare=False, repr=False)
+    default: bool = False
+
+    def public(self) -> dict[str, Any]:
+        """What clients see: names only, never where the upstream is or its key."""
+        return {"id": self.id, "provider": self.ref["providerID"], "model": self.ref["modelID"],
+                "default": self.default}
 
 
 @dataclass(frozen=True)
@@ -130,6 +150,59 @@ def resolve(settings: ModelSettings, model: str | None = None) -> tuple[dict[str
     return {"providerID": provider, "modelID": model_id}, upstream
 
 
+def _choice(settings: ModelSettings, name: str, default: bool = False) -> Choice | None:
+    """``name`` as a choice, or None when it cannot be used here (no such provider, no key).
+    The demo model is named without being started (its server starts on first use)."""
+    if name == DEMO_MODEL:
+        return Choice(DEMO_MODEL, {"providerID": CUSTOM_PROVIDER, "modelID": DEMO_MODEL},
+                      DEMO_UPSTREAM, default) if settings.demo is not None else None
+    try:
+        ref, upstream = resolve(settings, name)
+    except ModelConfigError:
+        return None
+    if upstream.kind in PUBLIC_APIS and not upstream.key:
+        return None
+    spelled = DEMO_MODEL if name == DEMO_MODEL else f"{ref['providerID']}/{ref['modelID']}"
+    return Choice(spelled, ref, upstream, default)
+
+
+def available(settings: ModelSettings) -> list[Choice]:
+    """The models this server can use, from its configuration: the default (``TABBI_MODEL``),
+    the ``extra_models`` an administrator offers, and the demo model. Configuration, not a
+    running OpenCode, is the source: it is what a session's OpenCode is configured with (its
+    ``GET /config/providers`` reports the same models), it needs no sandbox, and it is also
+    where a choice is checked. Models that cannot work (a provider whose key is not set) are
+    left out."""
+    out: list[Choice] = []
+    names = [(settings.model, True), *((m, False) for m in settings.extra_models), (DEMO_MODEL, False)]
+    for name, default in names:
+        if not name:
+            continue
+        choice = _choice(settings, name, default)
+        if choice is not None and all(c.id != choice.id for c in out):
+            out.append(choice)
+    return out
+
+
+def choose(settings: ModelSettings, name: str) -> Choice:
+    """The available model ``name`` names (``tabbi/llama3.1``, ``llama3.1`` on a custom
+    endpoint, ``demo``, ``openai/gpt-4.1``), or ``ModelConfigError`` listing the ones there are."""
+    offered = available(settings)
+    wanted = _choice(settings, name)
+    for choice in offered:
+        if wanted is not None and choice.id == wanted.id and choice.upstream == wanted.upstream:
+            return choice
+    names = ", ".join(c.id for c in offered) or "none"
+    raise ModelConfigError(f"model {name!r} is not available on this server; available: {names} "
+                           "(%tabbi models)")
+
+
+def current(settings: ModelSettings, name: str | None) -> str | None:
+    """The id of the model a session recorded (``name``; None: the server's default)."""
+    choice = _choice(settings, name or settings.model or "")
+    return choice.id if choice is not None else name
+
+
 def problem(settings: ModelSettings) -> str | None:
     """What keeps the default model from working, said the way a person fixes it (None: nothing
     tabbi can see). Logged at start-up, so that nobody finds out from a failed first session."""
@@ -160,7 +233,10 @@ def build(settings: ModelSettings, model: str | None = None,
     )
     provider: dict[str, Any] = {"options": options}
     if upstream.kind == "openai-compatible":
-        model_id = ref["modelID"]
+        # Every model of this endpoint that is offered, so that a session can switch among them
+        # without a new sandbox (``SessionAgent.set_model``); the chosen one first.
+        same = [c.ref["modelID"] for c in available(settings)
+                if c.upstream == upstream and c.ref["providerID"] == ref["providerID"]]
         provider.update({
             "npm": "@ai-sdk/openai-compatible",
             "name": "tabbi (OpenAI-compatible)",
@@ -171,6 +247,7 @@ def build(settings: ModelSettings, model: str | None = None,
                     "limit": {"context": 128000, "output": 8192},
                     **({"cost": dict(settings.pricing)} if settings.pricing else {}),
                 }
+                for model_id in dict.fromkeys([ref["modelID"], *same])
             },
         })
     base["provider"] = {ref["providerID"]: provider}

@@ -50,6 +50,12 @@ class TurnResult:
     text: str = ""
     tools: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    #: The turn's tokens ``{input, output, reasoning, cache: {read, write}}`` and cost in
+    #: dollars, as OpenCode reported them; ``session``: the session's totals ``{tokens, cost}``
+    #: at the turn's end. None from a server that does not report them.
+    tokens: dict[str, Any] | None = None
+    cost: float | None = None
+    session: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -118,6 +124,11 @@ class Client:
 
     def sessions(self) -> list[dict[str, Any]]:
         return self.request("GET", "sessions")["sessions"]
+
+    def models(self, session_id: str | None = None) -> dict[str, Any]:
+        """The models this server can use: ``{"models": [{id, provider, model, default,
+        current}], "default", "current"}``; ``current``: the model of ``session_id``."""
+        return self.request("GET", "models", params={"session": session_id} if session_id else None)
 
     def start(self, repo: str, model: str | None = None, branch: str | None = None,
               fresh: bool = False) -> Session:
@@ -196,6 +207,16 @@ class Session:
     @property
     def state(self) -> str:
         return self.refresh()["state"]
+
+    def usage(self) -> dict[str, Any] | None:
+        """The session's model use so far, ``{tokens, cost}``, as OpenCode reported it."""
+        return self.refresh().get("usage")
+
+    def set_model(self, model: str) -> dict[str, Any]:
+        """Use ``model`` (one of ``Client.models()``) from the next turn on; a turn running now
+        keeps its model. Returns the session's info."""
+        self.info = self.client.request("PATCH", self._path(), {"model": model})
+        return self.info
 
     # -- events ---------------------------------------------------------------------------------
     def events(self, after: int = 0, wait: float = 0, limit: int = 1000) -> list[Event]:
@@ -508,3 +529,4 @@ def _collect(result: TurnResult, event: Event) -> None:
     elif event["type"] == "turn.finished" and data.get("prompt_id") == result.prompt_id:
         result.outcome = data.get("outcome", "unknown")
         result.error = data.get("error")
+        result.tokens, result.cost, result.session = data.get("tokens"), data.get("cost"), data.get("session")

@@ -30,11 +30,15 @@ class Turn:
     waiting_since: float | None = None
     #: What the person attached to the prompt: ``{kind, label, bytes, truncated}`` each.
     attachments: list[dict[str, Any]] = field(default_factory=list)
+    #: The turn's model use as OpenCode reported it (``turn.finished``): ``{tokens, cost,
+    #: session}``; None before it ends (or from a server that does not report it).
+    usage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """What the panel's front end needs to label the turn (not its message list)."""
         return {"prompt_id": self.prompt_id, "text": self.text, "outcome": self.outcome,
-                "error": self.error, "started_at": self.started_at, "attachments": self.attachments}
+                "error": self.error, "started_at": self.started_at, "attachments": self.attachments,
+                "usage": self.usage}
 
 
 @dataclass
@@ -120,6 +124,8 @@ class Conversation:
         turn = self.current_turn
         if turn is not None and turn.prompt_id == data.get("prompt_id"):
             turn.end_seq, turn.outcome, turn.error = seq, data.get("outcome"), data.get("error")
+            if "tokens" in data:
+                turn.usage = {k: data.get(k) for k in ("tokens", "cost", "session")}
         self.busy, self.retry = False, None
         self.permissions.clear()
 

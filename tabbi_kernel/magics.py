@@ -62,7 +62,11 @@ HELP = """\
 
   %tabbi login [--device]    Sign in to GitHub: a link (or a code) to approve; finishes by itself.
   %tabbi logout              Sign out: the token is deleted here and revoked at GitHub.
-  %tabbi whoami | models     Who you are (server and GitHub); the configured model.
+  %tabbi whoami              Who you are (server and GitHub).
+  %tabbi models [ID]         The models this server can use; the default and the current
+                             session's are marked.
+  %tabbi model [PROVIDER/MODEL] [ID]  The session's model; with a name, switch to it from the
+                             next turn on (a turn running now keeps its model).
   %tabbi repos [QUERY]       Your GitHub repositories, newest push first, filtered by QUERY.
   %tabbi admin [pause|stop ID]  Admins: everyone's sessions (owner, state, age, use); pause one,
                              or stop it at once, mid-turn too (its workspace is kept).
@@ -218,6 +222,9 @@ class TurnPrinter:
             self._newline()
             if data.get("outcome") == "aborted":
                 self._line("[tabbi] the turn was aborted")
+            tokens = data.get("tokens") or {}
+            if data.get("cost") or tokens.get("input") or tokens.get("output"):  # nothing used: nothing said
+                self._line(f"[tabbi] {render.usage(tokens, data.get('cost'), data.get('session'))}")
 
 
 def describe_phase(data: dict[str, Any]) -> str:
@@ -377,6 +384,9 @@ class TabbiMagics(Magics):
                 busy += f": waiting for the model for {elapsed(time.time() - info['waiting_since'])}"
         print(f"{info['id']}: {info['state']}{busy}\n  repo:   {info['repo']}\n"
               f"  branch: {info['work_branch']}\n  model:  {render.model_name(info.get('model'))}")
+        if info.get("usage"):
+            print(f"  usage:  {render.usage(info['usage'].get('tokens'), info['usage'].get('cost'))} "
+                  "(session total)")
         if info.get("environment"):
             print(f"  environment: {render.environment(info['environment'])}")
         if info.get("error"):
@@ -523,11 +533,37 @@ class TabbiMagics(Magics):
         print(f"{me['owner']} on {self.client.url}: {where}")
 
     def cmd_models(self, argv: list[str]) -> None:
-        model = self.client.health().get("model", {})
-        where = "an OpenAI-compatible server (TABBI_LLM_BASE_URL)" if model.get("custom_endpoint") \
-            else "OpenCode's providers"
-        print(f"default model: {model.get('default') or '(none: set TABBI_MODEL)'} via {where}\n"
-              "choose another per session: %tabbi start REPO --model PROVIDER/MODEL")
+        session_id = argv[0] if argv else self.current
+        try:
+            answer = self.client.models(session_id)
+        except TabbiError as exc:
+            if argv or exc.status not in (400, 404):
+                raise
+            session_id, answer = None, self.client.models()  # the current session is gone
+        if not answer["models"]:
+            print("no model is configured on this server: set TABBI_MODEL (see %tabbi --help)")
+            return
+        width = max(len(m["id"]) for m in answer["models"])
+        whose = f" (> {session_id}'s)" if answer.get("current") else ""
+        print(f"models this server can use{whose}:")
+        for m in answer["models"]:
+            notes = [n for n, on in (("default", m["default"]), ("demo: canned answers", m["id"] == "demo"))
+                     if on]
+            mark = ">" if m["current"] else " "
+            print(f"{mark} {m['id']:<{width}}  {'(' + ', '.join(notes) + ')' if notes else ''}".rstrip())
+        print("switch a session's model (from its next turn on): %tabbi model PROVIDER/MODEL")
+
+    def cmd_model(self, argv: list[str]) -> None:
+        args = _parser("%tabbi model", (("model",), {"nargs": "?"}),
+                       (("id",), {"nargs": "?"})).parse_args(argv)
+        session = self.session(args.id)
+        before = self.client.models(session.id).get("current") or render.model_name(session.info.get("model"))
+        if not args.model:
+            print(f"{session.id} uses {before} (%tabbi models lists the others)")
+            return
+        info = session.set_model(args.model)
+        busy = f"; the running turn keeps {before}" if info.get("busy") else ""
+        print(f"[tabbi] {session.id} uses {info['model']} from its next turn on{busy}")
 
     # -- GitHub ---------------------------------------------------------------------------------
     def cmd_login(self, argv: list[str]) -> None:

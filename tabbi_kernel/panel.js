@@ -262,9 +262,21 @@ function drawPart(message, part, openTools) {
 
 function turnLabel(turn) {
   const word = OUTCOME_LABELS[turn.outcome];
-  if (!word) return null;
+  const usage = turnUsage(turn);
+  if (!word && !usage) return null;
   return el("div", { class: `tb-turn-end tb-turn-${turn.outcome}`, "data-turn": turn.prompt_id },
-    turn.outcome === "error" && turn.error ? `${word}: ${turn.error}` : word);
+    word ? (turn.outcome === "error" && turn.error ? `${word}: ${turn.error}` : word) : null, usage);
+}
+
+// The turn's footer: its tokens and cost as OpenCode reported them, and the session's total.
+function turnUsage(turn) {
+  const usage = turn.usage;
+  if (!usage || !usage.tokens) return null;
+  const n = (value) => Number(value || 0).toLocaleString("en-US");
+  const dollars = (value) => `$${Number(value || 0).toFixed(4)}`;
+  const total = usage.session ? ` · session total ${dollars(usage.session.cost)}` : "";
+  return el("span", { class: "tb-turn-usage" },
+    `${n(usage.tokens.input)} in / ${n(usage.tokens.output)} out tokens · ${dollars(usage.cost)}${total}`);
 }
 
 // One view of the log: the DOM of each message and part, changed in place by operations.

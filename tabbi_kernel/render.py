@@ -49,6 +49,22 @@ def model_name(model: str | None, short: bool = False) -> str:
     return model or ("" if short else "(the server's default)")
 
 
+def usage(tokens: dict[str, Any] | None, cost: float | None, total: dict[str, Any] | None = None) -> str:
+    """Model use in one line: ``1,234 in / 567 out tokens · $0.0123 · session total $0.0456``
+    (reasoning and cache tokens only when there are any)."""
+    tokens = tokens or {}
+    cache = tokens.get("cache") or {}
+    extra = [f"{tokens[k]:,} {k}" for k in ("reasoning",) if tokens.get(k)]
+    extra += [f"{cache[k]:,} cache {k}" for k in ("read", "write") if cache.get(k)]
+    line = f"{tokens.get('input') or 0:,} in / {tokens.get('output') or 0:,} out tokens"
+    if extra:
+        line += f" ({', '.join(extra)})"
+    line += f" · ${cost or 0:.4f}"
+    if total is not None:
+        line += f" · session total ${total.get('cost') or 0:.4f}"
+    return line
+
+
 def environment(info: dict[str, Any]) -> str:
     """Where a session's environment came from, in one line: ``warm snapshot env-… from 09:12
     UTC, setup.sh 3f2a1c9d0b1e`` (``environments.py`` in the extension)."""

@@ -103,6 +103,8 @@ def test_panel_chat_in_the_browser(lab, llm, source_repo, variant):
             expect(panel.locator(".tb-assistant").last).to_contain_text("<script>window.__pwned=2</script>")
             assert panel.locator(".tb-assistant img, .tb-assistant script").count() == 0
             assert page.evaluate("window.__pwned") is None
+            # The turn's footer: its tokens and cost as OpenCode reported them (issue 14 item 5).
+            expect(panel.locator(".tb-turn-usage")).to_contain_text(" out tokens · $", timeout=60_000)
             ARTIFACTS.mkdir(exist_ok=True)
             panel.screenshot(path=str(ARTIFACTS / f"panel-{name}.png"))
             page.screenshot(path=str(ARTIFACTS / f"page-{name}.png"))

@@ -235,9 +235,11 @@ async def test_sessions_roundtrip_and_list_by_owner(store):
 
 async def test_update_session_fields(store):
     await store.create_session(record("ses-1"))
-    await store.update_session("ses-1", state="error", error="boom", sandbox_state={"pid": 3})
+    await store.update_session("ses-1", state="error", error="boom", sandbox_state={"pid": 3},
+                               model="tabbi/other")  # a model switch (%tabbi model)
     got = await store.get_session("ses-1")
     assert (got.state, got.error, got.sandbox_state) == ("error", "boom", {"pid": 3})
+    assert got.model == "tabbi/other"
     with pytest.raises(StoreError):
         await store.update_session("ses-1", owner="mallory")
 
