@@ -16,6 +16,7 @@ lint: setup
 
 test: setup
 	.venv/bin/ruff check .
+	node --disable-warning=MODULE_TYPELESS_PACKAGE_JSON --test tests/js/
 	cd convex && npx vitest run
 	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
@@ -28,6 +29,7 @@ bench: setup
 	cd bench && ../.venv/bin/python bench_load.py
 	cd bench && ../.venv/bin/python bench_push.py
 	cd bench && ../.venv/bin/python bench_panel.py
+	node --disable-warning=MODULE_TYPELESS_PACKAGE_JSON bench/bench_markdown.mjs
 	cd bench && ../.venv/bin/python bench_store.py
 	cd bench && ../.venv/bin/python bench_modal.py
 

@@ -390,7 +390,7 @@ class ChatPanel(anywidget.AnyWidget):
             self.notice = "This page has no notebook to add a cell to: copy the code below."
 
     def _show_code(self) -> None:
-        """The browser cannot add notebook cells; show the code to copy, and say how to insert.
+        """Show the last turn's code as a code block (its Copy and Insert as cell buttons).
 
         The code is that of the last finished turn that produced any (an aborted or chatty turn
         after it does not hide it); the files are read back off the loop."""
@@ -413,7 +413,7 @@ class ChatPanel(anywidget.AnyWidget):
             older = earlier_note(conv, turn)
             with self.hold_sync():
                 self.code = code
-                self.notice = ("Copy the code below" + older +
-                               ", or run %tabbi insert in a cell to get it as a new cell.")
+                self.notice = ("The agent's latest code is below" + older +
+                               ": copy it, or insert it as a new cell.")
 
         self._background(read_back, show)

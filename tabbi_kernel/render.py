@@ -58,6 +58,14 @@ def _lines_html(lines: list[str], headers: bool) -> str:
     return "\n".join(out)
 
 
+def _without_file_header(lines: list[str]) -> list[str]:
+    """A file's diff lines without what its summary line already says (``diff --git``, ``index``,
+    ``---``, ``+++``); mode, rename and binary lines stay. The plain text keeps everything."""
+    hunk = next((i for i, line in enumerate(lines) if line.startswith("@@")), len(lines))
+    redundant = ("diff --git ", "index ", "--- ", "+++ ")
+    return [line for line in lines[:hunk] if not line.startswith(redundant)] + lines[hunk:]
+
+
 def _counts(entry: dict[str, Any]) -> str:
     if entry.get("skipped"):
         return str(entry["skipped"])
@@ -69,7 +77,7 @@ def _file_html(entry: dict[str, Any], section: str, budget: int, opened: bool) -
     A notebook's cell-level diff (``entry["notebook"]["text"]``) stands in for its JSON patch."""
     notebook = entry.get("notebook") if isinstance(entry.get("notebook"), dict) else None
     cells = notebook is not None and isinstance(notebook.get("text"), str)
-    lines = (notebook["text"] if cells else section).splitlines()
+    lines = notebook["text"].splitlines() if cells else _without_file_header(section.splitlines())
     shown = lines[:max(0, min(budget, MAX_FILE_LINES))]
     body = _lines_html(shown, headers=not cells)
     if len(shown) < len(lines):
