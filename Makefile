@@ -16,7 +16,6 @@ lint: setup
 
 test: setup
 	.venv/bin/ruff check .
-	node --disable-warning=MODULE_TYPELESS_PACKAGE_JSON --test tests/js/
 	cd convex && npx vitest run
 	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
