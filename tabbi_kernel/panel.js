@@ -57,10 +57,11 @@ const JS_KEYWORDS = words(`const let var function return if else for while do br
 
 // [class, pattern] in priority order; "word" tokens are classed by the language's keyword sets.
 const STRINGS = String.raw`"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'`;
+const END = String.raw`(?![\s\S])`; // the end of the code ("$" is a line's end here: flag m)
 const NUMBER = String.raw`\b\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\b`;
 const LANGS = {
   python: { rules: [["c", String.raw`#[^\n]*`],
-    ["s", String.raw`[rRbBfFuU]{0,2}(?:"""[\s\S]*?(?:"""|$)|'''[\s\S]*?(?:'''|$)|${STRINGS})`],
+    ["s", String.raw`[rRbBfFuU]{0,2}(?:"""[\s\S]*?(?:"""|${END})|'''[\s\S]*?(?:'''|${END})|${STRINGS})`],
     ["d", String.raw`@[A-Za-z_][\w.]*`], ["n", NUMBER], ["w", String.raw`[A-Za-z_]\w*`]],
   keywords: PY_KEYWORDS, builtins: PY_BUILTINS },
   bash: { rules: [["c", String.raw`(?:^|(?<=\s))#[^\n]*`], ["s", STRINGS], ["v", String.raw`\$\{[^}\n]*\}|\$[A-Za-z_]\w*|\$[0-9@#?$!*-]`],
@@ -72,7 +73,7 @@ const LANGS = {
   yaml: { rules: [["c", String.raw`(?:^|(?<=\s))#[^\n]*`], ["k", String.raw`(?<=^[ \t]*(?:- )?)[\w.-]+(?=:(?:\s|$))`],
     ["s", STRINGS], ["n", NUMBER], ["w", String.raw`\b(?:true|false|null|yes|no)\b`]],
   keywords: words("true false null yes no") },
-  javascript: { rules: [["c", String.raw`\/\/[^\n]*|\/\*[\s\S]*?(?:\*\/|$)`], ["s", `${STRINGS}|\`(?:[^\`\\\\]|\\\\.)*\``],
+  javascript: { rules: [["c", String.raw`\/\/[^\n]*|\/\*[\s\S]*?(?:\*\/|${END})`], ["s", `${STRINGS}|\`(?:[^\`\\\\]|\\\\.)*\``],
     ["n", NUMBER], ["w", String.raw`[A-Za-z_$][\w$]*`]], keywords: JS_KEYWORDS },
 };
 const LANG_ALIASES = { py: "python", python3: "python", ipython: "python", "": "python", sh: "bash",
@@ -649,12 +650,25 @@ function codeAction(model, event) {
     setTimeout(() => { button.textContent = button.dataset.action === "copy" ? "Copy" : "Insert as cell"; }, 1500);
   };
   if (button.dataset.action === "copy") {
-    navigator.clipboard?.writeText(code).then(() => done("Copied"), () => done("Copy failed"));
+    copyText(code).then(() => done("Copied"), () => done("Copy failed"));
   } else if (insertCell(model, code)) {
     done("Inserted");
   } else {
     model.send({ type: "insert_cell", code }); // no notebook here: the kernel shows it to copy
   }
+}
+
+// The clipboard API exists only in secure contexts (https, localhost); a Jupyter served over plain
+// http elsewhere gets the older copy command on a selected, off-screen text area.
+function copyText(text) {
+  if (navigator.clipboard?.writeText) return navigator.clipboard.writeText(text);
+  const area = el("textarea", { class: "tb-offscreen", readonly: "" });
+  area.value = text;
+  document.body.append(area);
+  area.select();
+  const copied = document.execCommand("copy");
+  area.remove();
+  return copied ? Promise.resolve() : Promise.reject(new Error("copy refused"));
 }
 
 // A new code cell holding `code`, below the panel's cell (after cells inserted from this panel

@@ -111,6 +111,10 @@ test("each highlighter keeps the text and marks its tokens", () => {
     for (const cls of classes) assert.ok(found.has(cls), `${lang}: ${cls}`);
   }
   assert.deepEqual(highlight("<b>x</b>", "unknown-lang"), ["<b>x</b>"]);
+  // a docstring over several lines is one string, and what follows it is code again
+  const doc = highlight('def f():\n    """One.\n\n    Two."""\n    return 1', "python");
+  assert.deepEqual(doc.filter((n) => n.a?.class === "tb-s").map(text), ['"""One.\n\n    Two."""']);
+  assert.ok(doc.some((n) => n.a?.class === "tb-k" && text(n) === "return"));
 });
 
 test("a streamed message re-parses only its changed blocks", () => {
