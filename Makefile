@@ -28,6 +28,7 @@ bench: setup
 	cd bench && ../.venv/bin/python bench_load.py
 	cd bench && ../.venv/bin/python bench_push.py
 	cd bench && ../.venv/bin/python bench_panel.py
+	node --disable-warning=MODULE_TYPELESS_PACKAGE_JSON bench/bench_markdown.mjs
 	cd bench && ../.venv/bin/python bench_store.py
 	cd bench && ../.venv/bin/python bench_modal.py
 

@@ -343,6 +343,8 @@ class ChatPanel(anywidget.AnyWidget):
                              lambda html: setattr(self, "diff_html", html))
         elif action == "insert":
             self._show_code()
+        elif action == "insert_cell":
+            self._insert_cell_fallback(content.get("code"))
         elif action == "push":
             self._push(str(content.get("message") or "").strip() or None, bool(content.get("pr")))
 
@@ -413,8 +415,18 @@ class ChatPanel(anywidget.AnyWidget):
         future = self._background(lambda: self._session.push(message, pr=pr), done, failed="Push failed")
         future.add_done_callback(lambda f: setattr(self, "pushing", False) if f.exception() else None)
 
+    def _insert_cell_fallback(self, code: Any) -> None:
+        """A code block's "Insert as cell" where the page has no notebook to add a cell to (the
+        browser adds it itself in JupyterLab and Notebook 7, see ``insertCell`` in panel.js): a
+        kernel cannot add a cell from a widget message, so show the code to copy."""
+        if not isinstance(code, str) or not code.strip():
+            return
+        with self.hold_sync():
+            self.code = code
+            self.notice = "This page has no notebook to add a cell to: copy the code below."
+
     def _show_code(self) -> None:
-        """The browser cannot add notebook cells; show the code to copy, and say how to insert.
+        """Show the last turn's code as a code block (its Copy and Insert as cell buttons).
 
         The code is that of the last finished turn that produced any (an aborted or chatty turn
         after it does not hide it); the files are read back off the loop."""
@@ -437,7 +449,7 @@ class ChatPanel(anywidget.AnyWidget):
             older = earlier_note(conv, turn)
             with self.hold_sync():
                 self.code = code
-                self.notice = ("Copy the code below" + older +
-                               ", or run %tabbi insert in a cell to get it as a new cell.")
+                self.notice = ("The agent's latest code is below" + older +
+                               ": copy it, or insert it as a new cell.")
 
         self._background(read_back, show)

@@ -4,6 +4,7 @@ frontends (and nbval) that do not render HTML."""
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 STATE_COLORS = {"starting": "#d08700", "running": "#1a7f37", "paused": "#8c959f", "error": "#cf222e",
@@ -14,32 +15,127 @@ def bundle(html_text: str, plain: str) -> dict[str, str]:
     return {"text/html": html_text, "text/plain": plain}
 
 
+#: Lines of one file's diff shown, and of the whole diff; past them a note says what was left out
+#: (the server bounds the text already; this bounds what a browser lays out).
+MAX_FILE_LINES = 2000
+MAX_TOTAL_LINES = 6000
+#: Files start expanded when there are at most this many and their diff is short.
+OPEN_FILES = 5
+OPEN_LINES = 200
+STATUS_MARKS = {"added": "A", "modified": "M", "deleted": "D", "renamed": "R", "copied": "C",
+                "type changed": "T"}
+LINE_STYLES = (("+", "color:#1a7f37;background:rgba(46,160,67,.12)"),
+               ("-", "color:#cf222e;background:rgba(248,81,73,.12)"), ("@@", "color:#8250df"))
+
+
+def split_diff(text: str, files: list[dict[str, Any]]) -> list[str]:
+    """The unified diff cut into one text per entry of ``files``.
+
+    The server writes one ``diff --git`` section per file, in the order of ``files``; so when the
+    counts agree they pair in order (paths git quotes need no parsing). Otherwise each section goes to
+    the file whose ``a/PATH b/PATH`` header it carries, and a file without one gets ``""``."""
+    sections = re.split(r"(?m)^(?=diff --git )", text)
+    sections = [s for s in sections if s.startswith("diff --git ")]
+    if len(sections) == len(files):
+        return sections
+    by_header = {s.split("\n", 1)[0]: s for s in sections}
+    return [by_header.get(f"diff --git a/{f.get('path')} b/{f.get('path')}", "") for f in files]
+
+
+def _lines_html(lines: list[str], headers: bool) -> str:
+    """Escaped, coloured lines; with ``headers``, what precedes a file's first hunk is its header
+    (so a removed line that reads ``--- x`` is still a removed line)."""
+    out, in_hunks = [], not headers
+    for line in lines:
+        escaped = html.escape(line) or " "
+        if line.startswith("@@"):
+            in_hunks = True
+        if not in_hunks or line.startswith("# tabbi:"):
+            style = "font-weight:bold"
+        else:
+            style = next((s for prefix, s in LINE_STYLES if line.startswith(prefix)), "")
+        out.append(f'<span style="{style}">{escaped}</span>' if style else escaped)
+    return "\n".join(out)
+
+
+def _without_file_header(lines: list[str]) -> list[str]:
+    """A file's diff lines without what its summary line already says (``diff --git``, ``index``,
+    ``---``, ``+++``); mode, rename and binary lines stay. The plain text keeps everything."""
+    hunk = next((i for i, line in enumerate(lines) if line.startswith("@@")), len(lines))
+    redundant = ("diff --git ", "index ", "--- ", "+++ ")
+    return [line for line in lines[:hunk] if not line.startswith(redundant)] + lines[hunk:]
+
+
+def _counts(entry: dict[str, Any]) -> str:
+    if entry.get("skipped"):
+        return str(entry["skipped"])
+    return f"+{entry.get('additions') or 0} -{entry.get('deletions') or 0}"
+
+
+def _file_html(entry: dict[str, Any], section: str, budget: int, opened: bool) -> tuple[str, int]:
+    """One collapsible file: status, path, counts, then its lines (at most ``budget``).
+    A notebook's cell-level diff (``entry["notebook"]["text"]``) stands in for its JSON patch."""
+    notebook = entry.get("notebook") if isinstance(entry.get("notebook"), dict) else None
+    cells = notebook is not None and isinstance(notebook.get("text"), str)
+    lines = notebook["text"].splitlines() if cells else _without_file_header(section.splitlines())
+    shown = lines[:max(0, min(budget, MAX_FILE_LINES))]
+    body = _lines_html(shown, headers=not cells)
+    if len(shown) < len(lines):
+        more = len(lines) - len(shown)
+        body += f"\n<em>… {more} more line(s) of this file not shown</em>"
+    if not lines:
+        body = "<em>(no text diff)</em>"
+    status = str(entry.get("status") or "modified")
+    mark = STATUS_MARKS.get(status, "?")
+    counts = "" if entry.get("skipped") else (
+        f"<span style='color:#1a7f37'>+{int(entry.get('additions') or 0)}</span> "
+        f"<span style='color:#cf222e'>&minus;{int(entry.get('deletions') or 0)}</span>")
+    notes = [html.escape(str(entry["skipped"]))] if entry.get("skipped") else []
+    if cells:
+        notes.append("cell diff")
+    if entry.get("truncated") and not entry.get("skipped"):
+        notes.append("shortened")
+    note = f" <em class='tabbi-diff-note'>({', '.join(notes)})</em>" if notes else ""
+    markup = (f"<details class='tabbi-diff-file' data-status='{html.escape(status, quote=True)}'"
+              f"{' open' if opened else ''}><summary style='cursor:pointer'>"
+              f"<span class='tabbi-diff-status' title='{html.escape(status, quote=True)}' "
+              f"style='font-family:monospace;font-weight:bold'>{mark}</span> "
+              f"<code class='tabbi-diff-path'>{html.escape(str(entry.get('path')))}</code> "
+              f"<span class='tabbi-diff-counts'>{counts}</span>{note}</summary>"
+              f"<pre style='font-size:12px;line-height:1.35;overflow-x:auto;margin:2px 0 6px'>{body}</pre>"
+              "</details>")
+    return markup, len(shown)
+
+
 def diff(result: dict[str, Any]) -> dict[str, str]:
+    """The branch's changes: a summary line, then one collapsible ``<details>`` per file (both
+    JupyterLab and Notebook 7 render it without script) with its status and +/- counts, lines
+    coloured, long diffs cut with a note. The plain text is the summary and the raw diff."""
     text = result.get("diff", "")
     files = result.get("files", [])
-    if not text.strip():
+    if not text.strip() and not files:
         return bundle("<p><em>No changes on this branch yet.</em></p>", "No changes on this branch yet.")
-    counts = [f.get("skipped") or f"+{f['additions']} -{f['deletions']}" for f in files]
-    summary = ", ".join(f"{f['path']} ({count})" for f, count in zip(files, counts, strict=True))
+    summary = ", ".join(f"{f['path']} ({_counts(f)})" for f in files)
     if result.get("truncated"):
         summary += " (shortened: too large to show in full)"
-    lines = []
-    for line in text.splitlines():
-        style = ""
-        if line.startswith("+") and not line.startswith("+++"):
-            style = "color:#1a7f37;background:rgba(46,160,67,.12)"
-        elif line.startswith("-") and not line.startswith("---"):
-            style = "color:#cf222e;background:rgba(248,81,73,.12)"
-        elif line.startswith("@@"):
-            style = "color:#8250df"
-        elif line.startswith(("diff --git", "+++", "---", "new file", "index ")):
-            style = "font-weight:bold"
-        escaped = html.escape(line) or " "
-        lines.append(f'<span style="{style}">{escaped}</span>' if style else escaped)
-    body = "\n".join(lines)
-    markup = (f"<div class='tabbi-diff'><div><strong>{len(files)} file(s) changed:</strong> "
-              f"{html.escape(summary)}</div><pre style='font-size:12px;line-height:1.35;"
-              f"overflow-x:auto'>{body}</pre></div>")
+    sections = split_diff(text, files)
+    opened = len(files) <= OPEN_FILES
+    parts, budget = [], MAX_TOTAL_LINES
+    for entry, section in zip(files, sections, strict=True):
+        markup, used = _file_html(entry, section, budget, opened and section.count("\n") <= OPEN_LINES)
+        parts.append(markup)
+        budget -= used
+    added = sum(int(f.get("additions") or 0) for f in files)
+    removed = sum(int(f.get("deletions") or 0) for f in files)
+    notes = []
+    if result.get("omitted_files"):
+        notes.append(f"{int(result['omitted_files'])} more file(s) not listed")
+    if result.get("truncated"):
+        notes.append("shortened: too large to show in full")
+    note = f" <em>({'; '.join(notes)})</em>" if notes else ""
+    markup = (f"<div class='tabbi-diff'><div class='tabbi-diff-summary'><strong>{len(files)} file(s) "
+              f"changed</strong> <span style='color:#1a7f37'>+{added}</span> "
+              f"<span style='color:#cf222e'>&minus;{removed}</span>{note}</div>{''.join(parts)}</div>")
     return bundle(markup, f"{len(files)} file(s) changed: {summary}\n\n{text}")
 
 
