@@ -35,6 +35,7 @@ from tabbi_extension.store import (
     StoreError,
     StoreUnavailable,
 )
+from tabbi_extension.store.sqlite import MIGRATIONS
 from tests.support.convex_standin import ConvexStandin, convex_standin  # noqa: F401 (a fixture)
 from tests.support.convex_store import make_store, store_env
 
@@ -381,7 +382,7 @@ async def test_sqlite_schema_is_versioned_wal_and_private(tmp_path):
     assert (await again.get_session("ses-1")).owner == "alice"
     await again.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
     assert path.stat().st_mode & 0o077 == 0
