@@ -1,0 +1,184 @@
+"""Cell-level diffs, stripping and validation of notebooks, without a server: the worker process
+(``notebook_files``) on well-formed and hostile notebooks, ``notebook_diff`` and ``notebook_strip``.
+The journeys through a real server and OpenCode are in ``test_notebook_push.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nbformat
+import pytest
+
+from tabbi_extension import cells, notebook_diff, notebook_files, notebook_strip
+from tabbi_extension.validation import ValidationError
+
+STREAM = {"output_type": "stream", "name": "stdout", "text": "rows: 43\n"}
+
+
+def code(source: str, cell_id: str, outputs: list | None = None, count: int | None = None,
+         **metadata) -> dict:
+    return {"cell_type": "code", "id": cell_id, "metadata": metadata, "source": source,
+            "outputs": outputs or [], "execution_count": count}
+
+
+def markdown(source: str, cell_id: str) -> dict:
+    return {"cell_type": "markdown", "id": cell_id, "metadata": {}, "source": source}
+
+
+def notebook(*cells_: dict, **metadata) -> dict:
+    return {"cells": list(cells_), "metadata": metadata, "nbformat": 4, "nbformat_minor": 5}
+
+
+OLD = notebook(markdown("# Sales", "m1"), code("df = load()\nprint(len(df))", "c1", [STREAM], 1),
+               code("old_plot()", "c2"), code("tail()", "c3"))
+NEW = notebook(markdown("# Sales", "m1"), code("df = load('sales.csv')\nprint(len(df))", "c1", [STREAM], 2),
+               code("df.describe()", "c4", [{**STREAM, "text": "summary-table\n"}], 3), code("tail()", "c3"))
+
+
+def test_cells_are_listed_with_their_source_diff_and_the_text_has_no_json_or_colour():
+    result = notebook_diff.cell_diff(OLD, NEW, "sales.ipynb", outputs=False)
+    changes = [(c["index"], c["change"], c["cell_type"], c["outputs_changed"]) for c in result["cells"]]
+    assert changes == [(1, "modified", "code", False), (2, "added", "code", True),
+                       (2, "removed", "code", False)] or sorted(changes) == sorted(
+        [(1, "modified", "code", False), (2, "added", "code", True), (2, "removed", "code", False)])
+    modified = result["cells"][0]
+    assert "-df = load()" in modified["source"] and "+df = load('sales.csv')" in modified["source"]
+    assert (result["additions"], result["deletions"]) == (2, 2)  # 1+1 modified, 1 added, 1 removed
+    text = result["text"]
+    assert text.startswith("--- a/sales.ipynb\n+++ b/sales.ipynb\n")
+    assert "df.describe()" in text and "load('sales.csv')" in text
+    assert '"cell_type":' not in text and "\x1b" not in text
+    assert "summary-table" not in text  # outputs only on request
+    shown = notebook_diff.cell_diff(OLD, NEW, "sales.ipynb", outputs=True)["text"]
+    assert "summary-table" in shown
+
+
+def test_an_added_notebook_shows_its_cells_and_outputs_only_changes_are_listed():
+    added = notebook_diff.cell_diff(None, NEW, "new.ipynb", outputs=False)
+    assert [c["change"] for c in added["cells"]] == ["added"] * 4
+    assert "# Sales" in added["text"] and "kernelspec" not in added["text"]
+    rerun = json.loads(json.dumps(OLD))
+    rerun["cells"][1]["outputs"] = [{**STREAM, "text": "rows: 44\n"}]
+    only_outputs = notebook_diff.cell_diff(OLD, rerun, "a.ipynb", outputs=False)
+    assert [(c["change"], c["outputs_changed"], c["source"]) for c in only_outputs["cells"]] == [
+        ("modified", True, "")]
+    assert (only_outputs["additions"], only_outputs["deletions"]) == (0, 0)
+
+
+def run_worker(task: str, options: dict, entries: list[dict]) -> dict:
+    return asyncio.run(notebook_files.work(task, options, json.dumps({"notebooks": entries}).encode()))
+
+
+def test_the_worker_turns_hostile_notebooks_into_reasons():
+    """Threat: the agent writes notebooks made to crash or stall whoever parses them: nesting
+    100,000 levels deep, JSON that is not JSON, a notebook of the wrong shape, and (in the same
+    request) a good one. Each bad one comes back as a reason; the good one is still diffed."""
+    deep = '{"cells": [' + "[" * 100_000 + "]" * 100_000 + "]}"
+    shallow_but_deep = '{"cells": [], "metadata": ' + '{"a": ' * 200 + "1" + "}" * 200 + "}"
+    entries = [
+        {"path": "deep.ipynb", "new": deep},
+        {"path": "deep2.ipynb", "new": shallow_but_deep},
+        {"path": "bad.ipynb", "new": '{"cells": [ not json'},
+        {"path": "list.ipynb", "new": "[1, 2]"},
+        {"path": "huge.ipynb", "skipped": "new content: 12000000 bytes, over 10000000"},
+        {"path": "good.ipynb", "old": json.dumps(OLD), "new": json.dumps(NEW)},
+    ]
+    results = run_worker("diff", {"outputs": False}, entries)
+    assert "nested deeper" in results["deep.ipynb"]["error"]
+    assert "nested deeper" in results["deep2.ipynb"]["error"]
+    assert "not valid JSON" in results["bad.ipynb"]["error"]
+    assert "not a notebook" in results["list.ipynb"]["error"]
+    assert "over 10000000" in results["huge.ipynb"]["error"]
+    assert [c["change"] for c in results["good.ipynb"]["cells"]] == ["modified", "added", "removed"]
+
+
+def test_a_worker_past_its_memory_limit_fails_as_an_error_not_a_crash(monkeypatch):
+    """Threat: a notebook that blows up in memory once parsed. The worker's address space is
+    capped: it dies, the server gets an error and falls back (here the cap is set tiny)."""
+    monkeypatch.setattr(notebook_files, "WORKER_MEMORY_BYTES", 50_000_000)
+    source = notebook_files.__file__
+    with open(source) as f:
+        text = f.read()
+    assert "RLIMIT_AS" in text
+    with pytest.raises(notebook_files.NotebookError):
+        asyncio.run(_tiny_worker(source))
+
+
+async def _tiny_worker(source: str) -> None:
+    # The worker reads its limit from its own file: run a copy whose limit is tiny.
+    import os
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    try:
+        for name in ("notebook_files.py", "notebook_diff.py", "notebook_strip.py"):
+            shutil.copy(os.path.join(os.path.dirname(source), name), folder)
+        copy = os.path.join(folder, "notebook_files.py")
+        with open(copy) as f:
+            text = f.read().replace("WORKER_MEMORY_BYTES = 2_000_000_000", "WORKER_MEMORY_BYTES = 60_000_000")
+        with open(copy, "w") as f:
+            f.write(text)
+        original = notebook_files.__file__
+        notebook_files.__file__ = copy
+        try:
+            big = json.dumps(notebook(*[code("x = 1\n" * 2000, f"c{i}") for i in range(2000)]))
+            entry = {"path": "big.ipynb", "old": big, "new": big.replace("x = 1", "y = 2")}
+            await notebook_files.work("diff", {"outputs": True}, json.dumps({"notebooks": [entry]}).encode())
+        finally:
+            notebook_files.__file__ = original
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_strip_validate_and_refuse():
+    dirty = notebook(code("print(1)", "c1", [STREAM], 7, ExecuteTime={"start": "x"}, tags=["keep"]),
+                     markdown("text", "m1"), signature="abc", widgets={"state": {}})
+    clean = notebook_strip.strip(dirty)
+    assert clean["cells"][0]["outputs"] == [] and clean["cells"][0]["execution_count"] is None
+    assert clean["cells"][0]["metadata"] == {"tags": ["keep"]}
+    assert "signature" not in clean["metadata"] and "widgets" not in clean["metadata"]
+    assert dirty["cells"][0]["outputs"] == [STREAM]  # a copy
+    nbformat.validate(nbformat.from_dict(clean))
+
+    results = run_worker("strip", {"keep_outputs": False}, [
+        {"path": "a.ipynb", "status": "modified", "new": json.dumps(dirty)},
+        {"path": "same.ipynb", "status": "added", "new": json.dumps(clean)},
+        {"path": "gone.ipynb", "status": "deleted"},
+    ])
+    assert set(results["files"]) == {"a.ipynb"}  # unchanged by stripping: left as written
+    assert nbformat.reads(results["files"]["a.ipynb"], as_version=4) == nbformat.from_dict(clean)
+    kept = run_worker("strip", {"keep_outputs": True}, [{"path": "a.ipynb", "new": json.dumps(dirty)}])
+    assert kept == {"files": {}}
+
+    broken = notebook(code("x", "c1"))
+    del broken["cells"][0]["outputs"]
+    refused = run_worker("strip", {"keep_outputs": False}, [
+        {"path": "ok.ipynb", "new": json.dumps(clean)},
+        {"path": "nb/broken.ipynb", "new": json.dumps(broken)}])
+    assert refused["error"].startswith("nb/broken.ipynb is not a valid notebook: ")
+    assert "'outputs' is a required property" in refused["error"]
+    assert "not valid JSON" in run_worker("strip", {}, [{"path": "j.ipynb", "new": "{"}])["error"]
+
+
+def test_cells_pushed_to_an_ipynb_make_a_valid_notebook():
+    name, parsed = cells.from_request({"notebook": "work.ipynb", "select": "share", "cells": [
+        {"cell_type": "markdown", "source": "# Title", "tags": ["share"], "id": "m1"},
+        {"cell_type": "code", "source": ["x = 1\n", "print(x)"], "tags": ["share"], "id": "c1",
+         "outputs": [STREAM], "execution_count": 4},
+        {"cell_type": "code", "source": "secret()", "id": "c2"},
+    ]})
+    path, content = cells.file_for(parsed, name, "share", "out/shared.ipynb")
+    made = nbformat.reads(content, as_version=4)
+    nbformat.validate(made)
+    assert path == "out/shared.ipynb" and [c.source for c in made.cells] == ["# Title", "x = 1\nprint(x)"]
+    assert made.cells[1].outputs == [] and made.cells[1].execution_count is None
+    _, kept = cells.file_for(parsed, name, "share", "out/shared.ipynb", keep_outputs=True)
+    assert nbformat.reads(kept, as_version=4).cells[1].outputs[0]["text"] == "rows: 43\n"
+    with pytest.raises(ValidationError, match="valid notebook"):
+        bad = {"cells": [{**parsed["cells"][1], "outputs": [{"output_type": "nonsense"}]}]}
+        cells.file_for(bad, name, "share", "x.ipynb", keep_outputs=True)
+    with pytest.raises(ValidationError, match="outputs"):
+        cells.from_request({"notebook": "w.ipynb", "cells": [
+            {"cell_type": "code", "source": "", "outputs": "not a list"}]})
