@@ -157,7 +157,8 @@ async def test_hostile_notebooks_fall_back_to_json_and_nothing_of_the_agent_runs
     await turn(kernel, llm, bash(HOSTILE.replace("MARKER", str(marker))))
 
     pending = asyncio.ensure_future(api.ok("GET", f"tabbi/api/sessions/{sid}/diff"))
-    answered = await api.ok("GET", "tabbi/api/sessions")  # the server answers meanwhile
+    answered = await api.ok("GET", "tabbi/api/sessions")
+    assert not pending.done()  # answered while the diff of those notebooks was still under way
     assert [s["id"] for s in answered["sessions"]] == [sid]
     data = await pending
     files = {f["path"]: f for f in data["files"]}
