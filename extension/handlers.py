@@ -275,11 +275,10 @@ class MessagesHandler(TabbiHandler):
 
 
 class DiffHandler(TabbiHandler):
-    """``GET .../diff[?outputs=1]``: the branch's diff; notebooks also by cell (notebook_files)."""
-
     @web.authenticated
     @authorized
     async def get(self, session_id: str) -> None:
+        # ``?outputs=1``: notebooks' cell diffs show their outputs' changes too (notebook_files).
         agent = await self.session(session_id)
         outputs = self.get_argument("outputs", "0")
         if outputs not in ("0", "1"):

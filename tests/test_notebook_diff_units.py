@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -93,43 +94,29 @@ def test_the_worker_turns_hostile_notebooks_into_reasons():
     assert [c["change"] for c in results["good.ipynb"]["cells"]] == ["modified", "added", "removed"]
 
 
-def test_a_worker_past_its_memory_limit_fails_as_an_error_not_a_crash(monkeypatch):
-    """Threat: a notebook that blows up in memory once parsed. The worker's address space is
-    capped: it dies, the server gets an error and falls back (here the cap is set tiny)."""
-    monkeypatch.setattr(notebook_files, "WORKER_MEMORY_BYTES", 50_000_000)
-    source = notebook_files.__file__
-    with open(source) as f:
-        text = f.read()
-    assert "RLIMIT_AS" in text
-    with pytest.raises(notebook_files.NotebookError):
-        asyncio.run(_tiny_worker(source))
+def test_a_worker_past_its_memory_limit_fails_as_an_error_and_the_next_request_gets_a_new_one(
+        monkeypatch, tmp_path):
+    """Threat: a notebook that takes the worker's memory (here 120 MB of source in one cell, fed
+    to the worker directly). The worker's address space is capped (a copy of it with a 200 MB cap
+    runs here, to be quick): it dies, that request fails with an error the server turns into a
+    fallback, and the next request is served by a fresh worker."""
+    for name in ("notebook_files.py", "notebook_diff.py", "notebook_strip.py"):
+        text = (Path(notebook_files.__file__).parent / name).read_text()
+        (tmp_path / name).write_text(text.replace("WORKER_MEMORY_BYTES = 2_000_000_000",
+                                                  "WORKER_MEMORY_BYTES = 200_000_000"))
+    monkeypatch.setattr(notebook_files, "__file__", str(tmp_path / "notebook_files.py"))
+    small = {"path": "s.ipynb", "new": json.dumps(NEW)}
+    big = {"path": "b.ipynb", "new": json.dumps(notebook(code("x" * 120_000_000, "c1")))}
 
+    async def requests() -> tuple:
+        first = await notebook_files.work("diff", {}, json.dumps({"notebooks": [small]}).encode())
+        with pytest.raises(notebook_files.NotebookError, match="worker stopped"):
+            await notebook_files.work("diff", {}, json.dumps({"notebooks": [big]}).encode())
+        again = await notebook_files.work("diff", {}, json.dumps({"notebooks": [small]}).encode())
+        return first, again
 
-async def _tiny_worker(source: str) -> None:
-    # The worker reads its limit from its own file: run a copy whose limit is tiny.
-    import os
-    import shutil
-    import tempfile
-
-    folder = tempfile.mkdtemp()
-    try:
-        for name in ("notebook_files.py", "notebook_diff.py", "notebook_strip.py"):
-            shutil.copy(os.path.join(os.path.dirname(source), name), folder)
-        copy = os.path.join(folder, "notebook_files.py")
-        with open(copy) as f:
-            text = f.read().replace("WORKER_MEMORY_BYTES = 2_000_000_000", "WORKER_MEMORY_BYTES = 60_000_000")
-        with open(copy, "w") as f:
-            f.write(text)
-        original = notebook_files.__file__
-        notebook_files.__file__ = copy
-        try:
-            big = json.dumps(notebook(*[code("x = 1\n" * 2000, f"c{i}") for i in range(2000)]))
-            entry = {"path": "big.ipynb", "old": big, "new": big.replace("x = 1", "y = 2")}
-            await notebook_files.work("diff", {"outputs": True}, json.dumps({"notebooks": [entry]}).encode())
-        finally:
-            notebook_files.__file__ = original
-    finally:
-        shutil.rmtree(folder)
+    first, again = asyncio.run(requests())
+    assert first == again and len(first["s.ipynb"]["cells"]) == 4
 
 
 def test_strip_validate_and_refuse():
