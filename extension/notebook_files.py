@@ -175,10 +175,10 @@ class _Worker:
             try:
                 return await asyncio.wait_for(self._exchange(payload), WORKER_SECONDS)
             except asyncio.TimeoutError:
-                self._end()
+                await self.end()
                 raise NotebookError(f"reading the notebooks took over {WORKER_SECONDS:.0f} s") from None
             except (OSError, asyncio.IncompleteReadError, ValueError):
-                self._end()
+                await self.end()
                 raise NotebookError("the notebook worker stopped (a notebook too large to read?)") from None
 
     async def _exchange(self, payload: bytes) -> bytes:
@@ -197,10 +197,13 @@ class _Worker:
         size = int.from_bytes(await self.proc.stdout.readexactly(8), "big")
         return await self.proc.stdout.readexactly(size)
 
-    def _end(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-        self.proc = None
+    async def end(self) -> None:
+        """Stop the worker process (the next request starts another)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
 
 
 _workers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Worker] = weakref.WeakKeyDictionary()

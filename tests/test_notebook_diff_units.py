@@ -67,8 +67,22 @@ def test_an_added_notebook_shows_its_cells_and_outputs_only_changes_are_listed()
     assert (only_outputs["additions"], only_outputs["deletions"]) == (0, 0)
 
 
+#: One loop for the module's requests, so they share one worker (it starts once per loop).
+LOOP = asyncio.new_event_loop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_worker():
+    yield
+    worker = notebook_files._workers.get(LOOP)
+    if worker is not None:
+        LOOP.run_until_complete(worker.end())
+    LOOP.close()
+
+
 def run_worker(task: str, options: dict, entries: list[dict]) -> dict:
-    return asyncio.run(notebook_files.work(task, options, json.dumps({"notebooks": entries}).encode()))
+    payload = json.dumps({"notebooks": entries}).encode()
+    return LOOP.run_until_complete(notebook_files.work(task, options, payload))
 
 
 def test_the_worker_turns_hostile_notebooks_into_reasons():
@@ -96,23 +110,24 @@ def test_the_worker_turns_hostile_notebooks_into_reasons():
 
 def test_a_worker_past_its_memory_limit_fails_as_an_error_and_the_next_request_gets_a_new_one(
         monkeypatch, tmp_path):
-    """Threat: a notebook that takes the worker's memory (here 120 MB of source in one cell, fed
-    to the worker directly). The worker's address space is capped (a copy of it with a 200 MB cap
+    """Threat: a notebook that takes the worker's memory (here 80 MB of source in one cell, fed
+    to the worker directly). The worker's address space is capped (a copy of it with a 150 MB cap
     runs here, to be quick): it dies, that request fails with an error the server turns into a
     fallback, and the next request is served by a fresh worker."""
     for name in ("notebook_files.py", "notebook_diff.py", "notebook_strip.py"):
         text = (Path(notebook_files.__file__).parent / name).read_text()
         (tmp_path / name).write_text(text.replace("WORKER_MEMORY_BYTES = 2_000_000_000",
-                                                  "WORKER_MEMORY_BYTES = 200_000_000"))
+                                                  "WORKER_MEMORY_BYTES = 150_000_000"))
     monkeypatch.setattr(notebook_files, "__file__", str(tmp_path / "notebook_files.py"))
     small = {"path": "s.ipynb", "new": json.dumps(NEW)}
-    big = {"path": "b.ipynb", "new": json.dumps(notebook(code("x" * 120_000_000, "c1")))}
+    big = {"path": "b.ipynb", "new": json.dumps(notebook(code("x" * 80_000_000, "c1")))}
 
     async def requests() -> tuple:
         first = await notebook_files.work("diff", {}, json.dumps({"notebooks": [small]}).encode())
         with pytest.raises(notebook_files.NotebookError, match="worker stopped"):
             await notebook_files.work("diff", {}, json.dumps({"notebooks": [big]}).encode())
         again = await notebook_files.work("diff", {}, json.dumps({"notebooks": [small]}).encode())
+        await notebook_files._workers[asyncio.get_running_loop()].end()
         return first, again
 
     first, again = asyncio.run(requests())
