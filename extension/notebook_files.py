@@ -244,6 +244,8 @@ async def stripped_for_push(sandbox: Sandbox, base: str, keep_outputs: bool) -> 
     """The agent's changed notebooks, validated, as a push commits them: ``{path: content}`` of
     those stripping changes. Raises ``NotebookError`` naming the first one that cannot be pushed."""
     raw = await read(sandbox, base, None, old=False)
+    if raw.startswith(b'{"notebooks": [], "omitted": 0}'):
+        return {}  # no notebook changed: no worker needed
     result = await work("strip", {"keep_outputs": keep_outputs}, raw)
     if "error" in result:
         raise NotebookError(f"Nothing was pushed: {result['error']}")

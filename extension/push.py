@@ -129,9 +129,9 @@ class Publisher:
                     "runs as you and could read your token. Install bubblewrap (apt install "
                     "bubblewrap), or push the branch from a terminal."
                 )
-            files = dict(request.files or {})
-            if not request.only_files:
-                files = {**await self._notebooks(sandbox, record.base_commit or "HEAD", request), **files}
+            stripped = {} if request.only_files else await self._notebooks(
+                sandbox, record.base_commit or "HEAD", request)
+            files = {**stripped, **(request.files or {})}
             result = await run_bootstrap(sandbox, "commit", {
                 "branch": record.work_branch,
                 "message": message,
@@ -162,7 +162,8 @@ class Publisher:
             "branch": record.work_branch,
             "commit": commit,
             "committed": result.get("committed", False),
-            "files": result.get("files", []),
+            "files": [f for f in result.get("files", []) if f not in stripped or f in (request.files or {})],
+            "outputs_stripped": sorted(stripped),
             "author": {"name": name, "email": email},
             "remote": repo.display,
             "links": self._links(repo, record.work_branch, commit),

@@ -90,6 +90,7 @@ async def test_a_notebook_the_agent_edits_is_diffed_by_cell_and_pushed_without_o
     # Pushed without outputs, execution counts or timings; the sources as the agent wrote them.
     done = await kernel.run("%tabbi push -m 'notebook, stripped'")
     assert done.status == "ok", done
+    assert "cells written to" not in done.displays[0]["text/plain"]  # stripping is not a push of cells
     branch = f"tabbi/{sid.removeprefix('ses-')}"
     committed = nbformat.reads(pushed(source_repo, branch, "analysis.ipynb"), as_version=4)
     nbformat.validate(committed)
