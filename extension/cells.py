@@ -14,6 +14,8 @@ import posixpath
 import re
 from typing import Any
 
+from . import notebook_strip
+from .notebook_files import MAX_DEPTH, depth_within
 from .validation import ValidationError
 from .workspace import check_relative_path
 
@@ -80,12 +82,21 @@ def default_path(notebook_path: str, selector: str) -> str:
     return f"notebooks/{stem}{'-' + re.sub(r'[^A-Za-z0-9_.-]+', '_', suffix) if suffix else ''}.py"
 
 
-def file_for(notebook: dict[str, Any], notebook_path: str, selector: str, to: str | None) -> tuple[str, str]:
-    """``(path in the repository, content)`` for the selected cells."""
+def file_for(notebook: dict[str, Any], notebook_path: str, selector: str, to: str | None,
+             keep_outputs: bool = False) -> tuple[str, str]:
+    """``(path in the repository, content)`` for the selected cells: a notebook when ``to`` ends
+    in ``.ipynb`` (outputs only with ``keep_outputs``; checked by nbformat, so it runs in a
+    thread), else the percent-format file."""
     path = check_relative_path(to) if to else default_path(notebook_path, selector)
     if path == ".git" or path.startswith(".git/"):
         raise ValidationError("cells cannot be written into .git")
-    return path, render(select(notebook, selector), notebook_path, selector)
+    chosen = select(notebook, selector)
+    if path.endswith(".ipynb"):
+        try:
+            return path, notebook_strip.from_cells(chosen, keep_outputs)
+        except ValueError as exc:
+            raise ValidationError(f"the cells do not make a valid notebook: {exc}") from None
+    return path, render(chosen, notebook_path, selector)
 
 
 def _source(cell: dict[str, Any]) -> str:
@@ -99,6 +110,7 @@ def _source(cell: dict[str, Any]) -> str:
 MAX_CELLS = 10_000
 MAX_TAGS = 50
 MAX_NAME_CHARS = 255
+MAX_OUTPUTS = 1000
 _CELL_TYPES = ("code", "markdown", "raw")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -136,6 +148,15 @@ def _cell(value: object, number: int) -> dict[str, Any]:
         if not isinstance(value["id"], str) or not _ID.match(value["id"]):
             raise ValidationError(f"{where}: 'id' must be a notebook cell id (letters, digits, - and _)")
         cell["id"] = value["id"]
+    if value["cell_type"] == "code" and ("outputs" in value or "execution_count" in value):
+        # Sent with --keep-outputs only; their shape is nbformat's to check (file_for).
+        outputs, count = value.get("outputs") or [], value.get("execution_count")
+        if (not isinstance(outputs, list) or len(outputs) > MAX_OUTPUTS
+                or not all(isinstance(o, dict) for o in outputs) or not depth_within(outputs, MAX_DEPTH)):
+            raise ValidationError(f"{where}: 'outputs' must be at most {MAX_OUTPUTS} notebook outputs")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            raise ValidationError(f"{where}: 'execution_count' must be a whole number or null")
+        cell.update(outputs=outputs, execution_count=count)
     return cell
 
 

@@ -18,7 +18,7 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web, websocket
 
-from . import cells, logs, model_config, socket_prompts
+from . import cells, logs, model_config, notebook_files, socket_prompts
 from .agent import AgentError, SessionAgent
 from .github.accounts import GitHubError
 from .limits import LimitExceeded
@@ -299,7 +299,15 @@ class DiffHandler(TabbiHandler):
     @web.authenticated
     @authorized
     async def get(self, session_id: str) -> None:
-        self.write_json(await (await self.session(session_id)).diff())
+        # ``?outputs=1``: notebooks' cell diffs show their outputs' changes too (notebook_files).
+        agent = await self.session(session_id)
+        outputs = self.get_argument("outputs", "0")
+        if outputs not in ("0", "1"):
+            raise ValidationError("'outputs' must be 0 or 1")
+        data = await agent.diff()
+        base = agent.record.base_commit or "HEAD"
+        sandbox = agent.running_sandbox()
+        self.write_json(await notebook_files.annotate_diff(sandbox, base, data, outputs == "1"))
 
 
 class FileHandler(TabbiHandler):
@@ -441,7 +449,8 @@ class EventsSocket(JupyterHandler, websocket.WebSocketHandler):
 
 
 class PushHandler(TabbiHandler):
-    """``POST {message?, author?, pr?, title?, cells?: {notebook, cells, select, to?, only?}}``:
+    """``POST {message?, author?, pr?, title?, keep_outputs?, cells?: {notebook, cells, select, to?,
+    only?}}``:
     commit and push the session branch. The cells come from the kernel, which reads its saved
     notebook as its person: the server reads no notebook, so one path serves personal mode and
     the hub's service (another OS user, who cannot and must not read people's files)."""
@@ -452,11 +461,13 @@ class PushHandler(TabbiHandler):
         agent = await self.session(session_id)
         body = self.body()
         files, only = None, False
+        keep_outputs = validate_flag(body.get("keep_outputs"), "keep_outputs")
         cells_request = body.get("cells")
         if cells_request is not None:
             notebook_name, notebook = cells.from_request(cells_request)
-            path, content = cells.file_for(
-                notebook, notebook_name, cells_request.get("select"), cells_request.get("to")
+            path, content = await asyncio.to_thread(
+                cells.file_for, notebook, notebook_name, cells_request.get("select"), cells_request.get("to"),
+                keep_outputs,
             )
             files, only = {path: content}, validate_flag(cells_request.get("only"), "cells.only")
         request = PushRequest(
@@ -466,6 +477,7 @@ class PushHandler(TabbiHandler):
             pull_request=validate_flag(body.get("pr"), "pr"),
             title=validate_message(body.get("title")),
             author=parse_author(body.get("author")),
+            keep_outputs=keep_outputs,
         )
         self.write_json(await self.settings["tabbi_publisher"].push(agent, request))
 

@@ -23,7 +23,7 @@ from typing import Any
 from tabbi_sandbox.modal_push import push_from_bundle
 from tabbi_sandbox.provider import Sandbox
 
-from . import metrics, states
+from . import metrics, notebook_files, states
 from .agent import AgentError, SessionAgent
 from .github.accounts import GitHubAccounts, GitHubError, LoginRequired
 from .validation import RepoSpec, ValidationError, parse_repo
@@ -46,6 +46,7 @@ class PushRequest:
     pull_request: bool = False
     title: str | None = None
     author: tuple[str, str] | None = None
+    keep_outputs: bool = False  # notebooks keep their outputs (stripped by default)
 
 
 def parse_author(value: object) -> tuple[str, str] | None:
@@ -128,11 +129,14 @@ class Publisher:
                     "runs as you and could read your token. Install bubblewrap (apt install "
                     "bubblewrap), or push the branch from a terminal."
                 )
+            stripped = {} if request.only_files else await self._notebooks(
+                sandbox, record.base_commit or "HEAD", request)
+            files = {**stripped, **(request.files or {})}
             result = await run_bootstrap(sandbox, "commit", {
                 "branch": record.work_branch,
                 "message": message,
                 "author": {"name": name, "email": email},
-                "files": request.files or {},
+                "files": files,
                 "only_files": request.only_files,
             })
             credential = access.credential if access else None
@@ -158,7 +162,8 @@ class Publisher:
             "branch": record.work_branch,
             "commit": commit,
             "committed": result.get("committed", False),
-            "files": result.get("files", []),
+            "files": [f for f in result.get("files", []) if f not in stripped or f in (request.files or {})],
+            "outputs_stripped": sorted(stripped),
             "author": {"name": name, "email": email},
             "remote": repo.display,
             "links": self._links(repo, record.work_branch, commit),
@@ -175,6 +180,15 @@ class Publisher:
             out["links"]["pull_request"] = out["pull_request"]["url"]
         await agent.announce("push.completed", {k: out[k] for k in ("branch", "commit", "links", "files")})
         return out
+
+    @staticmethod
+    async def _notebooks(sandbox: Sandbox, base: str, request: PushRequest) -> dict[str, str]:
+        """The agent's changed notebooks, validated (an invalid one refuses the whole push) and,
+        unless ``keep_outputs``, stripped: ``{path: content}`` of those to rewrite."""
+        try:
+            return await notebook_files.stripped_for_push(sandbox, base, request.keep_outputs)
+        except notebook_files.NotebookError as exc:
+            raise ValidationError(str(exc)) from None
 
     @staticmethod
     def _default_message(request: PushRequest) -> str:

@@ -462,6 +462,11 @@ def commit_work(request: dict) -> int:
         result["files"] = written
         only = ["--", *written] if request.get("only_files") else []
         git([*SAFE_GIT, "add", *(only or ["-A"])], workspace, env)
+        for rel in written if not only else []:
+            # Staged as the exact bytes tabbi wrote (a stripped notebook, say): a clean filter
+            # the agent configured in .gitattributes does not get to rewrite them.
+            blob = git(["hash-object", "-w", "--no-filters", "--", rel], workspace, env)
+            git(["update-index", "--cacheinfo", f"100644,{blob},{rel}"], workspace, env)
         staged = run_git([*SAFE_GIT, "diff", "--cached", "--quiet", *only], workspace, env)
         if staged.returncode == 1:
             author = request.get("author") or {}

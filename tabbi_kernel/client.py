@@ -335,9 +335,12 @@ class Session:
                 raise
 
     # -- the workspace --------------------------------------------------------------------------
-    def diff(self) -> dict[str, Any]:
-        """``{"diff": unified diff text, "files": [{path, status, additions, deletions}]}``."""
-        return self.client.request("GET", self._path("diff"), timeout=90)
+    def diff(self, outputs: bool = False) -> dict[str, Any]:
+        """``{"diff": unified diff text, "files": [{path, status, additions, deletions}]}``; a
+        notebook's file also has ``notebook``: its cell-level diff (``text``, ``cells``), with
+        the outputs' changes shown when ``outputs``."""
+        params = {"outputs": "1"} if outputs else None
+        return self.client.request("GET", self._path("diff"), params=params, timeout=90)
 
     def read_file(self, path: str) -> str:
         return self.client.request("GET", self._path("file"), params={"path": path})["content"]
@@ -366,23 +369,33 @@ class Session:
 
     def push(self, message: str | None = None, *, cells: str | None = None, notebook: str | None = None,
              to: str | None = None, cells_only: bool = False, pr: bool = False, title: str | None = None,
-             author: str | None = None) -> dict[str, Any]:
+             author: str | None = None, keep_outputs: bool = False) -> dict[str, Any]:
         """Commit the agent's changes (and the ``cells`` of the saved ``notebook``: a tag, numbers
         like ``2,4-6`` or ``id:CELLID``) on the session branch and push it; ``pr`` opens a pull
         request (or reports the open one). Returns the branch, commit and links. The notebook is
-        read here, as this kernel's person (``notebook_cells``), and its cells' sources are sent."""
-        body: dict[str, Any] = {"message": message, "pr": pr, "title": title, "author": author}
+        read here, as this kernel's person (``notebook_cells``), and its cells' sources are sent.
+        Notebooks are pushed without outputs unless ``keep_outputs`` (then the cells' outputs are
+        sent too, for a ``to`` ending in ``.ipynb``)."""
+        body: dict[str, Any] = {"message": message, "pr": pr, "title": title, "author": author,
+                                "keep_outputs": keep_outputs}
         if cells:
             if not notebook:
                 raise TabbiError("pushing cells needs the notebook's path (notebook=...)")
-            body["cells"] = {"notebook": os.path.basename(notebook), "cells": notebook_cells(notebook),
+            with_outputs = keep_outputs and bool(to) and to.endswith(".ipynb")
+            body["cells"] = {"notebook": os.path.basename(notebook),
+                             "cells": notebook_cells(notebook, outputs=with_outputs),
                              "select": cells, "to": to, "only": cells_only}
         body = {k: v for k, v in body.items() if v not in (None, False)}
         return self.client.request("POST", self._path("push"), body, timeout=900)
 
 
-def notebook_cells(path: str) -> list[dict[str, Any]]:
-    """The saved notebook's cells as a push sends them: type, source, id and tags, no outputs.
+#: What a push of cells may carry of their outputs (the server takes 512 KB of request in all).
+MAX_OUTPUTS_BYTES = 384 * 1024
+
+
+def notebook_cells(path: str, outputs: bool = False) -> list[dict[str, Any]]:
+    """The saved notebook's cells as a push sends them: type, source, id and tags; with
+    ``outputs``, code cells' outputs and execution counts too (at most ``MAX_OUTPUTS_BYTES``).
 
     Read by the kernel, which runs as the person, rather than by the server: under a hub, tabbi's
     service is another OS user that cannot read (and must not be told to read) people's files. A
@@ -399,8 +412,18 @@ def notebook_cells(path: str) -> list[dict[str, Any]]:
     cells = notebook.get("cells") if isinstance(notebook, dict) else None
     if not isinstance(cells, list):
         raise TabbiError(f"{full} is not a notebook (it has no list of cells)")
-    return [{"cell_type": cell.get("cell_type"), "source": cell.get("source", ""), "id": cell.get("id"),
-             "tags": (cell.get("metadata") or {}).get("tags")} for cell in cells if isinstance(cell, dict)]
+    sent = [{"cell_type": cell.get("cell_type"), "source": cell.get("source", ""), "id": cell.get("id"),
+             "tags": (cell.get("metadata") or {}).get("tags"),
+             **({"outputs": cell.get("outputs") or [], "execution_count": cell.get("execution_count")}
+                if outputs and cell.get("cell_type") == "code" else {})}
+            for cell in cells if isinstance(cell, dict)]
+    if outputs:
+        size = len(json.dumps([cell.get("outputs", []) for cell in sent]))
+        if size > MAX_OUTPUTS_BYTES:
+            raise TabbiError(f"the cells' outputs are {size // 1024} KB, more than a push carries "
+                             f"({MAX_OUTPUTS_BYTES // 1024} KB): clear the large ones, or push without "
+                             "--keep-outputs")
+    return sent
 
 
 def connect(url: str | None = None, token: str | None = None) -> Client:

@@ -47,7 +47,8 @@ HELP = """\
   %tabbi fix [WORDS]         Send the last error, its cell and the variables it uses; the agent
                              fixes the repository's code (not the notebook).
 
-  %tabbi diff                The branch's changes against where it started.
+  %tabbi diff [--outputs]    The branch's changes against where it started; notebooks by cell
+                             (--outputs: their outputs' changes too).
   %tabbi insert              The Python code of the last turn -> one new cell below (percent
                              format: split it at the '# %%' markers with Ctrl+Shift+-).
   %tabbi pause | stop [ID]   Snapshot the session, then stop its sandbox (not during a turn).
@@ -55,10 +56,13 @@ HELP = """\
   %tabbi delete [ID]         End a session: its sandbox, workspace and snapshots are removed.
 
   %tabbi push [-m MSG] [--pr] [--cells SEL [--to PATH] [--cells-only]] [--author "N <e>"]
+             [--keep-outputs]
         Commit the agent's changes on the session branch as you and push it; --pr opens a pull
         request (or shows the open one). --cells adds the saved notebook's cells SEL (a tag,
         numbers like 2,4-6, or id:CELLID) as one percent-format .py file (notebooks/<name>.py
-        unless --to); --cells-only pushes them without the agent's changes.
+        unless --to; a --to ending in .ipynb makes a notebook); --cells-only pushes them without
+        the agent's changes. Notebooks are checked with nbformat and pushed without outputs
+        unless --keep-outputs.
 
   %tabbi login [--device]    Sign in to GitHub: a link (or a code) to approve; finishes by itself.
   %tabbi logout              Sign out: the token is deleted here and revoked at GitHub.
@@ -501,7 +505,8 @@ class TabbiMagics(Magics):
 
     # -- the workspace --------------------------------------------------------------------------
     def cmd_diff(self, argv: list[str]) -> None:
-        display(render.diff(self.session().diff()), raw=True)
+        args = _parser("%tabbi diff", (("--outputs",), {"action": "store_true"})).parse_args(argv)
+        display(render.diff(self.session().diff(outputs=args.outputs)), raw=True)
 
     def cmd_insert(self, argv: list[str]) -> None:
         session = self.session()
@@ -636,7 +641,7 @@ class TabbiMagics(Magics):
             "%tabbi push", (("-m", "--message"), {}), (("--pr",), {"action": "store_true"}),
             (("--title",), {}), (("--cells",), {}), (("--to",), {}),
             (("--cells-only",), {"action": "store_true"}), (("--notebook",), {}), (("--author",), {}),
-            (("id",), {"nargs": "?"}),
+            (("--keep-outputs",), {"action": "store_true"}), (("id",), {"nargs": "?"}),
         ).parse_args(argv)
         notebook = args.notebook or os.environ.get("JPY_SESSION_NAME")
         if args.cells and not notebook:
@@ -649,5 +654,6 @@ class TabbiMagics(Magics):
             print("[tabbi] reading the cells from the saved notebook (save it first to include edits)")
         print(f"[tabbi] committing and pushing {session.info.get('work_branch', '')}...")
         result = session.push(args.message, cells=args.cells, notebook=notebook, to=args.to,
-                              cells_only=args.cells_only, pr=args.pr, title=args.title, author=args.author)
+                              cells_only=args.cells_only, pr=args.pr, title=args.title, author=args.author,
+                              keep_outputs=args.keep_outputs)
         display(render.push(result), raw=True)
