@@ -133,7 +133,8 @@ def main():
         tip = subprocess.run(GIT + ["commit-tree", tree, *parents, "-m", message],
                              capture_output=True, env=env, check=True).stdout.decode().strip()
         git(["update-ref", REF, tip])
-    meta = {"tip": tip, "head": head, "branch": branch, "snapshot": tip != head,
+    meta = {"tip": tip, "head": head, "branch": branch,
+            "snapshot": tree != out(["rev-parse", head + "^{tree}"]),
             "skipped": skipped[:20], "bundle": tip != base}
     data = b""
     if meta["bundle"]:

@@ -277,6 +277,7 @@ class Follower:
         self.updates = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._done = threading.Condition()
 
     def update(self) -> Update:
         """Fetch the workspace's state and apply it. Raises ``CheckoutError`` or ``TabbiError``."""
@@ -289,9 +290,17 @@ class Follower:
             update = self.copy.apply(bundle, meta)
         finally:
             os.unlink(scratch)
-        self.last, self.error = update, None
-        self.updates += 1
+        with self._done:
+            self.last, self.error = update, None
+            self.updates += 1
+            self._done.notify_all()
         return update
+
+    def wait_for(self, updates: int, timeout: float) -> bool:
+        """Wait until ``updates`` updates have been applied (the first, by ``checkout``, is 1);
+        whether they were within ``timeout`` seconds."""
+        with self._done:
+            return self._done.wait_for(lambda: self.updates >= updates, timeout)
 
     def start(self, after: int) -> None:
         """Follow from event ``after`` on."""
