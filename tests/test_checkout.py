@@ -31,7 +31,9 @@ MODULE_V2 = "def value():\n    return 2\n"
 @pytest.fixture(params=["local", "modal"])
 def provider(request) -> str:
     if request.param == "modal":
-        request.getfixturevalue("modal_world")  # its environment points the server's client at it
+        # Its environment points the server's client at it; its sandboxes reach the model
+        # through this server's gateway, on the server's port.
+        request.getfixturevalue("modal_world").standin.allow_internet(request.getfixturevalue("jp_http_port"))
     return request.param
 
 
