@@ -47,12 +47,14 @@ MAX_FILES = 100_000
 REF = "refs/tabbi/session"
 BUNDLE_REF = b"refs/tabbi/checkout"
 SIGNATURE = b"# v2 git bundle\n"
-#: Options of every git the kernel runs on the agent's files.
-SAFE_GIT = [
-    "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.symlinks=false",
-    "-c", "core.protectNTFS=true", "-c", "core.protectHFS=true", "-c", "protocol.allow=never",
-    "-c", "core.quotepath=off", "-c", "advice.detachedHead=false", "-c", "submodule.recurse=false",
-]
+#: The working copy's own config, and options of every git the kernel runs on the agent's files.
+SAFE_CONFIG = (
+    ("core.symlinks", "false"), ("core.hooksPath", "/dev/null"), ("core.fsmonitor", "false"),
+    ("core.protectNTFS", "true"), ("core.protectHFS", "true"), ("protocol.allow", "never"),
+    ("submodule.recurse", "false"),
+)
+SAFE_GIT = [arg for key, value in SAFE_CONFIG for arg in ("-c", f"{key}={value}")] + [
+    "-c", "core.quotepath=off", "-c", "advice.detachedHead=false"]
 #: Written in the working copy's ``.git``: which session it follows.
 MARKER = "tabbi-checkout"
 IGNORED = "__pycache__/\n*.py[co]\n.ipynb_checkpoints/\n"
@@ -165,9 +167,7 @@ class WorkingCopy:
                               env=git_env(), timeout=60)
         if done.returncode != 0:
             raise CheckoutError(f"cannot make a working copy in {self.path}: {done.stderr.decode().strip()}")
-        for key, value in (("core.symlinks", "false"), ("core.hooksPath", "/dev/null"),
-                           ("core.fsmonitor", "false"), ("core.protectNTFS", "true"),
-                           ("core.protectHFS", "true")):
+        for key, value in SAFE_CONFIG:  # also for the person's own git commands in there
             self.git("config", key, value)
         os.makedirs(os.path.join(self.git_dir, "info"), exist_ok=True)
         with open(os.path.join(self.git_dir, "info", "exclude"), "w", encoding="utf-8") as f:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,7 @@ from tests.support.api import Api
 from tests.support.identity import headers
 from tests.support.llm import Reply, bash, write
 from tests.test_kernel import start
-from tests.test_provider_contract import modal_world as modal_world  # noqa: F401 - the fixture
+from tests.test_provider_contract import modal_world as modal_world  # the fixture
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -75,8 +74,8 @@ async def test_the_agents_module_is_importable_and_followed_after_each_turn(
     llm.enqueue(Reply(tools=[write("src/agentpkg/mod.py", MODULE_V2),
                              bash("git add -A && git commit -qm 'value 2'")]), Reply(text="Changed."))
     await ok(kernel, "%%tabbi\nmake it 2")
-    waited = await ok(kernel, f"import tabbi_kernel.checkout as co\nprint(co._followers[{sid!r}].wait_for(2, 120))",
-                      timeout=150)
+    waited = await ok(kernel, "import tabbi_kernel.checkout as co\n"
+                              f"print(co._followers[{sid!r}].wait_for(2, 120))", timeout=150)
     assert waited.stdout.strip().endswith("True"), waited.stdout
     assert (folder / "src/agentpkg/mod.py").read_text() == MODULE_V2
     reloaded = await ok(kernel, "print(agentpkg.mod.value())")  # autoreload, before the cell runs
@@ -84,7 +83,8 @@ async def test_the_agents_module_is_importable_and_followed_after_each_turn(
     # What it reported (in whichever cell was running then): the commit, no uncommitted changes.
     state = await ok(kernel, f"f = co._followers[{sid!r}]\nprint(f.last.line(), f.error)")
     assert "working copy updated to tabbi/" in state.stdout, state.stdout
-    assert "uncommitted" not in state.stdout and "1 file(s) changed (src/agentpkg/mod.py) None" in state.stdout
+    assert "uncommitted" not in state.stdout
+    assert "1 file(s) changed (src/agentpkg/mod.py) None" in state.stdout
 
     # Threat: another person asks for the bundle of this session (its files, maybe secrets in
     # them): the same 404 as for no session at all.
