@@ -67,11 +67,14 @@ ENV = {**os.environ, "GIT_INDEX_FILE": os.path.join(scratch, "index"),
        "GIT_COMMITTER_NAME": "tabbi", "GIT_COMMITTER_EMAIL": "tabbi@localhost"}
 
 
+class Failed(Exception):
+    pass
+
+
 def git(args, data=None, check=True):
     done = subprocess.run(GIT + args, input=data, capture_output=True, env=ENV)
     if check and done.returncode != 0:
-        sys.stderr.write(done.stderr.decode(errors="replace")[-300:])
-        sys.exit(2)
+        raise Failed(done.stderr.decode(errors="replace")[-300:])
     return done
 
 
@@ -79,15 +82,12 @@ def out(args):
     return git(args).stdout.decode().strip()
 
 
-def main():
-    head = out(["rev-parse", "--verify", "HEAD^{commit}"])
-    branch = git(["symbolic-ref", "--short", "-q", "HEAD"], check=False).stdout.decode().strip()
-    index = os.path.join(out(["rev-parse", "--absolute-git-dir"]), "index")
-    try:  # the agent's index: its stat data spares hashing every file again
+def build_tree(agent_index, index, max_file):
+    # The workspace's tree (and the names left out), through a private index: a copy of the
+    # agent's (its stat data spares hashing every file again) or, failing that, HEAD's.
+    if agent_index:
         shutil.copyfile(index, ENV["GIT_INDEX_FILE"], follow_symlinks=False)
-        if git(["diff-files", "--quiet"], check=False).returncode > 1:
-            raise OSError("unreadable index")
-    except OSError:
+    else:
         git(["read-tree", "HEAD"])
     changed = git(["diff-files", "-z", "--name-only"]).stdout.split(b"\0")
     changed += git(["ls-files", "-z", "--others", "--exclude-standard"]).stdout.split(b"\0")
@@ -99,13 +99,14 @@ def main():
             add.append(raw)  # deleted: update-index --remove drops it
             continue
         if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
-            continue
+            continue  # folders (an embedded repository), FIFOs, devices
         if info.st_size > max_file:
             skipped.append(raw.decode(errors="replace"))
             continue
         add.append(raw)
     if add:
-        git(["update-index", "--add", "--remove", "-z", "--stdin"], b"\0".join(add) + b"\0")
+        git(["update-index", "--add", "--remove", "--replace", "-z", "--stdin"],
+            b"\0".join(add) + b"\0")
     # Files committed (by the agent) or staged over the limit are dropped from the tree too.
     listed = [line for line in git(["ls-files", "-z", "-s"]).stdout.split(b"\0") if line]
     ids = b"".join(line.split(b" ")[1] + b"\n" for line in listed)
@@ -116,11 +117,21 @@ def main():
             parts = row.split()
             if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) > max_file:
                 big.add(parts[0])
-    drop = [line.split(b"\t", 1)[1] for line in listed if line and line.split(b" ")[1].decode() in big]
+    drop = [line.split(b"\t", 1)[1] for line in listed if line.split(b" ")[1].decode() in big]
     if drop:
         skipped += [p.decode(errors="replace") for p in drop]
         git(["update-index", "--force-remove", "-z", "--stdin"], b"\0".join(drop) + b"\0")
-    tree = out(["write-tree"])
+    return out(["write-tree"]), skipped
+
+
+def main():
+    head = out(["rev-parse", "--verify", "HEAD^{commit}"])
+    branch = git(["symbolic-ref", "--short", "-q", "HEAD"], check=False).stdout.decode().strip()
+    index = os.path.join(out(["rev-parse", "--absolute-git-dir"]), "index")
+    try:
+        tree, skipped = build_tree(True, index, max_file)
+    except (OSError, Failed):  # no index, or one write-tree refuses (a merge in progress)
+        tree, skipped = build_tree(False, index, max_file)
     base = since if since != "-" and git(["cat-file", "-e", since + "^{commit}"],
                                           check=False).returncode == 0 else None
     if base is not None and out(["rev-parse", base + "^{tree}"]) == tree:
@@ -157,6 +168,9 @@ def main():
 
 try:
     main()
+except Failed as exc:
+    sys.stderr.write(str(exc))
+    sys.exit(2)
 finally:
     shutil.rmtree(scratch, ignore_errors=True)
 """

@@ -331,8 +331,9 @@ class Follower:
                 continue
             try:
                 update = self.update()
-            except (CheckoutError, TabbiError) as exc:
-                message = str(exc)
+            except Exception as exc:  # a thread: nobody else would hear of it
+                message = str(exc) if isinstance(exc, (CheckoutError, TabbiError)) else \
+                    f"the update failed ({type(exc).__name__}: {exc})"
                 if message != self.error:  # said once, not after every turn
                     self.report(f"[tabbi] checkout: {message}")
                 self.error = message

@@ -231,3 +231,25 @@ def test_the_folder_must_be_empty_or_this_sessions_and_stay_where_it_was(tmp_pat
     with pytest.raises(CheckoutError, match="no longer leads to"):
         copy.apply(None, {"tip": hashlib.sha1(b"x").hexdigest()})
     assert sorted(os.listdir(full)) == ["x"]
+
+
+def test_the_workspace_as_it_is_mid_merge_and_with_a_folder_turned_file(workspace, copy, tmp_path):
+    """The agent leaves its repository in any state: a conflicted merge (an index git cannot
+    write a tree from), a tracked folder replaced by a file. The checkout still shows the files."""
+    (workspace / "pkg").mkdir()
+    (workspace / "pkg" / "a.py").write_text("A = 1\n")
+    git("add", "pkg", cwd=workspace)
+    git("commit", "--quiet", "-m", "pkg", cwd=workspace)
+    git("checkout", "--quiet", "-b", "other", cwd=workspace)
+    (workspace / "calc.py").write_text("other\n")
+    git("commit", "--quiet", "-am", "other", cwd=workspace)
+    git("checkout", "--quiet", "tabbi/s", cwd=workspace)
+    (workspace / "calc.py").write_text("mine\n")
+    git("commit", "--quiet", "-am", "mine", cwd=workspace)
+    subprocess.run(["git", "merge", "--quiet", "other"], cwd=workspace, capture_output=True)
+    assert "UU calc.py" in git("status", "--porcelain", cwd=workspace)
+    subprocess.run(["rm", "-r", str(workspace / "pkg")], check=True)
+    (workspace / "pkg").write_text("now a file\n")
+    follow(copy, workspace, tmp_path)
+    assert Path(copy.path, "pkg").read_text() == "now a file\n"
+    assert "<<<<<<<" in Path(copy.path, "calc.py").read_text()
