@@ -225,10 +225,10 @@ def _decode(output: str, limit: int) -> tuple[dict[str, Any], bytes]:
     return clean, data
 
 
-async def make_bundle(sandbox: Sandbox, since: str | None, max_bytes: int = MAX_BUNDLE_BYTES,
-                      max_file: int = MAX_FILE_BYTES) -> tuple[dict[str, Any], bytes]:
+async def make_bundle(sandbox: Sandbox, since: str | None) -> tuple[dict[str, Any], bytes]:
     """``(meta, bundle bytes)`` of the workspace now, as the module says; empty bytes when
     ``since`` already is that state."""
+    max_bytes, max_file = MAX_BUNDLE_BYTES, MAX_FILE_BYTES
     interpreter = sandbox.bootstrap_argv()[0]
     argv = [interpreter, "-I", "-S", "-c", CHECKOUT_PROGRAM, since or "-", str(max_file), str(max_bytes)]
     result = await sandbox.exec(argv, timeout=600, max_output=(max_bytes * 4) // 3 + 65536)

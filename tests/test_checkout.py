@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 
 import pytest
 
+from tabbi_extension import bundle, opencode
 from tests.support.api import Api
 from tests.support.identity import headers
 from tests.support.llm import Reply, bash, write
@@ -28,12 +30,17 @@ MODULE_V2 = "def value():\n    return 2\n"
 
 
 @pytest.fixture(params=["local", "modal"])
-def provider(request) -> str:
-    if request.param == "modal":
-        # Its environment points the server's client at it; its sandboxes reach the model
-        # through this server's gateway, on the server's port.
-        request.getfixturevalue("modal_world").standin.allow_internet(request.getfixturevalue("jp_http_port"))
-    return request.param
+def provider(request) -> Iterator[str]:
+    if request.param == "local":
+        yield "local"
+        return
+    # Its environment points the server's client at it (and trusts its tunnels' CA: the
+    # process's one TLS context for OpenCode clients is made anew with it); its sandboxes reach
+    # the model through this server's gateway, on the server's port.
+    request.getfixturevalue("modal_world").standin.allow_internet(request.getfixturevalue("jp_http_port"))
+    opencode._tls.cache_clear()
+    yield "modal"
+    opencode._tls.cache_clear()
 
 
 @pytest.fixture
@@ -98,13 +105,14 @@ async def test_the_agents_module_is_importable_and_followed_after_each_turn(
 
 @pytest.mark.parametrize("provider", ["local"], indirect=True)
 async def test_what_the_agent_plants_stays_harmless_in_the_working_copy(
-        provider, kernel, llm, source_repo, tmp_path):
+        provider, kernel, llm, source_repo, tmp_path, monkeypatch):
     """Threat: the agent (a shell in the workspace) plants, for the person's kernel: a link to a
     file outside the working copy (read or written through it later), a clean/smudge filter in
     ``.gitattributes`` with its driver, a post-checkout hook and ``core.fsmonitor`` in its own
     repository's config (code run by whichever git touches the files), and a file far too large.
     The working copy gets a plain file for the link, runs nothing, and leaves the large file out
     (named in the update)."""
+    monkeypatch.setattr(bundle, "MAX_FILE_BYTES", 1 << 20)  # the server's limit, made small
     sid = await start(kernel, source_repo)
     pwned = tmp_path / "pwned"
     outside = tmp_path / "outside.txt"
@@ -118,7 +126,7 @@ async def test_what_the_agent_plants_stays_harmless_in_the_working_copy(
         "mkdir -p .git/hooks",
         f"printf '#!/bin/sh\\ntouch {pwned}-hook\\n' > .git/hooks/post-checkout",
         "chmod +x .git/hooks/post-checkout",
-        "head -c 60000000 /dev/zero > big.bin",
+        "head -c 2000000 /dev/zero > big.bin",
     ])
     llm.enqueue(Reply(tools=[bash(plant), write("planted.py", "X = 1\n")]), Reply(text="Planted."))
     await ok(kernel, "%%tabbi\nplant")
