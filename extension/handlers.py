@@ -484,6 +484,8 @@ class PushHandler(TabbiHandler):
 
 def routes() -> list[tuple[str, type]]:
     """URL patterns relative to the server's base URL (the ExtensionApp prepends it)."""
+    from . import bundle  # it builds on this module's handler class
+
     prefix = "/tabbi/api"
     return [
         (prefix + f"/sessions/{SESSION_ID}/push", PushHandler),
@@ -501,4 +503,5 @@ def routes() -> list[tuple[str, type]]:
         (prefix + f"/sessions/{SESSION_ID}/events", EventsHandler),
         (prefix + f"/sessions/{SESSION_ID}/stream", EventsSocket),
         (prefix + f"/sessions/{SESSION_ID}/permissions/{PERMISSION_ID}", PermissionHandler),
+        *bundle.routes(),  # %tabbi checkout's bundle of the workspace
     ]

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from .discovery import ServerInfo, find_server
 
@@ -108,6 +108,33 @@ class Client:
             reason = getattr(exc, "reason", exc)
             raise TabbiError(f"cannot reach the tabbi server at {self.url}: {reason}") from None
         return json.loads(raw) if raw else None
+
+    def download(self, path: str, out: BinaryIO, max_bytes: int, params: dict | None = None,
+                 timeout: float = 600) -> dict[str, str]:
+        """``GET`` raw bytes into ``out`` (at most ``max_bytes``: more raises ``TabbiError``);
+        the answer's headers."""
+        import urllib.error  # deferred: importing tabbi_kernel must stay cheap
+        import urllib.parse
+        import urllib.request
+
+        url = self.url + "tabbi/api/" + path.lstrip("/")
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        request = urllib.request.Request(url, headers={"Authorization": f"token {self.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                total = 0
+                while chunk := response.read(1 << 20):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise TabbiError(f"the answer is larger than {max_bytes >> 20} MB", 413)
+                    out.write(chunk)
+                return dict(response.headers.items())
+        except urllib.error.HTTPError as exc:
+            raise _refusal(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TabbiError(f"cannot reach the tabbi server at {self.url}: {reason}") from None
 
     # -- server-wide ----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -344,6 +371,18 @@ class Session:
 
     def read_file(self, path: str) -> str:
         return self.client.request("GET", self._path("file"), params={"path": path})["content"]
+
+    def bundle(self, out: BinaryIO, since: str | None = None, max_bytes: int = 200 << 20) -> dict[str, Any]:
+        """The workspace as a git bundle for ``%tabbi checkout`` (``tabbi_kernel.checkout``),
+        written into ``out`` (empty when ``since`` already is the workspace's state); what the
+        server says of it: ``{tip, head, branch, snapshot, skipped, bytes}``."""
+        headers = self.client.download(self._path("bundle"), out, max_bytes,
+                                       params={"since": since} if since else None)
+        found = {k.lower(): v for k, v in headers.items()}.get("x-tabbi-checkout", "{}")
+        try:
+            return json.loads(found)
+        except ValueError:
+            raise TabbiError("the server's checkout answer could not be read") from None
 
     def messages(self) -> list[dict[str, Any]]:
         return self.client.request("GET", self._path("messages"))["messages"]

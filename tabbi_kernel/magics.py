@@ -51,6 +51,10 @@ HELP = """\
                              (--outputs: their outputs' changes too).
   %tabbi insert              The Python code of the last turn -> one new cell below (percent
                              format: split it at the '# %%' markers with Ctrl+Shift+-).
+  %tabbi checkout [DIR] [--off] [--no-follow]
+                             A working copy of the session's files (its uncommitted changes
+                             too) in DIR (tabbi-checkouts/<id>), on sys.path so you can import
+                             the agent's code; it follows each turn. --off stops following.
   %tabbi pause | stop [ID]   Snapshot the session, then stop its sandbox (not during a turn).
   %tabbi resume [ID]         Start it again from the snapshot; a prompt resumes it too.
   %tabbi delete [ID]         End a session: its sandbox, workspace and snapshots are removed.
@@ -524,6 +528,32 @@ class TabbiMagics(Magics):
         origins = "; ".join(s.origin for s in snippets)
         where = earlier_note(conversation, turn)
         print(f"[tabbi] inserted {len(snippets)} snippet(s) into a new cell below{where}: {origins}")
+
+    def cmd_checkout(self, argv: list[str]) -> None:
+        from . import checkout  # deferred: importing tabbi_kernel must stay cheap
+
+        args = _parser(
+            "%tabbi checkout", (("dir",), {"nargs": "?"}), (("--session",), {}),
+            (("--off",), {"action": "store_true"}), (("--no-follow",), {"action": "store_true"}),
+        ).parse_args(argv)
+        if args.off:
+            stopped = checkout.stop(args.session)
+            print(f"[tabbi] stopped following {', '.join(stopped)}" if stopped
+                  else "[tabbi] no working copy was following a session")
+            return
+        session = self.session(args.session)
+        try:
+            follower = checkout.checkout(session, args.dir, follow=not args.no_follow)
+        except checkout.CheckoutError as exc:
+            raise UsageError(str(exc)) from None
+        root = follower.copy.import_root()
+        where = " (the src/ layout's folder)" if root != follower.copy.path else ""
+        print(f"[tabbi] {root}{where} is on sys.path: import the agent's modules as usual")
+        if not args.no_follow:
+            print("[tabbi] it follows the session after each turn (%tabbi checkout --off stops).\n"
+                  "        To pick up changed modules without restarting the kernel, run once:\n"
+                  "            %load_ext autoreload\n            %autoreload 2\n"
+                  "        (or importlib.reload(module) after a turn)")
 
     # -- who and what ---------------------------------------------------------------------------
     def cmd_whoami(self, argv: list[str]) -> None:
