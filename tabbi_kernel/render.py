@@ -72,12 +72,19 @@ def _counts(entry: dict[str, Any]) -> str:
     return f"+{entry.get('additions') or 0} -{entry.get('deletions') or 0}"
 
 
+def _cell_diff(entry: dict[str, Any]) -> str | None:
+    """A notebook's cell-level diff (``entry["notebook"]["text"]``, nbdime's), which stands in
+    for its JSON patch; None for other files and notebooks that could not be read by cell."""
+    notebook = entry.get("notebook")
+    text = notebook.get("text") if isinstance(notebook, dict) else None
+    return text if isinstance(text, str) else None
+
+
 def _file_html(entry: dict[str, Any], section: str, budget: int, opened: bool) -> tuple[str, int]:
-    """One collapsible file: status, path, counts, then its lines (at most ``budget``).
-    A notebook's cell-level diff (``entry["notebook"]["text"]``) stands in for its JSON patch."""
-    notebook = entry.get("notebook") if isinstance(entry.get("notebook"), dict) else None
-    cells = notebook is not None and isinstance(notebook.get("text"), str)
-    lines = notebook["text"].splitlines() if cells else _without_file_header(section.splitlines())
+    """One collapsible file: status, path, counts, then its lines (at most ``budget``)."""
+    cell_diff = _cell_diff(entry)
+    cells = cell_diff is not None
+    lines = cell_diff.splitlines() if cells else _without_file_header(section.splitlines())
     shown = lines[:max(0, min(budget, MAX_FILE_LINES))]
     body = _lines_html(shown, headers=not cells)
     if len(shown) < len(lines):
@@ -93,6 +100,8 @@ def _file_html(entry: dict[str, Any], section: str, budget: int, opened: bool) -
     notes = [html.escape(str(entry["skipped"]))] if entry.get("skipped") else []
     if cells:
         notes.append("cell diff")
+    elif entry.get("notebook_note"):
+        notes.append(html.escape(str(entry["notebook_note"])))
     if entry.get("truncated") and not entry.get("skipped"):
         notes.append("shortened")
     note = f" <em class='tabbi-diff-note'>({', '.join(notes)})</em>" if notes else ""
@@ -136,7 +145,12 @@ def diff(result: dict[str, Any]) -> dict[str, str]:
     markup = (f"<div class='tabbi-diff'><div class='tabbi-diff-summary'><strong>{len(files)} file(s) "
               f"changed</strong> <span style='color:#1a7f37'>+{added}</span> "
               f"<span style='color:#cf222e'>&minus;{removed}</span>{note}</div>{''.join(parts)}</div>")
-    return bundle(markup, f"{len(files)} file(s) changed: {summary}\n\n{text}")
+    plain = text  # notebooks by cell in the plain text too, the rest as git wrote it
+    if any(_cell_diff(entry) is not None for entry in files):
+        plain = "".join(f"--- {entry.get('path')} (cell diff)\n{cell_diff}\n"
+                        if (cell_diff := _cell_diff(entry)) is not None else section
+                        for entry, section in zip(files, sections, strict=True))
+    return bundle(markup, f"{len(files)} file(s) changed: {summary}\n\n{plain}")
 
 
 def model_name(model: str | None, short: bool = False) -> str:

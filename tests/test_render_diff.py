@@ -84,6 +84,19 @@ def test_a_notebook_shows_its_cell_diff_instead_of_the_json():
     assert "(cell diff)" in nb and "## modified /cells/0/source:" in nb
     assert "&quot;source&quot;" not in nb and "&quot;source&quot;" not in calc
     assert '<span style="color:#1a7f37;background:rgba(46,160,67,.12)">+  x = 2</span>' in nb
+    # %tabbi diff's plain text shows the notebook by cell too, the other files as git wrote them
+    plain = render.diff(result)["text/plain"]
+    assert "--- a.ipynb (cell diff)\n## modified /cells/0/source:" in plain
+    assert NB not in plain and CALC in plain
+
+
+def test_a_notebook_not_readable_by_cell_says_why():
+    """The server keeps git's JSON patch for a notebook it could not read by cell (too large,
+    invalid, too deep) and says why in ``notebook_note``; the view shows that reason."""
+    note = "not shown by cell: larger than 10 MB"
+    result = {"diff": NB, "files": [entry("a.ipynb", "modified", 1, 1, notebook_note=note)]}
+    (nb,) = files_of(render.diff(result)["text/html"])
+    assert note in nb and "cell diff" not in nb
 
 
 def test_long_diffs_are_bounded_with_a_note(monkeypatch):
