@@ -27,7 +27,8 @@ async def test_attached_context_reaches_the_model_and_nothing_else(kernel, llm, 
     sid = started.stdout.split("[tabbi] session ")[1].split()[0]
     await kernel.run(f"hidden_note = {MARKER!r}")  # a cell never attached
     await kernel.run(
-        "import pandas as pd\n"
+        "import os, tempfile, pandas as pd\n"
+        "os.chdir(tempfile.mkdtemp())  # @file: reads the kernel's working directory: a scratch one\n"
         "df_sales = pd.DataFrame({'region': ['north', 'south'], 'units_sold': [3, 4]})\n"
         "open('notes.txt', 'w').write('the fiscal year starts in April\\n')")
     await kernel.run("units_per_region = df_sales.groupby('region')['units_sold'].sum()")
