@@ -36,6 +36,7 @@ from traitlets.config import LoggingConfigurable
 
 from . import states
 from .agent import SessionAgent
+from .budgets import Budgets
 from .handlers import SESSION_ID, TabbiHandler
 from .manager import SessionManager, SessionNotFound
 from .store import SessionRecord, Store
@@ -70,13 +71,16 @@ class TabbiAdmins(LoggingConfigurable):
         return self.hub_admins and isinstance(hub_user, dict) and hub_user.get("admin") is True
 
 
-async def usage(agent: SessionAgent | None, record: SessionRecord, store: Store) -> dict[str, Any]:
+async def usage(agent: SessionAgent | None, record: SessionRecord, store: Store,
+                budgets: Budgets) -> dict[str, Any]:
     """What the service can honestly say a session uses: its age, how long its sandbox has been
     running (while this service runs it), whether a turn runs, prompts waiting, events logged,
-    and its snapshots. Model tokens are not recorded by tabbi, so they are not reported."""
+    its snapshots, and its model tokens and cost as OpenCode reported them (the spend the budgets
+    count)."""
     now = time.time()
-    snapshots, pending = await asyncio.gather(store.list_snapshots(record.id),
-                                              store.pending_prompts(record.id))
+    snapshots, pending, model = await asyncio.gather(
+        store.list_snapshots(record.id), store.pending_prompts(record.id),
+        budgets.model_usage(store, record.id))
     running_since = agent.running_since if agent is not None else None
     return {
         "age_seconds": round(now - record.created_at, 1) if record.created_at else None,
@@ -86,6 +90,8 @@ async def usage(agent: SessionAgent | None, record: SessionRecord, store: Store)
         "events": agent.events.last_seq if agent is not None else None,
         "snapshots": len(snapshots),
         "snapshot_bytes": sum(s.size for s in snapshots),
+        "tokens": model.get("tokens"),
+        "cost": model.get("cost"),
     }
 
 
@@ -99,7 +105,7 @@ async def all_sessions(manager: SessionManager) -> list[dict[str, Any]]:
         agent = held.get(record.id)
         info = agent.describe() if agent is not None else record.public()
         async with calls:
-            return {**info, "usage": await usage(agent, record, manager.store)}
+            return {**info, "usage": await usage(agent, record, manager.store, manager.settings.budgets)}
 
     out = await asyncio.gather(*(one(r) for r in records))
     return sorted(out, key=lambda s: s.get("created_at") or 0, reverse=True)

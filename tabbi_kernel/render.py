@@ -202,6 +202,15 @@ def sessions(rows: list[dict[str, Any]], current: str | None) -> dict[str, str]:
     return _table(["", "id", "state", "repo", "branch", "model"], cells, 2, "tabbi-sessions")
 
 
+def _model_use(use: dict[str, Any]) -> str:
+    """A session's model tokens and cost in a table cell: ``1,234 tokens, $0.0123``."""
+    tokens = use.get("tokens") or {}
+    cache = tokens.get("cache") or {}
+    count = sum(int(tokens.get(k) or 0) for k in ("input", "output", "reasoning"))
+    count += sum(int(cache.get(k) or 0) for k in ("read", "write"))
+    return f"{count:,} tokens, ${float(use.get('cost') or 0):.4f}"
+
+
 def admin_sessions(rows: list[dict[str, Any]]) -> dict[str, str]:
     """Every person's sessions, for ``%tabbi admin``: owner, state, age and use."""
     if not rows:
@@ -215,8 +224,9 @@ def admin_sessions(rows: list[dict[str, Any]]) -> dict[str, str]:
             work += f" +{use['prompts_queued']} queued"
         cells.append([row["owner"], row["id"], row["state"], row["repo"],
                       _duration(use.get("age_seconds")), _duration(running), work.strip(),
-                      f"{use.get('snapshots', 0)} ({_size(use.get('snapshot_bytes') or 0)})"])
-    headers = ["owner", "id", "state", "repo", "age", "running", "work", "snapshots"]
+                      f"{use.get('snapshots', 0)} ({_size(use.get('snapshot_bytes') or 0)})",
+                      _model_use(use)])
+    headers = ["owner", "id", "state", "repo", "age", "running", "work", "snapshots", "model use"]
     return _table(headers, cells, 2, "tabbi-admin")
 
 

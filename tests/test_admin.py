@@ -124,5 +124,8 @@ async def test_an_admin_lists_stops_mid_turn_and_pauses_someone_elses_session(
     assert [e["data"]["by"] for e in events if e["type"] == "admin.action"] == ["owner"]
     paused = await admin_row(alice, sid)
     assert paused["usage"]["snapshots"] >= 1 and paused["usage"]["snapshot_bytes"] > 0
+    # the model's tokens as OpenCode reported them (the scripted model: 10 in, 5 out per call)
+    assert paused["usage"]["tokens"]["input"] >= 10 and paused["usage"]["tokens"]["output"] >= 5
+    assert "model use" in table.splitlines()[0] and " tokens, $" in table
     usage = await kernel.run("%tabbi admin stop")
     assert usage.status == "error" and "which session" in usage.stderr
