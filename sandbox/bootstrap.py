@@ -328,7 +328,7 @@ def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: floa
 
 
 #: Switches that keep OpenCode offline and quiet: no model catalogue fetch, no updates, no sharing,
-#: no LSP downloads, no Claude Code or external skill discovery.
+#: no LSP downloads, no Claude Code or external skill discovery, no built-in provider plugins.
 OFFLINE_SWITCHES = {
     "OPENCODE_DISABLE_MODELS_FETCH": "1",
     "OPENCODE_DISABLE_AUTOUPDATE": "1",
@@ -336,6 +336,10 @@ OFFLINE_SWITCHES = {
     "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
     "OPENCODE_DISABLE_CLAUDE_CODE": "1",
     "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1",
+    # OpenCode's built-in plugins sign in to providers tabbi never enables (Copilot, Codex,
+    # Azure, Cloudflare, Snowflake, ...: tabbi's config enables one provider, through its
+    # gateway); each folder OpenCode opens would load all twelve (Azure's looks for ``az``).
+    "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1",
     # Nothing in the workspace configures OpenCode: its ``.opencode/`` plugins and tools and its
     # ``opencode.json`` are the agent's to write, and would be imported into OpenCode at the next
     # start. The workspace's AGENTS.md is named as an instruction file instead (``opencode_env``).
