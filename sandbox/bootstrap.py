@@ -299,6 +299,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def basic_auth(password: str) -> str:
+    """The ``Authorization`` header OpenCode's server password asks for."""
+    return "Basic " + base64.b64encode(f"opencode:{password}".encode()).decode()
+
+
 def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: float) -> str:
     """Poll OpenCode's health endpoint with short per-request timeouts until it answers.
 
@@ -308,9 +313,8 @@ def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: floa
     import urllib.error  # here, not at the top: every snapshot and restore runs this file
     import urllib.request
 
-    token = base64.b64encode(f"opencode:{password}".encode()).decode()
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/global/health", headers={"Authorization": f"Basic {token}"}
+        f"http://127.0.0.1:{port}/global/health", headers={"Authorization": basic_auth(password)}
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -408,11 +412,10 @@ def rehearse(port: int, password: str, folder: str) -> None:
     import urllib.parse
     import urllib.request
 
-    token = base64.b64encode(f"opencode:{password}".encode()).decode()
     query = urllib.parse.urlencode({"directory": folder})
     for method, path in (("POST", "/session"), ("POST", "/instance/dispose")):
         request = urllib.request.Request(f"http://127.0.0.1:{port}{path}?{query}", method=method, data=b"{}",
-                                         headers={"Authorization": f"Basic {token}",
+                                         headers={"Authorization": basic_auth(password),
                                                   "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
