@@ -6,9 +6,10 @@ one-line answer), so that a cost moved past ``running`` shows; then the memory a
 sandbox holds (RSS and PSS of its processes).
 
 Run: ``.venv/bin/python bench/bench_pool.py [N]``. Ratios are against the bare cold start's
-median in the same run; the load average is printed before and after each part. Each pooled
-sample waits first for the pool to be full again (the refill runs in the background between
-sessions, as it would between a person's sessions).
+median in the same run. The samples run in N rounds of (pooled, bare, cold), so that all three
+see the same load on a shared machine (the load average is printed after each round); the pool
+refills in the background after each pooled sample, as it would between a person's sessions,
+and is full again before the bare and cold samples of the round.
 """
 
 from __future__ import annotations
@@ -100,36 +101,21 @@ def main(n: int = 5) -> None:
     llm = ScriptedLLM().start()
     work = Path(tempfile.mkdtemp(prefix="tabbi-bench-pool-"))
     repo = sample_repo(work)
-    loads = [f"start {load()}"]
-    bare: list[float] = []
-    for _ in range(n):
-        oc = BareOpenCode(llm, repo)
-        bare.append(oc.wait_healthy())
-        oc.stop()
-    loads.append(f"after bare {load()}")
-
+    loads = [load()]
     json_log = ["--TabbiExtension.log_style=json"]
+    cold_server = JupyterProcess(llm.url, work / "cold", extra=json_log)  # no pool: JupyterProcess's default
+    server = JupyterProcess(llm.url, work / "warm",
+                            extra=[*json_log, "--WarmPool.size=1", "--WarmPool.warm_interval=0"])
+    bare: list[float] = []
     cold: list[float] = []
     cold_prompt: list[float] = []
-    server = JupyterProcess(llm.url, work / "cold", extra=json_log)  # no pool: JupyterProcess's default
-    try:
-        for _ in range(n):
-            seconds, prompt, sid = create_until_running(server, repo)
-            cold.append(seconds)
-            cold_prompt.append(prompt)
-            server.call("DELETE", f"tabbi/api/sessions/{sid}")
-    finally:
-        server.stop()
-    cold_steps = [s for runs in start_steps(server).values() for s in runs]
-    loads.append(f"after cold {load()}")
-
     warm: list[float] = []
     warm_prompt: list[float] = []
     warm_ids: list[str] = []
     memory: list[tuple[int, int]] = []
-    server = JupyterProcess(llm.url, work / "warm",
-                            extra=[*json_log, "--WarmPool.size=1", "--WarmPool.warm_interval=0"])
     try:
+        # Rounds of (pooled, bare, cold), so that the three see the same load on a shared machine;
+        # the pool refills before the bare and cold samples, never during one.
         for _ in range(n):
             wait_pool_full(server)
             live = {s["id"] for s in server.call("GET", "tabbi/api/sessions")["sessions"]}
@@ -141,15 +127,27 @@ def main(n: int = 5) -> None:
             warm_prompt.append(prompt)
             warm_ids.append(sid)
             server.call("DELETE", f"tabbi/api/sessions/{sid}")
+            wait_pool_full(server)
+
+            oc = BareOpenCode(llm, repo)
+            bare.append(oc.wait_healthy())
+            oc.stop()
+
+            seconds, prompt, sid = create_until_running(cold_server, repo)
+            cold.append(seconds)
+            cold_prompt.append(prompt)
+            cold_server.call("DELETE", f"tabbi/api/sessions/{sid}")
+            loads.append(load())
     finally:
         server.stop()
+        cold_server.stop()
         llm.stop()
+    cold_steps = [s for runs in start_steps(cold_server).values() for s in runs]
     logged = start_steps(server)
     warm_steps = [s for sid in warm_ids for s in logged.get(sid, [])[:1]]
-    loads.append(f"after pooled {load()}")
 
     base = statistics.median(bare)
-    print(f"machine: {machine()}; load average (1 min): {', '.join(loads)}")
+    print(f"machine: {machine()}; load average (1 min) at the start and after each round: {', '.join(loads)}")
     print(f"bare opencode serve cold start -> healthy: {summary(bare)}")
     print(f"tabbi cold create -> running (no pool):    {summary(cold)}  "
           f"= {statistics.median(cold) / base:.2f}x bare")
