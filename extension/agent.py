@@ -117,6 +117,25 @@ class Turn:
     messages: set[str] = field(default_factory=set)
 
 
+class StartSteps:
+    """Where a start's time goes: milliseconds per step, from ``since`` (when the session was
+    asked for) to running, logged with ``session.ready`` (and read by ``bench/bench_pool.py``)."""
+
+    def __init__(self, since: float | None = None):
+        self.since = self._last = since if since is not None else time.monotonic()
+        self.ms: dict[str, int] = {}
+
+    def mark(self, step: str) -> None:
+        """``step`` ended now (it began where the previous one ended)."""
+        now = time.monotonic()
+        self.ms[step] = self.ms.get(step, 0) + round((now - self._last) * 1000)
+        self._last = now
+
+    @property
+    def total_ms(self) -> int:
+        return round((time.monotonic() - self.since) * 1000)
+
+
 class SessionAgent:
     def __init__(
         self,
@@ -156,6 +175,8 @@ class SessionAgent:
         self.log = logs.SessionLog(log, record.id, record.owner)
         #: A warm sandbox reserved for this session's first start (``pool.WarmPool.take``).
         self.warm: WarmSandbox | None = None
+        #: The next start's step timings (made when the session was asked for; else at start).
+        self.steps: StartSteps | None = None
         #: The repository's environment at the first start (``environments.py``); None after a
         #: restart of the server (the session then resumes from its own snapshots).
         self.environment: EnvironmentStart | None = None
@@ -252,6 +273,8 @@ class SessionAgent:
 
     async def _boot(self) -> None:
         started = time.monotonic()
+        steps, self.steps = self.steps or StartSteps(started), None
+        steps.mark("accept")  # the request: pool take, store writes, the agent, STARTING
 
         def took(outcome: str) -> None:  # the start's duration, by how it ended
             seconds = time.monotonic() - started
@@ -290,6 +313,7 @@ class SessionAgent:
                 if environment.warm is not None:
                     await self._emit("session.status", {"state": states.STARTING, "phase": "warm_snapshot",
                                                         "snapshot": environment.warm.id})
+            steps.mark("plan")  # model config, the credential, snapshots, the environment
             try:
                 try:
                     self._sandbox = await self.provider.start(spec, self._on_progress, restore, warm)
@@ -304,13 +328,27 @@ class SessionAgent:
                 if why_anonymous and "clone" in str(exc):
                     raise SandboxError(f"{exc} ({why_anonymous})") from None
                 raise
-            await self._remember_sandbox(self._sandbox, spec.password)
-            if environment is not None:
+            steps.mark("sandbox")  # a cold create, or a warm sandbox's clone and fence
+            if environment is not None and environment.will_build:
+                # The warm snapshot is of a workspace OpenCode has not opened yet.
+                await self._remember_sandbox(self._sandbox, spec.password)
                 await environment.built(self.provider, self._sandbox, self._emit)
-            await self._connect(self._sandbox)
+                await self._connect(self._sandbox, steps=steps)
+            else:  # independent: the state's store write, and OpenCode opening the workspace
+                remembering = asyncio.ensure_future(self._remember_sandbox(self._sandbox, spec.password))
+                try:
+                    await self._connect(self._sandbox, steps=steps)
+                except BaseException:
+                    remembering.cancel()
+                    raise
+                await remembering
+            steps.mark("connect")
             self._running_since = self._last_activity = time.monotonic()
             await self._set_state(states.RUNNING, phase="ready")
+            steps.mark("running")
             took("ready")
+            self.log.info("session.ready", "session is ready", pooled=warm is not None,
+                          ms=steps.total_ms, steps=steps.ms)
             self._spawn("watch", self._watch_limits())
             if environment is not None and environment.warm is not None:
                 request = {"workspace": self._sandbox.workspace_path, "home": self._sandbox.home_path,
@@ -365,16 +403,23 @@ class SessionAgent:
         self.record.sandbox_state = state
         await self.store.update_session(self.id, sandbox_state=state)
 
-    async def _connect(self, sandbox: Sandbox, reattaching: bool = False) -> AgentRuntime:
+    async def _connect(self, sandbox: Sandbox, reattaching: bool = False,
+                       steps: StartSteps | None = None) -> AgentRuntime:
         """Talk to the sandbox's agent: its conversation (a new one if missing, except when
         re-attaching: then the running one must be there) and its event feed."""
         runtime = self._runtime = self.runtime_class(sandbox.endpoint())
+        connected = asyncio.Event()
+        fresh = not self.record.opencode_session_id
+        if fresh:  # no conversation yet, so nothing to miss: the feed connects meanwhile
+            self._spawn("feed", self._feed(runtime, sandbox, connected))
         conversation = await runtime.open(self.record.opencode_session_id, must_exist=reattaching)
+        if steps is not None:
+            steps.mark("open")  # OpenCode opening the workspace (its first request) + its session
         if conversation != self.record.opencode_session_id:
             self.record.opencode_session_id = conversation
             await self.store.update_session(self.id, opencode_session_id=conversation)
-        connected = asyncio.Event()
-        self._spawn("feed", self._feed(runtime, sandbox, connected))
+        if not fresh:
+            self._spawn("feed", self._feed(runtime, sandbox, connected))
         try:
             await asyncio.wait_for(connected.wait(), self.settings.connect_timeout)
         except asyncio.TimeoutError:

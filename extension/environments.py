@@ -258,10 +258,15 @@ class EnvironmentStart:
         elif phase == "branch":
             self._base_commit = message.get("base_commit")
 
+    @property
+    def will_build(self) -> bool:
+        """Whether ``built`` will snapshot the sandbox (a setup script ran on a cold start)."""
+        return self.warm is None and bool(self._setup_hash and self._base_commit)
+
     async def built(self, provider: SandboxProvider, sandbox: Sandbox, progress: Emit) -> None:
         """After a cold start whose setup script ran: keep the sandbox as the person's warm
         snapshot (OpenCode is up but has no conversation yet: the workspace is quiet)."""
-        if self.warm is not None or not self._setup_hash or not self._base_commit:
+        if not self.will_build:
             return
         await progress("session.status", {"state": "starting", "phase": "saving_environment"})
         name = f"{int(time.time() * 1000)}-env{secrets.token_hex(3)}"

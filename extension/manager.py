@@ -24,7 +24,7 @@ from tabbi_sandbox import processes
 from tabbi_sandbox.provider import SandboxError, SandboxProvider
 
 from . import model_config, states
-from .agent import AgentError, AgentSettings, GitAccessLookup, SessionAgent
+from .agent import AgentError, AgentSettings, GitAccessLookup, SessionAgent, StartSteps
 from .environments import EnvironmentStart
 from .pool import WarmPool
 from .store import Lease, SessionRecord, Store, StoreError
@@ -109,6 +109,7 @@ class SessionManager:
     ) -> SessionAgent:
         """A new session, starting. ``fresh``: build the repository's environment anew rather
         than start from the person's warm snapshot of it (``environments.py``)."""
+        asked = StartSteps()
         await self.store.upsert_user(owner, profile or {})
         model = resolved_model(self.settings.model, model)
         # A warm sandbox is reserved for the session it serves: the session takes its id.
@@ -131,7 +132,7 @@ class SessionManager:
             if warm is not None:
                 await asyncio.shield(self.provider.discard(warm))
             raise
-        agent.warm = warm
+        agent.warm, agent.steps = warm, asked
         # A git URL's query is left out of the log: someone may have put a credential there.
         agent.log.info("session.created", "session created", repo=record.repo.split("?", 1)[0],
                        model=model, provider=self.provider.name)

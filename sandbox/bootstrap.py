@@ -273,22 +273,23 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> bool:
         return False
     emit("cloning", repo=spec["repo_display"])
     os.makedirs(os.path.dirname(workspace), exist_ok=True)
-    args = [*SAFE_GIT, "clone", "--quiet", "--no-hardlinks", "--template="]
+    identity = spec.get("git_identity") or {}
+    # The identity is written into the new repository's config by the clone itself (``-c``).
+    args = [*SAFE_GIT, "clone", "--quiet", "--no-hardlinks", "--template=",
+            "-c", f"user.name={identity.get('name') or 'tabbi'}",
+            "-c", f"user.email={identity.get('email') or 'tabbi@localhost'}"]
     if spec.get("base_branch"):
         args += ["--branch", spec["base_branch"]]
     url = spec["repo_url"]
     git([*args, "--", url, workspace], os.path.dirname(workspace), safe_env, remote=(url, credential))
     del credential
-    if run_git(["rev-parse", "--verify", "--quiet", "HEAD"], workspace, safe_env).returncode != 0:
+    head = run_git(["rev-parse", "--verify", "--quiet", "HEAD"], workspace, safe_env)
+    if head.returncode != 0:
         shutil.rmtree(workspace, ignore_errors=True)  # a later start clones again
         raise BootstrapError(f"{spec['repo_display']} has no commits yet: make a first commit "
                              "(and push it), then start again")
     git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], workspace, safe_env)
-    identity = spec.get("git_identity") or {}
-    git(["config", "user.name", identity.get("name") or "tabbi"], workspace, safe_env)
-    git(["config", "user.email", identity.get("email") or "tabbi@localhost"], workspace, safe_env)
-    base = git(["rev-parse", "HEAD"], workspace, safe_env)
-    emit("branch", branch=branch, base_commit=base)
+    emit("branch", branch=branch, base_commit=head.stdout.strip())
     return True
 
 
@@ -296,6 +297,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def basic_auth(password: str) -> str:
+    """The ``Authorization`` header OpenCode's server password asks for."""
+    return "Basic " + base64.b64encode(f"opencode:{password}".encode()).decode()
 
 
 def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: float) -> str:
@@ -307,9 +313,8 @@ def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: floa
     import urllib.error  # here, not at the top: every snapshot and restore runs this file
     import urllib.request
 
-    token = base64.b64encode(f"opencode:{password}".encode()).decode()
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/global/health", headers={"Authorization": f"Basic {token}"}
+        f"http://127.0.0.1:{port}/global/health", headers={"Authorization": basic_auth(password)}
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -327,7 +332,7 @@ def wait_healthy(port: int, password: str, proc: subprocess.Popen, timeout: floa
 
 
 #: Switches that keep OpenCode offline and quiet: no model catalogue fetch, no updates, no sharing,
-#: no LSP downloads, no Claude Code or external skill discovery.
+#: no LSP downloads, no Claude Code or external skill discovery, no built-in provider plugins.
 OFFLINE_SWITCHES = {
     "OPENCODE_DISABLE_MODELS_FETCH": "1",
     "OPENCODE_DISABLE_AUTOUPDATE": "1",
@@ -335,6 +340,10 @@ OFFLINE_SWITCHES = {
     "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
     "OPENCODE_DISABLE_CLAUDE_CODE": "1",
     "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1",
+    # OpenCode's built-in plugins sign in to providers tabbi never enables (Copilot, Codex,
+    # Azure, Cloudflare, Snowflake, ...: tabbi's config enables one provider, through its
+    # gateway); each folder OpenCode opens would load all twelve (Azure's looks for ``az``).
+    "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1",
     # Nothing in the workspace configures OpenCode: its ``.opencode/`` plugins and tools and its
     # ``opencode.json`` are the agent's to write, and would be imported into OpenCode at the next
     # start. The workspace's AGENTS.md is named as an instruction file instead (``opencode_env``).
@@ -368,13 +377,19 @@ def opencode_env(env: dict[str, str], password: str, config: dict, workspace: st
     }
 
 
-def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, int, str]:
+def start_opencode(
+    spec: dict, env: dict[str, str], rehearsal: str | None = None
+) -> tuple[subprocess.Popen, int, str]:
+    """Start OpenCode in the workspace and wait until it is healthy. ``rehearsal``: a warm
+    sandbox's empty folder that ``forget_secrets.js`` lets OpenCode open first (``rehearse``)."""
     emit("starting_agent")
     port = int(spec.get("port") or free_port())
     oc = spec["opencode"]
     oc_env = opencode_env(env, oc["password"], oc["config"], spec["workspace"])
     if spec.get("marker"):
         oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
+    if rehearsal:
+        oc_env["TABBI_REHEARSAL_DIR"] = rehearsal
     with open(os.path.join(spec["home"], "opencode.log"), "ab") as log:
         proc = subprocess.Popen(
             [oc["bin"], "serve", "--hostname", spec.get("hostname") or "127.0.0.1", "--port", str(port)],
@@ -387,6 +402,26 @@ def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, i
         )
     version = wait_healthy(port, oc["password"], proc, float(spec.get("health_timeout", 60)))
     return proc, port, version
+
+
+def rehearse(port: int, password: str, folder: str) -> None:
+    """Have a warm sandbox's OpenCode open an empty folder (its per-folder instance: config,
+    plugins, providers, project detection) and close it again, so that what OpenCode loads once
+    per process is loaded before a session takes the sandbox, and the workspace opens faster
+    after the clone. Nothing of a person or repository is in the sandbox yet."""
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"directory": folder})
+    for method, path in (("POST", "/session"), ("POST", "/instance/dispose")):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}?{query}", method=method, data=b"{}",
+                                         headers={"Authorization": basic_auth(password),
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+        except OSError as exc:
+            raise BootstrapError(f"OpenCode did not open a folder: {exc}") from None
 
 
 def _die_with_parent() -> None:
@@ -740,9 +775,13 @@ def main() -> int:
             if prepare_environment(spec, env, cloned):
                 env = prepare_home(spec["home"])  # the setup script may have written OpenCode's config
             fence_workspace(spec["workspace"])
+            proc, port, version = start_opencode(spec, env)
         else:  # a warm sandbox: the repository comes later (``clone_into``)
             os.makedirs(spec["workspace"], exist_ok=True)
-        proc, port, version = start_opencode(spec, env)
+            rehearsal = os.path.join(env["TMPDIR"], "rehearsal")
+            os.makedirs(rehearsal, exist_ok=True)
+            proc, port, version = start_opencode(spec, env, rehearsal)
+            rehearse(port, spec["opencode"]["password"], rehearsal)
     except Exception as exc:
         if proc is not None:
             proc.kill()

@@ -280,13 +280,11 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
 
         OpenCode reads a directory (git root, project, config, plugins) when it first serves a
         request for it, and keeps what it read: an instance made before the clone would see an
-        empty folder with no git (measured with 1.18.33). Nor can a warm sandbox's OpenCode
-        read another folder first (to load its plugins early, or ``POST /instance/dispose``
-        after the clone): ``forget_secrets.js`` removes ``OPENCODE_CONFIG_CONTENT`` from its
-        environment when the first folder loads it, so a second folder's instance has no
-        configured provider ("Model not found"). So nothing asks OpenCode about any folder
-        before this returns: a warm sandbox is only probed at ``/global/health``, and the
-        session's first request, after the fence, is for the workspace."""
+        empty folder with no git (measured with 1.18.33). So nothing asks OpenCode about the
+        workspace before this returns: the session's first request, after the fence, is for
+        it. What OpenCode loads once per process was loaded while the sandbox was warm, by
+        opening an empty rehearsal folder (``bootstrap.rehearse``; ``forget_secrets.js`` keeps
+        OpenCode's config for the workspace until then)."""
         request = {
             "workspace": sandbox.workspace_path,
             "home": sandbox.home_path,

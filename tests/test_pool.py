@@ -23,7 +23,7 @@ from tabbi_sandbox import processes
 from tabbi_sandbox.provider import SandboxError, SandboxSpec, WarmSandbox
 from tests.conftest import git
 from tests.support.convex_store import wait_until
-from tests.support.llm import Reply
+from tests.support.llm import Reply, bash
 from tests.support.waiting import wait_exited
 from tests.test_gateway import opencode_secrets
 from tests.test_github import USER, github, sign_in_web, tabbi_config  # noqa: F401  (fixtures used here)
@@ -159,6 +159,10 @@ def source_repo(tmp_path: Path) -> Path:
 
 
 MODEL_KEY = "sk-pool-" + secrets.token_hex(16)
+#: The agent's look for OpenCode's secrets: its own environment, and every process's it can read
+#: (OpenCode's own, the git and ripgrep processes OpenCode starts, anything left of the rehearsal).
+SCAN = ("env; for p in /proc/[0-9]*; do echo \"== $p $(tr '\\0' ' ' < $p/cmdline)\"; "
+        "tr '\\0' '\\n' < $p/environ; done 2>/dev/null; true")
 
 
 @pytest.fixture(scope="module")
@@ -210,11 +214,20 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     await api.wait_state(second["id"], "running")
     assert second["id"] != first["id"]
 
-    llm.enqueue(Reply(text="Aye."))
+    # The warm sandbox's OpenCode opened a rehearsal folder before it was taken, its secrets
+    # kept in its environment for the workspace's config: none may be left where the agent looks.
+    password, gateway_token = opencode_secrets(first["id"])
+    opened = (workspace(first["id"]).parent / "home" / ".local" / "share" / "opencode" / "log")
+    assert any(b"tmp/rehearsal" in f.read_bytes() for f in opened.glob("*.log")), "no rehearsal"
+    llm.enqueue(Reply(text="Aye. ", tools=[bash(SCAN)]), Reply(text="Aye."))
     await api.prompt(first["id"], "hello")
     events = await api.wait_turn(first["id"])
     assert events[-1]["data"]["outcome"] == "completed", events[-1]
     assert INSTRUCTION in repr(llm.agent_requests()[-1]["messages"][0])  # OpenCode found the repo
+    scanned = "".join(e["data"].get("output") or "" for e in events if e["type"] == "tool")
+    assert "TABBI_SANDBOX_ID=" in scanned and "opencode" in scanned  # the scan saw environments
+    assert password not in scanned and gateway_token not in scanned
+    assert "OPENCODE_CONFIG_CONTENT" not in scanned and "TABBI_REHEARSAL_DIR" not in scanned
     ws = workspace(first["id"])
     assert not sorted(p.name for p in ws.glob(".planted-*")), "the repository's plugin ran"
     notices = [e["data"]["files"] for e in (await api.events(first["id"]))["events"]

@@ -51,7 +51,9 @@ class JupyterProcess:
              f"--TabbiExtension.data_dir={workdir / 'tabbi-data'}",
              f"--TabbiExtension.llm_base_url={llm_url}",
              "--TabbiExtension.model=scripted",
-             "--WarmPool.size=0",  # no warm pool unless a test asks (``extra``): one OpenCode less
+             # no warm pool unless asked (``extra``): one OpenCode less (traitlets refuses a
+             # trait given twice on the command line)
+             *([] if any(a.startswith("--WarmPool.size=") for a in extra or []) else ["--WarmPool.size=0"]),
              *(extra or [])],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
