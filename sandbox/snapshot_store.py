@@ -54,6 +54,8 @@ ARCHIVE_SUFFIX = ".tar.gz"  # format 1: one archive per snapshot
 OBJECTS = "objects"
 LOCK = ".lock"
 PARTIAL = ".partial"
+#: The identities of the files the last restore wrote (``remember_restore``).
+RESTORED = "restored.json"
 HEADER_PREFIX = b"tabbi-snapshot 2 "
 #: A file whose ctime is this close to the start of the snapshot that read it is read again next time.
 RACY_NS = 1_000_000_000
@@ -110,6 +112,47 @@ def _read_exactly(fd: int, size: int) -> bytes:
         parts.append(data)
         left -= len(data)
     return b"".join(parts)
+
+
+def _read_signed(path: Path, what: str) -> Any:
+    """The JSON of a file ``_write_signed`` wrote, its digest checked. Raises ``StoreError``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise StoreError(f"{what} cannot be read: {exc.strerror}") from None
+    header, _, body = data.partition(b"\n")
+    if not header.startswith(HEADER_PREFIX) or \
+            header[len(HEADER_PREFIX):].decode(errors="replace") != hashlib.sha256(body).hexdigest():
+        raise StoreError(f"{what} is damaged: its manifest does not match its digest")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise StoreError(f"{what} is damaged: its manifest is not JSON") from None
+
+
+def _write_signed(path: Path, value: Any, durable: bool) -> int:
+    """Write ``value`` as JSON under the digest of its text (a torn or damaged file is never
+    used), atomically; flushed to disk and its folder too if ``durable``. Its size."""
+    body = json.dumps(value, separators=(",", ":")).encode()
+    data = HEADER_PREFIX + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+    partial = path.with_name(path.name + PARTIAL)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return len(data)
 
 
 def _syncfs(fd: int) -> None:
@@ -201,44 +244,13 @@ class SnapshotStore:
     # -- manifests -------------------------------------------------------------------------------
     def load(self, name: str) -> dict[str, Any]:
         """The manifest of ``name``, its digest checked. Raises ``StoreError``."""
-        path = self.manifest_path(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise StoreError(f"the snapshot {name} cannot be read: {exc.strerror}") from None
-        header, _, body = data.partition(b"\n")
-        if not header.startswith(HEADER_PREFIX) or \
-                header[len(HEADER_PREFIX):].decode(errors="replace") != hashlib.sha256(body).hexdigest():
-            raise StoreError(f"the snapshot {name} is damaged: its manifest does not match its digest")
-        try:
-            manifest = json.loads(body)
-        except ValueError:
-            raise StoreError(f"the snapshot {name} is damaged: its manifest is not JSON") from None
-        return manifest
+        return _read_signed(self.manifest_path(name), f"the snapshot {name}")
 
     def _write_manifest(self, name: str, manifest: dict[str, Any]) -> int:
-        body = json.dumps(manifest, separators=(",", ":")).encode()
-        data = HEADER_PREFIX + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
-        path = self.manifest_path(name)
-        partial = path.with_name(path.name + PARTIAL)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(partial, path)
-        folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-        return len(data)
+        return _write_signed(self.manifest_path(name), manifest, durable=True)
 
-    def _latest(self) -> dict[str, Any] | None:
-        """The newest readable manifest (by when it was stored), or None."""
+    def _latest(self) -> tuple[str, dict[str, Any]] | None:
+        """The newest readable manifest (by when it was stored) and its name, or None."""
         if not self.folder.is_dir():
             return None
         found = []
@@ -248,24 +260,60 @@ class SnapshotStore:
                     found.append((path.stat().st_mtime_ns, path.name))
         found.sort()
         for _, file_name in reversed(found):
+            name = file_name[: -len(MANIFEST_SUFFIX)]
             with contextlib.suppress(StoreError):
-                return self.load(file_name[: -len(MANIFEST_SUFFIX)])
+                return name, self.load(name)
         return None
 
     def cache(self) -> bytes:
         """What the snapshot process may reuse: the newest manifest's files (path -> size,
         mtime_ns, ctime_ns, inode, device, digest) whose blob is here with its size and which
-        had not changed within ``RACY_NS`` of that snapshot. Call with the lock held."""
+        had not changed within ``RACY_NS`` of that snapshot; if that snapshot was restored since
+        (``remember_restore``), its files as restored instead. Call with the lock held."""
         latest = self._latest()
         files: dict[str, list] = {}
         if latest is not None:
-            limit = latest.get("taken_ns", 0) - RACY_NS
-            for entry in latest.get("entries", []):
-                if entry[1] != REG or entry[7] is None or entry[7] >= limit:
+            name, manifest = latest
+            restored = self._restored(name)
+            limit = manifest.get("taken_ns", 0) - RACY_NS
+            for entry in manifest.get("entries", []):
+                if entry[1] != REG:
                     continue
-                if self._has_blob(entry[5], entry[4]):
-                    files[entry[0]] = [entry[4], *entry[6:10], entry[5]]
+                identity = restored.get(entry[0]) if restored is not None else entry[4:5] + entry[6:10]
+                if identity is None or identity[0] != entry[4] or identity[2] is None or \
+                        (restored is None and identity[2] >= limit) or not self._has_blob(entry[5], entry[4]):
+                    continue
+                files[entry[0]] = [*identity, entry[5]]
         return json.dumps({"files": files}, separators=(",", ":")).encode()
+
+    # -- restores: what the next snapshot need not read ----------------------------------------------
+    def remember_restore(self, name: str, identities: Any) -> int:
+        """Keep the identities (path -> ``[size, mtime_ns, ctime_ns, inode, device]``) of the
+        files the restore process wrote for snapshot ``name``, so that the first snapshot after
+        a resume reads only what changed since, not every file (a restore makes new inodes, so
+        the manifest's identities never match). Said by the restore process, so checked (ints
+        only) and used only for paths the snapshot holds as files of that size; a lie can only
+        misstate the sandbox's own files, as a snapshot process can. No racy window: nothing
+        else wrote while the sandbox was stopped, and the restore returns only once the clock
+        has moved past the files' ctimes. The number of identities kept."""
+        if not isinstance(identities, dict):
+            raise StoreError("the restore's file identities are malformed")
+        kept = {path: identity for path, identity in identities.items()
+                if isinstance(path, str) and isinstance(identity, list) and len(identity) == 5
+                and all(_int(v, -(1 << 63)) for v in identity)}
+        _write_signed(self.folder / RESTORED, {"name": name, "files": kept}, durable=False)
+        return len(kept)
+
+    def _restored(self, name: str) -> dict[str, list] | None:
+        """The identities remembered of the restore of ``name``, or None (none, or another's)."""
+        try:
+            restored = _read_signed(self.folder / RESTORED, "the restored identities")
+        except StoreError:
+            return None
+        if not (isinstance(restored, dict) and restored.get("name") == name
+                and isinstance(restored.get("files"), dict)):
+            return None
+        return restored["files"]
 
     def _has_blob(self, digest: str, size: int) -> bool:
         try:

@@ -343,6 +343,8 @@ class _Unpacker:
 
     def __init__(self, staging_fd: int):
         self.staging_fd = staging_fd
+        #: path -> [size, mtime_ns, ctime_ns, inode, device] of each file as written.
+        self.identities: dict[str, list[int]] = {}
         self.dirs: list[tuple[list[str], int, int]] = []  # folder, mode, mtime: applied at the end
         self._parent: tuple[tuple[str, ...], int] | None = None
 
@@ -387,6 +389,9 @@ class _Unpacker:
                     left -= len(data)
                 os.fchmod(fd, mode)
                 os.utime(fd, (member.mtime, member.mtime))
+                st = os.fstat(fd)
+                self.identities[member.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                                                st.st_dev]
             finally:
                 os.close(fd)
         elif member.issym():
@@ -403,6 +408,7 @@ class _Unpacker:
                 if not stat.S_ISREG(st.st_mode):
                     raise SnapshotError(f"the hard link {member.name} names no restored file")
                 os.link(target[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
+                self.identities.pop(member.linkname, None)  # a new link changed its ctime
             finally:
                 os.close(source_dir)
         else:
@@ -424,8 +430,12 @@ class _Unpacker:
                 os.close(fd)
 
 
-def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
+def restore_archive(source: IO[bytes], workspace: str, home: str,
+                    identities: dict[str, list[int]] | None = None) -> int:
     """Unpack the archive read from ``source`` into the sandbox; return the number of members.
+    ``identities`` (if given) receives each restored file's ``[size, mtime_ns, ctime_ns, inode,
+    device]`` as it is in place, so that the next snapshot need not read it again; it returns
+    only once the file system's clock has moved past them (``_past``).
 
     All or nothing: unpacked into ``<beside the workspace>/.tabbi-restore``, verified to the end
     of the stream, then each part replaces what is in place (the workspace last). On failure
@@ -461,6 +471,8 @@ def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
         finally:
             os.close(staging_fd)
         remove_tree(anchor_fd, STAGING)
+        if identities is not None and _past(max((i[2] for i in unpacker.identities.values()), default=0)):
+            identities.update(unpacker.identities)
     except (OSError, EOFError, tarfile.TarError, SnapshotError, ValueError) as exc:
         with contextlib.suppress(OSError):
             remove_tree(anchor_fd, STAGING)
@@ -470,6 +482,23 @@ def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
     finally:
         os.close(anchor_fd)
     return count
+
+
+#: The clock file systems stamp files with (``CLOCK_REALTIME_COARSE`` on Linux).
+COARSE_CLOCK = getattr(time, "CLOCK_REALTIME_COARSE", 5)
+
+
+def _past(ctime_ns: int) -> bool:
+    """Wait (one clock tick, a few ms) until a file changed from now on gets a ctime later than
+    ``ctime_ns``: then a restored file the agent changes, even at once and to the same size and
+    mtime, never looks like the one restored. False if the clock does not get there soon (a
+    file system stamping from another clock): its identities are then not to be trusted."""
+    deadline = time.monotonic() + 0.2
+    while time.clock_gettime_ns(COARSE_CLOCK) <= ctime_ns:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def _move_into_place(staging_fd: int, layout: list[tuple[str, str, list[str]]],
