@@ -51,11 +51,18 @@ GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT
            "GIT_COMMITTER_EMAIL": "b@x"}
 
 
-def repository(parent: Path, megabytes: int) -> Path:
-    """A repository whose clone (checkout plus .git) is about ``megabytes``: half of it one
-    incompressible file (its git object is as large), and 50 small source files."""
-    repo = sample_repo(parent / f"repo-{megabytes}mb")
-    (repo / "data.bin").write_bytes(os.urandom(megabytes * 1024 * 1024 // 2))
+def repository(parent: Path, megabytes: int, files: int) -> Path:
+    """A repository whose clone (checkout plus .git) is about ``megabytes``: half of it
+    incompressible data (its git objects are as large), in one file or in ``files`` files (100
+    a folder), and 50 small source files."""
+    repo = sample_repo(parent / f"repo-{megabytes}mb-{files}")
+    data = megabytes * 1024 * 1024 // 2
+    if files <= 1:
+        (repo / "data.bin").write_bytes(os.urandom(data))
+    for index in range(files if files > 1 else 0):
+        folder = repo / "data" / f"d{index // 100}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{index}.bin").write_bytes(os.urandom(data // files))
     (repo / "src").mkdir()
     for index in range(50):
         (repo / "src" / f"module_{index}.py").write_text(f"def f{index}():\n    return {index}\n" * 20)
@@ -86,10 +93,10 @@ async def progress(_: dict) -> None:
     pass
 
 
-async def measure(provider: LocalProvider, work: Path, megabytes: int, n: int,
+async def measure(provider: LocalProvider, work: Path, megabytes: int, files: int, n: int,
                   steps: bool) -> tuple[dict[str, float], dict[str, float]]:
-    repo = repository(work, megabytes)
-    spec = SandboxSpec(sandbox_id=f"bench-{megabytes}mb", repo_url=str(repo), repo_display=str(repo),
+    repo = repository(work, megabytes, files)
+    spec = SandboxSpec(sandbox_id=f"bench-{megabytes}mb-{files}", repo_url=str(repo), repo_display=str(repo),
                        work_branch="tabbi/bench", read_only_paths=[str(repo)])
     sandbox = await provider.create(spec, progress)
     assert isinstance(sandbox, LocalSandbox)
@@ -180,24 +187,21 @@ async def breakdown(sandbox: LocalSandbox, store: SnapshotStore, n: int) -> dict
         with store.locked():
             cache = timed(samples, "server: cache of the previous manifest", store.cache)
             walker = snapshots._Walker(Null(), json.loads(cache)["files"])
-            with tempfile.TemporaryDirectory() as scratch:
-                for arcname, anchor, components in snapshots.parts(str(sandbox.workspace), str(sandbox.home)):
-                    anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY)
-                    fd = snapshots.open_dirs(anchor_fd, components)
-                    os.close(anchor_fd)
-                    if fd is None:
-                        continue
-                    timed(samples, f"worker: walk {arcname} (stat each, hash changed)", walker.add_tree, fd,
-                          arcname)
-                    if arcname == snapshots.AGENT_DATA:
-                        copy = timed(samples, "worker: database copy (backup API)", snapshots._database_copy,
-                                     fd, scratch)
-                        if copy is not None:
-                            copy_fd = os.open(copy, os.O_RDONLY)
-                            timed(samples, "worker: database hash", walker.add_file, copy_fd,
-                                  f"{snapshots.AGENT_DATA}/{snapshots.DATABASE}", False)
-                            os.close(copy_fd)
-                    os.close(fd)
+            for arcname, anchor, components in snapshots.parts(str(sandbox.workspace), str(sandbox.home)):
+                anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY)
+                fd = snapshots.open_dirs(anchor_fd, components)
+                os.close(anchor_fd)
+                if fd is None:
+                    continue
+                timed(samples, f"worker: walk {arcname} (stat each, hash changed)", walker.add_tree,
+                      fd, arcname)
+                if arcname == snapshots.AGENT_DATA:
+                    copy = timed(samples, "worker: database copy (backup API)", snapshots._database_copy, fd)
+                    if copy is not None:
+                        timed(samples, "worker: database hash", walker.add_copy,
+                              f"{snapshots.AGENT_DATA}/{snapshots.DATABASE}", *copy, 0)
+                        samples.setdefault("database bytes (count)", []).append(len(copy[0]))
+                os.close(fd)
             samples.setdefault("files read (count)", []).append(walker.sent)
             samples.setdefault("entries (count)", []).append(len(walker.entries))
             timed(samples, "worker: manifest (JSON)", json.dumps, {"entries": walker.entries})
@@ -215,7 +219,8 @@ async def breakdown(sandbox: LocalSandbox, store: SnapshotStore, n: int) -> dict
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="1,10,100")
+    parser.add_argument("--sizes", default="1,10,100",
+                        help="workspace sizes in MB; MB/N for a workspace of N data files (many small ones)")
     parser.add_argument("-n", type=int, default=5)
     parser.add_argument("--breakdown", action="store_true", help="time the steps of a snapshot apart too")
     args = parser.parse_args()
@@ -225,10 +230,11 @@ async def main() -> None:
         work = Path(scratch)
         provider = LocalProvider(work / "data" / "sandboxes", start_timeout=300)
         print(f"isolation: {'bwrap' if await provider.confines() else 'none'}")
-        for megabytes in (int(s) for s in args.sizes.split(",")):
+        for size in args.sizes.split(","):
+            megabytes, _, files = size.partition("/")
             print(f"loadavg: {loadavg()}", flush=True)
-            r, steps = await measure(provider, work, megabytes, args.n, args.breakdown)
-            print(f"{megabytes:>4} MB workspace ({r['workspace_mb']:.0f} MB measured), medians of {args.n}: "
+            r, steps = await measure(provider, work, int(megabytes), int(files or 1), args.n, args.breakdown)
+            print(f"{size:>4} MB workspace ({r['workspace_mb']:.0f} MB measured), medians of {args.n}: "
                   f"one-file change {r['one_file_change']:.3f} s (max {r['one_file_change_max']:.3f}); "
                   f"full snapshot {r['full_snapshot']:.2f} s; full archive (tar | gzip -3) "
                   f"{r['full_archive']:.2f} s; ratio change/full archive "

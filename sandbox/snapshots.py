@@ -48,12 +48,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import sqlite3
 import stat
 import struct
-import tempfile
 import time
 from typing import IO, TYPE_CHECKING
 from urllib.parse import quote
@@ -244,29 +244,39 @@ class _Walker:
             return
         if st.st_nlink > 1:
             self.seen[(st.st_dev, st.st_ino)] = arcname
-        digest = self.send(fd, st.st_size)
+        digest = self.send(_Exactly(fd, st.st_size), st.st_size)
         identity = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev] if cacheable else [None] * 4
         self.entries.append([arcname, REG, stat.S_IMODE(st.st_mode), int(st.st_mtime), st.st_size, digest,
                              *identity])
 
-    def send(self, fd: int, size: int) -> str:
-        """Stream ``size`` bytes of ``fd`` as a ``FILE`` record; their SHA-256 (of exactly what
-        was sent, whatever the file did meanwhile)."""
+    def add_copy(self, arcname: str, data: bytes, mode: int, mtime: int) -> None:
+        """Send and list a copy made here (the database's): nothing the cache can describe."""
+        digest = self.send(io.BytesIO(data), len(data))
+        self.entries.append([arcname, REG, mode, mtime, len(data), digest, None, None, None, None])
+
+    def send(self, source: _Exactly | io.BytesIO, size: int) -> str:
+        """Stream ``size`` bytes read from ``source`` (which gives exactly that many) as a
+        ``FILE`` record; their SHA-256 (of exactly what was sent, whatever the file did meanwhile)."""
         self.out.write(RECORD.pack(FILE, size))
-        source, digest = _Exactly(fd, size), hashlib.sha256()
-        while source.left:
-            data = source.read(CHUNK)
+        digest, left = hashlib.sha256(), size
+        while left:
+            data = source.read(min(CHUNK, left))
+            if not data:
+                raise SnapshotError("a copy ended before its size")
             digest.update(data)
             self.out.write(data)
+            left -= len(data)
         self.out.write(digest.digest())
         self.sent += 1
         return digest.hexdigest()
 
 
-def _database_copy(data_fd: int, scratch: str) -> str | None:
+def _database_copy(data_fd: int) -> tuple[bytes, int] | None:
     """A consistent copy of OpenCode's database (the backup API reads through SQLite's own
-    locking and WAL, unlike copying the files), or None when there is none. The folder was
-    reached without following a link; the database itself must be a regular file."""
+    locking and WAL, unlike copying the files) and the database's mode, or None when there is
+    none. The copy is made in memory and taken as the image of a database file: a copy on disk
+    cost a journal and an fsync at every snapshot. The folder was reached without following a
+    link; the database itself must be a regular file."""
     try:
         st = os.stat(DATABASE, dir_fd=data_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -274,11 +284,10 @@ def _database_copy(data_fd: int, scratch: str) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         raise SnapshotError(f"{DATABASE} is not a regular file; refusing to read it")
     source = f"/proc/self/fd/{data_fd}/{DATABASE}"
-    copy = os.path.join(scratch, DATABASE)
     with contextlib.closing(sqlite3.connect(f"file:{quote(source)}?mode=ro", uri=True, timeout=10)) as src, \
-            contextlib.closing(sqlite3.connect(copy)) as dst:
+            contextlib.closing(sqlite3.connect(":memory:")) as dst:
         src.backup(dst)
-    return copy
+        return dst.serialize(), stat.S_IMODE(st.st_mode)
 
 
 def write_snapshot(workspace: str, home: str, previous: IO[bytes], out: IO[bytes]) -> int:
@@ -295,33 +304,28 @@ def write_snapshot(workspace: str, home: str, previous: IO[bytes], out: IO[bytes
         raise SnapshotError(f"the previous snapshot's cache is unreadable: {exc}") from exc
     taken = time.time_ns()
     try:
-        with tempfile.TemporaryDirectory(prefix="tabbi-snap-") as scratch:
-            out.write(STREAM_MAGIC)
-            walker = _Walker(out, cache)
-            for arcname, anchor, components in parts(workspace, home):
-                anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    fd = open_dirs(anchor_fd, components)
-                finally:
-                    os.close(anchor_fd)
-                if fd is None:
-                    continue  # missing, or reached only through a link: not archived
-                try:
-                    walker.add_tree(fd, arcname)
-                    database = _database_copy(fd, scratch) if arcname == AGENT_DATA else None
-                finally:
-                    os.close(fd)
-                if database is not None:
-                    copy = os.open(database, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    try:
-                        walker.add_file(copy, f"{AGENT_DATA}/{DATABASE}", cacheable=False)
-                    finally:
-                        os.close(copy)
-            manifest = json.dumps({"format": FORMAT, "taken_ns": taken, "entries": walker.entries},
-                                  separators=(",", ":")).encode()
-            out.write(RECORD.pack(MANIFEST, len(manifest)))
-            out.write(manifest)
-            out.flush()
+        out.write(STREAM_MAGIC)
+        walker = _Walker(out, cache)
+        for arcname, anchor, components in parts(workspace, home):
+            anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = open_dirs(anchor_fd, components)
+            finally:
+                os.close(anchor_fd)
+            if fd is None:
+                continue  # missing, or reached only through a link: not archived
+            try:
+                walker.add_tree(fd, arcname)
+                database = _database_copy(fd) if arcname == AGENT_DATA else None
+            finally:
+                os.close(fd)
+            if database is not None:
+                walker.add_copy(f"{AGENT_DATA}/{DATABASE}", database[0], database[1], taken // 10**9)
+        manifest = json.dumps({"format": FORMAT, "taken_ns": taken, "entries": walker.entries},
+                              separators=(",", ":")).encode()
+        out.write(RECORD.pack(MANIFEST, len(manifest)))
+        out.write(manifest)
+        out.flush()
     except (OSError, sqlite3.Error) as exc:
         raise SnapshotError(f"the snapshot could not be written: {exc}") from exc
     return len(walker.entries)
