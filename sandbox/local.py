@@ -189,7 +189,8 @@ class LocalSandbox(Sandbox):
         self._proc: asyncio.subprocess.Process | _Adopted | None = None
         self._endpoint: Endpoint | None = None
         self._reader: asyncio.Task | None = None
-        self._snapshot_worker: SnapshotWorker | None = None  # started at the first snapshot
+        #: The snapshot worker, started at the first snapshot or after a restore (``_worker``).
+        self._snapshot_worker: asyncio.Task[SnapshotWorker] | None = None
         self._snapshot_lock = asyncio.Lock()
 
     # -- Sandbox interface -------------------------------------------------------------------
@@ -246,8 +247,7 @@ class LocalSandbox(Sandbox):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        if self._snapshot_worker is not None:
-            await self._snapshot_worker.stop()
+        await self._stop_snapshot_worker()
         # Whatever escaped the process group (setsid, double fork) still carries the marker.
         await asyncio.to_thread(processes.kill_all, self.id)
         if self._reader is not None:
@@ -358,19 +358,32 @@ class LocalSandbox(Sandbox):
                     receiving.exception()  # seen: a failed process's stream ends early, said above
 
     async def _run_snapshot_worker(self, cache_fd: int, stream_fd: int, timeout: float) -> str | None:
-        """One snapshot by the sandbox's worker (``snapshot_worker``), started at the first one
-        and again whenever the previous one ended; None, or why it failed."""
+        """One snapshot by the sandbox's worker (``snapshot_worker``); None, or why it failed."""
         async with self._snapshot_lock:
-            worker = self._snapshot_worker
-            if worker is not None and worker.alive:
-                try:
-                    return await worker.snapshot(cache_fd, stream_fd, timeout)
-                except WorkerGone:  # ended since the last snapshot (killed, out of memory): anew
-                    pass
-            self._snapshot_worker = worker = await SnapshotWorker.start(
-                lambda channel: self._archive_process("snapshot", channel, asyncio.subprocess.DEVNULL,
-                                                      asyncio.subprocess.DEVNULL))
+            worker = await asyncio.shield(self._worker())
+            try:
+                return await worker.snapshot(cache_fd, stream_fd, timeout)
+            except WorkerGone:  # ended since the last snapshot (killed, out of memory): anew
+                self._snapshot_worker = None
+            worker = await asyncio.shield(self._worker())
             return await worker.snapshot(cache_fd, stream_fd, timeout)
+
+    def _worker(self) -> asyncio.Task[SnapshotWorker]:
+        """The snapshot worker (being) started: the running one, else a new one. Started in the
+        background after a restore, so that a resumed session's first snapshot does not pay it."""
+        task = self._snapshot_worker
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None
+                                             or not task.result().alive)):
+            task = self._snapshot_worker = asyncio.ensure_future(SnapshotWorker.start(
+                lambda channel: self._archive_process("snapshot", channel, asyncio.subprocess.DEVNULL,
+                                                      asyncio.subprocess.DEVNULL)))
+        return task
+
+    async def _stop_snapshot_worker(self) -> None:
+        task, self._snapshot_worker = self._snapshot_worker, None
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await (await asyncio.shield(task)).stop()
 
     async def restore(self, store: SnapshotStore, name: str, timeout: float) -> None:
         """Unpack the snapshot ``name`` of ``store`` into this (not running) sandbox, all or
@@ -406,11 +419,13 @@ class LocalSandbox(Sandbox):
             except OSError:
                 pass  # the restore process stopped reading: its own answer says why
             files = _restored(name, *answer).get("files")
-            try:
-                await asyncio.to_thread(store.remember_restore, name, files)
-            except (snapshot_store.StoreError, OSError) as exc:  # only the next snapshot is slower
-                log.warning("tabbi: the identities of the files restored in %s are not kept: %s",
-                            self.id, exc)
+            if store.folder.name == self.id:  # not another's (a warm snapshot is its builder's)
+                try:
+                    await asyncio.to_thread(store.remember_restore, name, files)
+                except (snapshot_store.StoreError, OSError) as exc:  # only the next snapshot is slower
+                    log.warning("tabbi: the identities of the files restored in %s are not kept: %s",
+                                self.id, exc)
+            self._worker()
 
     async def _restore_command(self, fd: int, timeout: float) -> tuple[int, bytes, bytes]:
         try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -576,7 +578,7 @@ def _pid_namespace(pid: int) -> str | None:
         return None
 
 
-async def test_the_snapshot_worker_serves_every_snapshot_out_of_the_agents_reach(request, tmp_path,
+async def test_the_snapshot_worker_serves_every_snapshot_out_of_the_agents_reach(request, tmp_path, caplog,
                                                                                  source_repo):
     """Threat: the snapshot worker lives as long as the sandbox and runs as the agent's user
     among the agent's files. The agent must not reach it: it runs in a PID namespace of its own
@@ -584,18 +586,21 @@ async def test_the_snapshot_worker_serves_every_snapshot_out_of_the_agents_reach
     process of the agent can list, signal or trace it. It is the same process from one snapshot
     to the next (no start paid again); one that has died (killed, or ended at a snapshot's
     timeout) is replaced at the next snapshot, which still succeeds; none is left once the
-    sandbox stops."""
+    sandbox stops. After a resume, the worker is started with the sandbox and the first
+    snapshot reads only what changed (the restore said what it wrote)."""
     kit = local_kit(request, tmp_path / "tabbi-data")
     provider = kit.provider
     spec = make_spec(source_repo)
     sandbox, _ = await start(kit, spec)
+    caplog.set_level(logging.INFO, logger="tabbi_sandbox.local")
     try:
+        await shell(sandbox, "mkdir many; for i in $(seq 1 60); do echo $i > many/$i; done")
         await provider.snapshot(sandbox, "first")
-        worker = sandbox._snapshot_worker
-        assert worker is not None and worker.alive
+        worker = sandbox._snapshot_worker.result()
+        assert worker.alive
         await shell(sandbox, "echo two > mine.txt")
         await provider.snapshot(sandbox, "second")
-        assert sandbox._snapshot_worker is worker and worker.alive
+        assert sandbox._snapshot_worker.result() is worker and worker.alive
 
         marked = processes.sandbox_pids(sandbox.id)
         serving = [pid for pid in marked if b"bootstrap.py\0snapshot\0" in _cmdline(pid)]
@@ -613,12 +618,25 @@ async def test_the_snapshot_worker_serves_every_snapshot_out_of_the_agents_reach
         os.killpg(worker.proc.pid, signal.SIGKILL)
         await worker.proc.wait()
         await shell(sandbox, "echo three > mine.txt")
-        ref, _ = await provider.snapshot(sandbox, "third")
-        assert sandbox._snapshot_worker is not worker and sandbox._snapshot_worker.alive
-        store = provider._store(ref)
+        third, _ = await provider.snapshot(sandbox, "third")
+        assert sandbox._snapshot_worker.result() is not worker and sandbox._snapshot_worker.result().alive
+        store = provider._store(third)
         mine = next(e for e in store.load("third")["entries"] if e[0] == "workspace/mine.txt")
         assert store.blob_path(mine[5]).read_bytes() == b"three\n"
     finally:
+        last = sandbox._snapshot_worker.result()
         await sandbox.terminate()
-    assert not sandbox._snapshot_worker.alive and processes.sandbox_pids(sandbox.id) == []
+    assert not last.alive and processes.sandbox_pids(sandbox.id) == []
+    await provider.destroy(spec.sandbox_id)
+
+    resumed, _ = await start(kit, spec, restore=third)
+    try:
+        assert resumed._snapshot_worker is not None  # started with the sandbox
+        await shell(resumed, "echo four > mine.txt")
+        await provider.snapshot(resumed, "fourth")
+    finally:
+        await resumed.terminate()
+    read = [int(m) for r in caplog.records for m in re.findall(r"(\d+) files read", r.getMessage())]
+    # mine.txt, the database's copy, what OpenCode and its start rewrote; not the whole clone.
+    assert len(read) == 4 and read[0] > 60 and read[-1] < 10, read
     await provider.destroy(spec.sandbox_id)
