@@ -232,14 +232,14 @@ def test_identities_a_restore_process_forges_are_not_trusted(tmp_path, trusted_c
     cached), with another size, or not numbers at all. Only identities of files the snapshot
     holds, of that size, reach the cache; and only for the snapshot that was restored."""
     sandbox, store = Sandbox(tmp_path / "sb"), SnapshotStore(tmp_path / "store")
-    sandbox.run("echo aaaaaaaaaa > a.txt; echo bbbbbbbbbb > b.txt")
+    sandbox.run("echo aaaaaaaaaa > a.txt; echo bbbbbbbbbb > b.txt; echo cccccccccc > c.txt")
     first = take(store, sandbox, "s1")
     sizes = {e[0]: e[4] for e in first.manifest["entries"] if e[1] == snapshots.REG}
     store.remember_restore("s1", {
         "workspace/a.txt": [sizes["workspace/a.txt"], 1, 2, 3, 4],
         "workspace/b.txt": [sizes["workspace/b.txt"] + 1, 1, 2, 3, 4],
         "workspace/new.txt": [5, 1, 2, 3, 4],
-        "workspace/c.txt": ["5", 1, 2, 3, 4],
+        "workspace/c.txt": [sizes["workspace/c.txt"], "1", 2, 3, 4],
     })
     cached = json.loads(store.cache())["files"]
     assert set(cached) == {"workspace/a.txt"} and cached["workspace/a.txt"][:5] == [11, 1, 2, 3, 4]
