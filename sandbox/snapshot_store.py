@@ -24,6 +24,9 @@ What the store trusts and checks (the stream comes from a process in the agent's
   nothing in place, and the error names the file;
 - a file changed within ``RACY_NS`` of the snapshot that read it is not trusted to the cache (its
   timestamps may not have moved on a second change within the same clock tick): read again;
+- after a restore, the identities the restore process reports of the files it wrote stand in
+  for the manifest's (whose inodes are gone) for that snapshot only, and only for paths it holds
+  as files of that size (``remember_restore``);
 - blobs are written sparse (runs of zeros are holes), so a huge sparse file costs no disk here;
 - reclaiming is mark and sweep under an exclusive ``flock`` of ``.lock``; a snapshot being
   written or restored holds it shared, so no blob it relies on goes away under it.
@@ -399,7 +402,10 @@ class SnapshotStore:
 
     def commit(self, name: str, pending: Pending) -> int:
         """Make the received snapshot ``name`` durable and visible; its size (the bytes of the
-        files it holds, and of its manifest)."""
+        files it holds, and of its manifest). Its new blobs reach the disk before the manifest
+        naming them: once it is stored the session deletes its older snapshots, so a manifest
+        that outlived a crash without its blobs would leave it nothing to resume from. After a
+        one-file change that is two or three blobs (the file, the database's copy): a few ms."""
         if len(pending.new_blobs) <= FSYNC_EACH:
             for path in pending.new_blobs:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

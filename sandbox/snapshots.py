@@ -8,8 +8,9 @@ consistent), git lock files (a lock captured mid-operation would come back as a 
 blocks git), devices, FIFOs and sockets, or anything from the process environment (the OpenCode
 password and model keys live only there).
 
-Where it runs: this module is standard-library only and is loaded by ``bootstrap.py snapshot`` and
-``bootstrap.py restore``, which the provider runs confined like the agent (bubblewrap, a PID
+Where it runs: this module is standard-library only and is loaded by ``bootstrap.py snapshot`` (a
+worker started at the sandbox's first snapshot that serves every later one, ``snapshot_worker.py``)
+and ``bootstrap.py restore``, which the provider runs confined like the agent (bubblewrap, a PID
 namespace of their own, non-dumpable). The server only streams bytes: the snapshot process writes
 a stream (``write_snapshot``: the bytes of the files the previous snapshot does not hold, then a
 manifest of every path) into the server's store (``snapshot_store.py``), and the restore process
@@ -36,6 +37,9 @@ Threats handled here (the agent writes these files, and may change them while we
   after the look makes it read nothing); anything else (a link, a FIFO, a lookalike with the same
   size and mtime but a new inode or ctime) is looked at anew as above, and the bytes sent are
   exactly those hashed (``_Exactly``), whatever the file does meanwhile;
+- what a restore reports of the files it wrote (``identities``, so that the next snapshot need
+  not read them): said by a process in the sandbox, so the store checks it and uses it only for
+  files of the restored snapshot, of their size (``SnapshotStore.remember_restore``);
 - a torn or corrupt archive: gzip's CRC and length are checked to the end of the stream before
   anything is moved into place;
 - half-restored workspaces: extraction goes into a staging folder; only a complete, verified
