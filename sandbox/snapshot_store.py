@@ -207,6 +207,10 @@ class SnapshotStore:
     def __init__(self, folder: Path):
         self.folder = folder
         self.objects = folder / OBJECTS
+        self._objects_prefix = f"{self.objects}/"  # blob paths as text: pathlib per blob was most of a cache
+        #: The blobs ``cache`` offered (digest -> size), checked there: under the same hold of the
+        #: lock, the stream's manifest naming them needs no second look.
+        self._offered: dict[str, int] = {}
 
     # -- names and locking -----------------------------------------------------------------------
     def manifest_path(self, name: str) -> Path:
@@ -287,6 +291,7 @@ class SnapshotStore:
                         (restored is None and identity[2] >= limit) or not self._has_blob(entry[5], entry[4]):
                     continue
                 files[entry[0]] = [*identity, entry[5]]
+        self._offered = {f[5]: f[0] for f in files.values()}
         return json.dumps({"files": files}, separators=(",", ":")).encode()
 
     # -- restores: what the next snapshot need not read ----------------------------------------------
@@ -319,16 +324,19 @@ class SnapshotStore:
         return restored["files"]
 
     def _has_blob(self, digest: str, size: int) -> bool:
+        if not DIGEST.fullmatch(digest):
+            return False
         try:
-            st = os.stat(self.blob_path(digest), follow_symlinks=False)
-        except (OSError, StoreError):
+            st = os.stat(f"{self._objects_prefix}{digest[:2]}/{digest}", follow_symlinks=False)
+        except OSError:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_size == size
 
     # -- receiving a snapshot ----------------------------------------------------------------------
     def receive(self, fd: int) -> Pending:
         """Read a snapshot stream from ``fd`` (to its end): store the blobs it sends and return
-        its manifest, checked, to ``commit``. Call with the lock held. Raises ``StoreError``."""
+        its manifest, checked, to ``commit``. Call with the lock held (since ``cache``, if the
+        stream was made from it). Raises ``StoreError``."""
         if _read_exactly(fd, len(STREAM_MAGIC)) != STREAM_MAGIC:
             raise StoreError("the snapshot stream does not start as one")
         self.objects.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -360,7 +368,8 @@ class SnapshotStore:
             raise StoreError("the snapshot's manifest is not of format 2")
         for entry in manifest["entries"]:
             check_entry(entry)
-            if entry[1] == REG and not self._has_blob(entry[5], entry[4]):
+            if entry[1] == REG and self._offered.get(entry[5]) != entry[4] and \
+                    not self._has_blob(entry[5], entry[4]):
                 raise StoreError(f"the snapshot names content the store does not hold: {entry[0]!r}")
         return Pending(manifest, received, new_blobs, written)
 

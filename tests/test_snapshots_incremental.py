@@ -481,6 +481,23 @@ def test_a_stream_naming_what_it_may_not_is_refused(tmp_path, entry, why):
     assert not list(store.folder.glob("*.snapshot"))
 
 
+def test_a_stream_naming_an_offered_blob_at_another_size_is_refused(tmp_path, trusted_cache):
+    """Threat: the snapshot worker (in the agent's sandbox) is handed the cache, so it knows the
+    digests the store holds, and the store does not look again at a blob the cache offered. A
+    lying worker names an offered digest with a larger size, so that a restore would read past
+    the blob's end: the size must be the one offered, or the blob is looked at (and refused)."""
+    sandbox, store = Sandbox(tmp_path / "sb"), SnapshotStore(tmp_path / "store")
+    sandbox.run("echo aaaaaaaaaa > a.txt")
+    take(store, sandbox, "s1")
+    with store.locked():
+        cached = json.loads(store.cache())["files"]["workspace/a.txt"]
+        lie = ["workspace/a.txt", "f", 0o644, 0, cached[0] + 100, cached[5], None, None, None, None]
+        with pytest.raises(StoreError, match="does not hold"):
+            feed(store, stream({"format": 2, "taken_ns": 1, "entries": [["workspace", "d", 0o755, 0], lie]}))
+        honest = [*lie[:4], cached[0], *lie[5:]]
+        feed(store, stream({"format": 2, "taken_ns": 1, "entries": [["workspace", "d", 0o755, 0], honest]}))
+
+
 def test_a_stream_whose_bytes_do_not_match_their_digest_is_refused(tmp_path):
     store = SnapshotStore(tmp_path / "store")
     data = stream({"format": 2, "taken_ns": 1, "entries": []}, [b"abc"])
