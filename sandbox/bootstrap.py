@@ -689,6 +689,7 @@ def snapshot_sandbox(request: dict) -> int:
 
     archive = _archive_module()
     channel = socket.socket(fileno=0)
+    channel.sendall(b'{"ready": true}')  # imports done: the server may hand over snapshots
     while True:
         try:
             _, fds, _, _ = socket.recv_fds(channel, 1024, 2)

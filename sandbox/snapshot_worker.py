@@ -41,6 +41,8 @@ from .provider import SandboxError
 
 #: The largest answer read from the worker (a status line).
 ANSWER_LIMIT = 1 << 16
+#: Seconds a worker may take to start (bubblewrap, the interpreter, its imports).
+START_TIMEOUT = 120.0
 
 
 class WorkerGone(SandboxError):
@@ -59,7 +61,8 @@ class SnapshotWorker:
 
     @classmethod
     async def start(cls, spawn: Callable[[int], Awaitable[asyncio.subprocess.Process]]) -> SnapshotWorker:
-        """Start a worker with ``spawn`` (given the descriptor to make its stdin)."""
+        """Start a worker with ``spawn`` (given the descriptor to make its stdin); return once it
+        says it is ready (its imports done, so that a worker started ahead saves all of that)."""
         server_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = await spawn(worker_end.fileno())
@@ -69,7 +72,19 @@ class SnapshotWorker:
         finally:
             worker_end.close()
         server_end.setblocking(False)
-        return cls(proc, server_end)
+        worker = cls(proc, server_end)
+        try:
+            said = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(server_end, ANSWER_LIMIT),
+                                          START_TIMEOUT)
+        except BaseException as exc:
+            await worker.stop()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise SandboxError(f"the snapshot worker did not start in {START_TIMEOUT:.0f} s") from None
+            raise
+        if said != b'{"ready": true}':
+            await worker.stop()
+            raise SandboxError("the snapshot worker did not start")
+        return worker
 
     @property
     def alive(self) -> bool:
