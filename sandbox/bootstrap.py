@@ -18,7 +18,8 @@ Protocol:
   request JSON on stdin) commit the workspace and push the session branch; see ``commit_work``
   and ``push_branch``.
 - ``bootstrap.py snapshot REQUEST`` and ``bootstrap.py restore REQUEST`` (each run confined in its
-  own process, the request JSON in argv: paths only) write the snapshot stream to stdout and
+  own process, the request JSON in argv: paths only) write snapshot streams into pipes the
+  server hands over (a worker serving every snapshot of the sandbox, ``snapshot_sandbox``) and
   unpack an archive from stdin, so the server never touches the sandbox's files; see ``snapshots.py``.
 
 Git credentials (a GitHub token) arrive only on stdin and reach only the one git process that
@@ -716,31 +717,58 @@ def _sibling_module(filename: str, name: str):
 
 
 def snapshot_sandbox(request: dict) -> int:
-    """``bootstrap.py snapshot REQUEST``: write the snapshot stream of ``request["workspace"]``
-    and ``request["home"]`` to stdout (which the provider reads into its snapshot store, in a
-    folder of the server's that this sandbox cannot see), reusing what the previous snapshot's
-    cache on stdin describes; on failure say why on stderr, exit 3. Run in its own sandbox
-    process: nothing of the server is visible to it."""
+    """``bootstrap.py snapshot REQUEST``: the sandbox's snapshot worker, started at its first
+    snapshot and serving every later one (a snapshot after a turn then pays no process, sandbox
+    or interpreter start). Its stdin is a socket of the server's; each message carries two
+    descriptors, the previous snapshot's cache (read) and a pipe into the server's snapshot
+    store (which this sandbox cannot see); the worker writes the snapshot stream of
+    ``request["workspace"]`` and ``request["home"]`` into the pipe, closes it (the stream's end)
+    and answers ``{"entries": N}`` or ``{"error": ...}``. It ends when the server closes its end.
+    Nothing it says is trusted: the server checks the stream as it stores it."""
+    import socket
+
     archive = _archive_module()
+    channel = socket.socket(fileno=0)
+    channel.sendall(b'{"ready": true}')  # imports done: the server may hand over snapshots
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(channel, 1024, 2)
+        except OSError:
+            return 0
+        if not fds:
+            return 0  # the server closed its end: the sandbox is stopping
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            answer: dict = {"error": "a snapshot request carries two descriptors"}
+        else:
+            answer = _snapshot_once(archive, request, *fds)
+        channel.sendall(json.dumps(answer).encode())
+
+
+def _snapshot_once(archive, request: dict, cache_fd: int, stream_fd: int) -> dict:
+    """One snapshot of the worker's loop: the stream into ``stream_fd``, closed when done."""
     try:
-        archive.write_snapshot(request["workspace"], request["home"], sys.stdin.buffer, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
-    except archive.SnapshotError as exc:
-        print(str(exc), file=sys.stderr, flush=True)
-        return 3
-    return 0
+        with os.fdopen(cache_fd, "rb") as previous, \
+                os.fdopen(stream_fd, "wb", buffering=archive.CHUNK) as out:
+            entries = archive.write_snapshot(request["workspace"], request["home"], previous, out)
+    except (archive.SnapshotError, OSError) as exc:  # OSError: the server stopped reading
+        return {"error": str(exc)}
+    return {"entries": entries}
 
 
 def restore_sandbox(request: dict) -> int:
     """``bootstrap.py restore REQUEST``: unpack the tar.gz read from stdin into the workspace and
-    home, all or nothing; print ``{"restored": N}`` or ``{"error"}``."""
+    home, all or nothing; print ``{"restored": N, "files": {path: identity}}`` (what the next
+    snapshot may reuse without reading, see ``restore_archive``) or ``{"error"}``."""
     archive = _archive_module()
+    identities: dict = {}
     try:
-        count = archive.restore_archive(sys.stdin.buffer, request["workspace"], request["home"])
+        count = archive.restore_archive(sys.stdin.buffer, request["workspace"], request["home"], identities)
     except archive.SnapshotError as exc:
         print(json.dumps({"error": str(exc)}), flush=True)
         return 3
-    print(json.dumps({"restored": count}), flush=True)
+    print(json.dumps({"restored": count, "files": identities}, separators=(",", ":")), flush=True)
     return 0
 
 

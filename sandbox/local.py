@@ -12,8 +12,9 @@ moment. So the server never opens, follows or archives a path in it:
   and are opened with ``O_NOFOLLOW | O_NONBLOCK`` all the same (a FIFO never blocks the server, a
   link is never written through);
 - snapshots are made and restored by ``bootstrap.py snapshot`` / ``restore``, run confined like
-  ``exec`` (a PID namespace of their own, the same bubblewrap fences); the server only streams the
-  archive between their stdout/stdin and its own file;
+  ``exec`` (a PID namespace of their own, the same bubblewrap fences; the snapshot one is a worker
+  serving every snapshot of the sandbox, ``snapshot_worker``); the server only streams the
+  archive between their pipes and its own store;
 - the sandbox folder itself is only looked at with ``lstat`` of its direct children (the folder is
   the server's and cannot be replaced) and removed without following links (``destroy``);
 - processes are started in the server's own folders (bubblewrap changes into the workspace inside
@@ -61,6 +62,7 @@ from .provider import (
     SandboxSpec,
 )
 from .snapshot_store import SnapshotStore
+from .snapshot_worker import SnapshotWorker, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,9 @@ class LocalSandbox(Sandbox):
         self._proc: asyncio.subprocess.Process | _Adopted | None = None
         self._endpoint: Endpoint | None = None
         self._reader: asyncio.Task | None = None
+        #: The snapshot worker, started at the first snapshot or after a restore (``_worker``).
+        self._snapshot_worker: asyncio.Task[SnapshotWorker] | None = None
+        self._snapshot_lock = asyncio.Lock()
 
     # -- Sandbox interface -------------------------------------------------------------------
     def endpoint(self) -> Endpoint:
@@ -254,6 +259,7 @@ class LocalSandbox(Sandbox):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+        await self._stop_snapshot_worker()
         # Whatever escaped the process group (setsid, double fork) still carries the marker.
         await asyncio.to_thread(processes.kill_all, self.id)
         if self._reader is not None:
@@ -297,15 +303,22 @@ class LocalSandbox(Sandbox):
         return sandbox
 
     # -- snapshots, made and unpacked inside the sandbox ------------------------------------
+    async def _archive_process(
+        self, command: str, stdin: int, stdout: int, stderr: int
+    ) -> asyncio.subprocess.Process:
+        """Start ``bootstrap.py snapshot|restore`` confined like ``exec`` (its own PID namespace),
+        with the given standard descriptors."""
+        request = json.dumps({"workspace": str(self.workspace), "home": str(self.home)})
+        argv = self._confine(self.bootstrap_argv(command, request), cwd=str(self.root))
+        return await _spawn(argv, cwd=str(self.root), env=self._env(), stdin=stdin, stdout=stdout,
+                            stderr=stderr)
+
     async def _archive_command(
         self, command: str, stdin: int, stdout: int, timeout: float
     ) -> tuple[int, bytes, bytes]:
-        """Run ``bootstrap.py snapshot|restore`` confined like ``exec``, its stdin and stdout the
-        given descriptors (or pipes); return ``(status, stdout, stderr)``."""
-        request = json.dumps({"workspace": str(self.workspace), "home": str(self.home)})
-        argv = self._confine(self.bootstrap_argv(command, request), cwd=str(self.root))
-        proc = await _spawn(argv, cwd=str(self.root), env=self._env(), stdin=stdin, stdout=stdout,
-                            stderr=asyncio.subprocess.PIPE)
+        """Run ``bootstrap.py restore`` with the given stdin and stdout (or pipes); return
+        ``(status, stdout, stderr)``."""
+        proc = await self._archive_process(command, stdin, stdout, asyncio.subprocess.PIPE)
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except BaseException as exc:  # a timeout, or the caller gave up: nothing may go on
@@ -329,18 +342,17 @@ class LocalSandbox(Sandbox):
             receiving = asyncio.ensure_future(asyncio.to_thread(_receive, store, read_end))
             try:
                 try:
-                    status, _, err = await self._archive_command("snapshot", given, write_end, timeout)
+                    failed = await self._run_snapshot_worker(given, write_end, timeout)
                 finally:
-                    os.close(write_end)  # the stream ends with the process
+                    os.close(write_end)  # the stream ends when the worker closes its copy
                     os.close(given)
                 try:
                     pending = await receiving
                 except snapshot_store.StoreError as exc:
-                    if status == 0:
+                    if failed is None:
                         raise SandboxError(f"the snapshot could not be written: {exc}") from None
-                if status != 0:
-                    why = _last_line(err) or f"status {status}"
-                    raise SandboxError(f"the snapshot could not be written: {why}")
+                if failed is not None:
+                    raise SandboxError(f"the snapshot could not be written: {failed}")
                 committing = asyncio.ensure_future(asyncio.to_thread(store.commit, name, pending))
                 try:
                     size = await asyncio.shield(committing)
@@ -356,6 +368,34 @@ class LocalSandbox(Sandbox):
                 await asyncio.wait([receiving])
                 if not receiving.cancelled():
                     receiving.exception()  # seen: a failed process's stream ends early, said above
+
+    async def _run_snapshot_worker(self, cache_fd: int, stream_fd: int, timeout: float) -> str | None:
+        """One snapshot by the sandbox's worker (``snapshot_worker``); None, or why it failed."""
+        async with self._snapshot_lock:
+            worker = await asyncio.shield(self._worker())
+            try:
+                return await worker.snapshot(cache_fd, stream_fd, timeout)
+            except WorkerGone:  # ended since the last snapshot (killed, out of memory): anew
+                self._snapshot_worker = None
+            worker = await asyncio.shield(self._worker())
+            return await worker.snapshot(cache_fd, stream_fd, timeout)
+
+    def _worker(self) -> asyncio.Task[SnapshotWorker]:
+        """The snapshot worker (being) started: the running one, else a new one. Started in the
+        background after a restore, so that a resumed session's first snapshot does not pay it."""
+        task = self._snapshot_worker
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None
+                                             or not task.result().alive)):
+            task = self._snapshot_worker = asyncio.ensure_future(SnapshotWorker.start(
+                lambda channel: self._archive_process("snapshot", channel, asyncio.subprocess.DEVNULL,
+                                                      asyncio.subprocess.DEVNULL)))
+        return task
+
+    async def _stop_snapshot_worker(self) -> None:
+        task, self._snapshot_worker = self._snapshot_worker, None
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await (await asyncio.shield(task)).stop()
 
     async def restore(self, store: SnapshotStore, name: str, timeout: float) -> None:
         """Unpack the snapshot ``name`` of ``store`` into this (not running) sandbox, all or
@@ -390,7 +430,14 @@ class LocalSandbox(Sandbox):
                 raise RestoreError(f"the snapshot {name} could not be restored: {exc}") from None
             except OSError:
                 pass  # the restore process stopped reading: its own answer says why
-            _restored(name, *answer)
+            files = _restored(name, *answer).get("files")
+            if store.folder.name == self.id:  # not another's (a warm snapshot is its builder's)
+                try:
+                    await asyncio.to_thread(store.remember_restore, name, files)
+                except (snapshot_store.StoreError, OSError) as exc:  # only the next snapshot is slower
+                    log.warning("tabbi: the identities of the files restored in %s are not kept: %s",
+                                self.id, exc)
+            self._worker()
 
     async def _restore_command(self, fd: int, timeout: float) -> tuple[int, bytes, bytes]:
         try:
@@ -723,15 +770,18 @@ async def _held(lock: snapshot_store.StoreLock) -> AsyncIterator[None]:
         lock.release()
 
 
-def _restored(name: str, status: int, out: bytes, err: bytes) -> None:
-    """Raise ``RestoreError`` unless the restore process says it restored the snapshot."""
+def _restored(name: str, status: int, out: bytes, err: bytes) -> dict[str, Any]:
+    """The restore process's answer; ``RestoreError`` unless it says it restored the snapshot."""
     try:
         answer = json.loads(_last_line(out) or "{}")
     except ValueError:
         answer = {}
+    if not isinstance(answer, dict):
+        answer = {}
     if status != 0 or "restored" not in answer:
         why = answer.get("error") or _last_line(err) or f"status {status}"
         raise RestoreError(f"the snapshot {name} could not be restored: {why}")
+    return answer
 def _resident_bytes(pid: int) -> int:
     """Resident memory of ``pid`` (``VmRSS``), 0 if it is gone."""
     try:

@@ -24,6 +24,9 @@ What the store trusts and checks (the stream comes from a process in the agent's
   nothing in place, and the error names the file;
 - a file changed within ``RACY_NS`` of the snapshot that read it is not trusted to the cache (its
   timestamps may not have moved on a second change within the same clock tick): read again;
+- after a restore, the identities the restore process reports of the files it wrote stand in
+  for the manifest's (whose inodes are gone) for that snapshot only, and only for paths it holds
+  as files of that size (``remember_restore``);
 - blobs are written sparse (runs of zeros are holes), so a huge sparse file costs no disk here;
 - reclaiming is mark and sweep under an exclusive ``flock`` of ``.lock``; a snapshot being
   written or restored holds it shared, so no blob it relies on goes away under it.
@@ -54,6 +57,8 @@ ARCHIVE_SUFFIX = ".tar.gz"  # format 1: one archive per snapshot
 OBJECTS = "objects"
 LOCK = ".lock"
 PARTIAL = ".partial"
+#: The identities of the files the last restore wrote (``remember_restore``).
+RESTORED = "restored.json"
 HEADER_PREFIX = b"tabbi-snapshot 2 "
 #: A file whose ctime is this close to the start of the snapshot that read it is read again next time.
 RACY_NS = 1_000_000_000
@@ -112,6 +117,47 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
+def _read_signed(path: Path, what: str) -> Any:
+    """The JSON of a file ``_write_signed`` wrote, its digest checked. Raises ``StoreError``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise StoreError(f"{what} cannot be read: {exc.strerror}") from None
+    header, _, body = data.partition(b"\n")
+    if not header.startswith(HEADER_PREFIX) or \
+            header[len(HEADER_PREFIX):].decode(errors="replace") != hashlib.sha256(body).hexdigest():
+        raise StoreError(f"{what} is damaged: its manifest does not match its digest")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise StoreError(f"{what} is damaged: its manifest is not JSON") from None
+
+
+def _write_signed(path: Path, value: Any, durable: bool) -> int:
+    """Write ``value`` as JSON under the digest of its text (a torn or damaged file is never
+    used), atomically; flushed to disk and its folder too if ``durable``. Its size."""
+    body = json.dumps(value, separators=(",", ":")).encode()
+    data = HEADER_PREFIX + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+    partial = path.with_name(path.name + PARTIAL)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return len(data)
+
+
 def _syncfs(fd: int) -> None:
     """Flush the file system holding ``fd`` (one call for many new blobs, where an fsync each
     costs milliseconds apiece)."""
@@ -161,6 +207,10 @@ class SnapshotStore:
     def __init__(self, folder: Path):
         self.folder = folder
         self.objects = folder / OBJECTS
+        self._objects_prefix = f"{self.objects}/"  # blob paths as text: pathlib per blob was most of a cache
+        #: The blobs ``cache`` offered (digest -> size), checked there: under the same hold of the
+        #: lock, the stream's manifest naming them needs no second look.
+        self._offered: dict[str, int] = {}
 
     # -- names and locking -----------------------------------------------------------------------
     def manifest_path(self, name: str) -> Path:
@@ -201,44 +251,13 @@ class SnapshotStore:
     # -- manifests -------------------------------------------------------------------------------
     def load(self, name: str) -> dict[str, Any]:
         """The manifest of ``name``, its digest checked. Raises ``StoreError``."""
-        path = self.manifest_path(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise StoreError(f"the snapshot {name} cannot be read: {exc.strerror}") from None
-        header, _, body = data.partition(b"\n")
-        if not header.startswith(HEADER_PREFIX) or \
-                header[len(HEADER_PREFIX):].decode(errors="replace") != hashlib.sha256(body).hexdigest():
-            raise StoreError(f"the snapshot {name} is damaged: its manifest does not match its digest")
-        try:
-            manifest = json.loads(body)
-        except ValueError:
-            raise StoreError(f"the snapshot {name} is damaged: its manifest is not JSON") from None
-        return manifest
+        return _read_signed(self.manifest_path(name), f"the snapshot {name}")
 
     def _write_manifest(self, name: str, manifest: dict[str, Any]) -> int:
-        body = json.dumps(manifest, separators=(",", ":")).encode()
-        data = HEADER_PREFIX + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
-        path = self.manifest_path(name)
-        partial = path.with_name(path.name + PARTIAL)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(partial, path)
-        folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-        return len(data)
+        return _write_signed(self.manifest_path(name), manifest, durable=True)
 
-    def _latest(self) -> dict[str, Any] | None:
-        """The newest readable manifest (by when it was stored), or None."""
+    def _latest(self) -> tuple[str, dict[str, Any]] | None:
+        """The newest readable manifest (by when it was stored) and its name, or None."""
         if not self.folder.is_dir():
             return None
         found = []
@@ -248,36 +267,76 @@ class SnapshotStore:
                     found.append((path.stat().st_mtime_ns, path.name))
         found.sort()
         for _, file_name in reversed(found):
+            name = file_name[: -len(MANIFEST_SUFFIX)]
             with contextlib.suppress(StoreError):
-                return self.load(file_name[: -len(MANIFEST_SUFFIX)])
+                return name, self.load(name)
         return None
 
     def cache(self) -> bytes:
         """What the snapshot process may reuse: the newest manifest's files (path -> size,
         mtime_ns, ctime_ns, inode, device, digest) whose blob is here with its size and which
-        had not changed within ``RACY_NS`` of that snapshot. Call with the lock held."""
+        had not changed within ``RACY_NS`` of that snapshot; if that snapshot was restored since
+        (``remember_restore``), its files as restored instead. Call with the lock held."""
         latest = self._latest()
         files: dict[str, list] = {}
         if latest is not None:
-            limit = latest.get("taken_ns", 0) - RACY_NS
-            for entry in latest.get("entries", []):
-                if entry[1] != REG or entry[7] is None or entry[7] >= limit:
+            name, manifest = latest
+            restored = self._restored(name)
+            limit = manifest.get("taken_ns", 0) - RACY_NS
+            for entry in manifest.get("entries", []):
+                if entry[1] != REG:
                     continue
-                if self._has_blob(entry[5], entry[4]):
-                    files[entry[0]] = [entry[4], *entry[6:10], entry[5]]
+                identity = restored.get(entry[0]) if restored is not None else entry[4:5] + entry[6:10]
+                if identity is None or identity[0] != entry[4] or identity[2] is None or \
+                        (restored is None and identity[2] >= limit) or not self._has_blob(entry[5], entry[4]):
+                    continue
+                files[entry[0]] = [*identity, entry[5]]
+        self._offered = {f[5]: f[0] for f in files.values()}
         return json.dumps({"files": files}, separators=(",", ":")).encode()
 
-    def _has_blob(self, digest: str, size: int) -> bool:
+    # -- restores: what the next snapshot need not read ----------------------------------------------
+    def remember_restore(self, name: str, identities: Any) -> int:
+        """Keep the identities (path -> ``[size, mtime_ns, ctime_ns, inode, device]``) of the
+        files the restore process wrote for snapshot ``name``, so that the first snapshot after
+        a resume reads only what changed since, not every file (a restore makes new inodes, so
+        the manifest's identities never match). Said by the restore process, so checked (ints
+        only) and used only for paths the snapshot holds as files of that size; a lie can only
+        misstate the sandbox's own files, as a snapshot process can. No racy window: nothing
+        else wrote while the sandbox was stopped, and the restore returns only once the clock
+        has moved past the files' ctimes. The number of identities kept."""
+        if not isinstance(identities, dict):
+            raise StoreError("the restore's file identities are malformed")
+        kept = {path: identity for path, identity in identities.items()
+                if isinstance(path, str) and isinstance(identity, list) and len(identity) == 5
+                and all(_int(v, -(1 << 63)) for v in identity)}
+        _write_signed(self.folder / RESTORED, {"name": name, "files": kept}, durable=False)
+        return len(kept)
+
+    def _restored(self, name: str) -> dict[str, list] | None:
+        """The identities remembered of the restore of ``name``, or None (none, or another's)."""
         try:
-            st = os.stat(self.blob_path(digest), follow_symlinks=False)
-        except (OSError, StoreError):
+            restored = _read_signed(self.folder / RESTORED, "the restored identities")
+        except StoreError:
+            return None
+        if not (isinstance(restored, dict) and restored.get("name") == name
+                and isinstance(restored.get("files"), dict)):
+            return None
+        return restored["files"]
+
+    def _has_blob(self, digest: str, size: int) -> bool:
+        if not DIGEST.fullmatch(digest):
+            return False
+        try:
+            st = os.stat(f"{self._objects_prefix}{digest[:2]}/{digest}", follow_symlinks=False)
+        except OSError:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_size == size
 
     # -- receiving a snapshot ----------------------------------------------------------------------
     def receive(self, fd: int) -> Pending:
         """Read a snapshot stream from ``fd`` (to its end): store the blobs it sends and return
-        its manifest, checked, to ``commit``. Call with the lock held. Raises ``StoreError``."""
+        its manifest, checked, to ``commit``. Call with the lock held (since ``cache``, if the
+        stream was made from it). Raises ``StoreError``."""
         if _read_exactly(fd, len(STREAM_MAGIC)) != STREAM_MAGIC:
             raise StoreError("the snapshot stream does not start as one")
         self.objects.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -309,7 +368,8 @@ class SnapshotStore:
             raise StoreError("the snapshot's manifest is not of format 2")
         for entry in manifest["entries"]:
             check_entry(entry)
-            if entry[1] == REG and not self._has_blob(entry[5], entry[4]):
+            if entry[1] == REG and self._offered.get(entry[5]) != entry[4] and \
+                    not self._has_blob(entry[5], entry[4]):
                 raise StoreError(f"the snapshot names content the store does not hold: {entry[0]!r}")
         return Pending(manifest, received, new_blobs, written)
 
@@ -351,7 +411,10 @@ class SnapshotStore:
 
     def commit(self, name: str, pending: Pending) -> int:
         """Make the received snapshot ``name`` durable and visible; its size (the bytes of the
-        files it holds, and of its manifest)."""
+        files it holds, and of its manifest). Its new blobs reach the disk before the manifest
+        naming them: once it is stored the session deletes its older snapshots, so a manifest
+        that outlived a crash without its blobs would leave it nothing to resume from. After a
+        one-file change that is two or three blobs (the file, the database's copy): a few ms."""
         if len(pending.new_blobs) <= FSYNC_EACH:
             for path in pending.new_blobs:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -8,8 +8,9 @@ consistent), git lock files (a lock captured mid-operation would come back as a 
 blocks git), devices, FIFOs and sockets, or anything from the process environment (the OpenCode
 password and model keys live only there).
 
-Where it runs: this module is standard-library only and is loaded by ``bootstrap.py snapshot`` and
-``bootstrap.py restore``, which the provider runs confined like the agent (bubblewrap, a PID
+Where it runs: this module is standard-library only and is loaded by ``bootstrap.py snapshot`` (a
+worker started at the sandbox's first snapshot that serves every later one, ``snapshot_worker.py``)
+and ``bootstrap.py restore``, which the provider runs confined like the agent (bubblewrap, a PID
 namespace of their own, non-dumpable). The server only streams bytes: the snapshot process writes
 a stream (``write_snapshot``: the bytes of the files the previous snapshot does not hold, then a
 manifest of every path) into the server's store (``snapshot_store.py``), and the restore process
@@ -36,6 +37,9 @@ Threats handled here (the agent writes these files, and may change them while we
   after the look makes it read nothing); anything else (a link, a FIFO, a lookalike with the same
   size and mtime but a new inode or ctime) is looked at anew as above, and the bytes sent are
   exactly those hashed (``_Exactly``), whatever the file does meanwhile;
+- what a restore reports of the files it wrote (``identities``, so that the next snapshot need
+  not read them): said by a process in the sandbox, so the store checks it and uses it only for
+  files of the restored snapshot, of their size (``SnapshotStore.remember_restore``);
 - a torn or corrupt archive: gzip's CRC and length are checked to the end of the stream before
   anything is moved into place;
 - half-restored workspaces: extraction goes into a staging folder; only a complete, verified
@@ -48,12 +52,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import sqlite3
 import stat
 import struct
-import tempfile
 import time
 from typing import IO, TYPE_CHECKING
 from urllib.parse import quote
@@ -244,29 +248,39 @@ class _Walker:
             return
         if st.st_nlink > 1:
             self.seen[(st.st_dev, st.st_ino)] = arcname
-        digest = self.send(fd, st.st_size)
+        digest = self.send(_Exactly(fd, st.st_size), st.st_size)
         identity = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev] if cacheable else [None] * 4
         self.entries.append([arcname, REG, stat.S_IMODE(st.st_mode), int(st.st_mtime), st.st_size, digest,
                              *identity])
 
-    def send(self, fd: int, size: int) -> str:
-        """Stream ``size`` bytes of ``fd`` as a ``FILE`` record; their SHA-256 (of exactly what
-        was sent, whatever the file did meanwhile)."""
+    def add_copy(self, arcname: str, data: bytes, mode: int, mtime: int) -> None:
+        """Send and list a copy made here (the database's): nothing the cache can describe."""
+        digest = self.send(io.BytesIO(data), len(data))
+        self.entries.append([arcname, REG, mode, mtime, len(data), digest, None, None, None, None])
+
+    def send(self, source: _Exactly | io.BytesIO, size: int) -> str:
+        """Stream ``size`` bytes read from ``source`` (which gives exactly that many) as a
+        ``FILE`` record; their SHA-256 (of exactly what was sent, whatever the file did meanwhile)."""
         self.out.write(RECORD.pack(FILE, size))
-        source, digest = _Exactly(fd, size), hashlib.sha256()
-        while source.left:
-            data = source.read(CHUNK)
+        digest, left = hashlib.sha256(), size
+        while left:
+            data = source.read(min(CHUNK, left))
+            if not data:
+                raise SnapshotError("a copy ended before its size")
             digest.update(data)
             self.out.write(data)
+            left -= len(data)
         self.out.write(digest.digest())
         self.sent += 1
         return digest.hexdigest()
 
 
-def _database_copy(data_fd: int, scratch: str) -> str | None:
+def _database_copy(data_fd: int) -> tuple[bytes, int] | None:
     """A consistent copy of OpenCode's database (the backup API reads through SQLite's own
-    locking and WAL, unlike copying the files), or None when there is none. The folder was
-    reached without following a link; the database itself must be a regular file."""
+    locking and WAL, unlike copying the files) and the database's mode, or None when there is
+    none. The copy is made in memory and taken as the image of a database file: a copy on disk
+    cost a journal and an fsync at every snapshot. The folder was reached without following a
+    link; the database itself must be a regular file."""
     try:
         st = os.stat(DATABASE, dir_fd=data_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -274,11 +288,10 @@ def _database_copy(data_fd: int, scratch: str) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         raise SnapshotError(f"{DATABASE} is not a regular file; refusing to read it")
     source = f"/proc/self/fd/{data_fd}/{DATABASE}"
-    copy = os.path.join(scratch, DATABASE)
     with contextlib.closing(sqlite3.connect(f"file:{quote(source)}?mode=ro", uri=True, timeout=10)) as src, \
-            contextlib.closing(sqlite3.connect(copy)) as dst:
+            contextlib.closing(sqlite3.connect(":memory:")) as dst:
         src.backup(dst)
-    return copy
+        return dst.serialize(), stat.S_IMODE(st.st_mode)
 
 
 def write_snapshot(workspace: str, home: str, previous: IO[bytes], out: IO[bytes]) -> int:
@@ -295,33 +308,28 @@ def write_snapshot(workspace: str, home: str, previous: IO[bytes], out: IO[bytes
         raise SnapshotError(f"the previous snapshot's cache is unreadable: {exc}") from exc
     taken = time.time_ns()
     try:
-        with tempfile.TemporaryDirectory(prefix="tabbi-snap-") as scratch:
-            out.write(STREAM_MAGIC)
-            walker = _Walker(out, cache)
-            for arcname, anchor, components in parts(workspace, home):
-                anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    fd = open_dirs(anchor_fd, components)
-                finally:
-                    os.close(anchor_fd)
-                if fd is None:
-                    continue  # missing, or reached only through a link: not archived
-                try:
-                    walker.add_tree(fd, arcname)
-                    database = _database_copy(fd, scratch) if arcname == AGENT_DATA else None
-                finally:
-                    os.close(fd)
-                if database is not None:
-                    copy = os.open(database, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    try:
-                        walker.add_file(copy, f"{AGENT_DATA}/{DATABASE}", cacheable=False)
-                    finally:
-                        os.close(copy)
-            manifest = json.dumps({"format": FORMAT, "taken_ns": taken, "entries": walker.entries},
-                                  separators=(",", ":")).encode()
-            out.write(RECORD.pack(MANIFEST, len(manifest)))
-            out.write(manifest)
-            out.flush()
+        out.write(STREAM_MAGIC)
+        walker = _Walker(out, cache)
+        for arcname, anchor, components in parts(workspace, home):
+            anchor_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = open_dirs(anchor_fd, components)
+            finally:
+                os.close(anchor_fd)
+            if fd is None:
+                continue  # missing, or reached only through a link: not archived
+            try:
+                walker.add_tree(fd, arcname)
+                database = _database_copy(fd) if arcname == AGENT_DATA else None
+            finally:
+                os.close(fd)
+            if database is not None:
+                walker.add_copy(f"{AGENT_DATA}/{DATABASE}", database[0], database[1], taken // 10**9)
+        manifest = json.dumps({"format": FORMAT, "taken_ns": taken, "entries": walker.entries},
+                              separators=(",", ":")).encode()
+        out.write(RECORD.pack(MANIFEST, len(manifest)))
+        out.write(manifest)
+        out.flush()
     except (OSError, sqlite3.Error) as exc:
         raise SnapshotError(f"the snapshot could not be written: {exc}") from exc
     return len(walker.entries)
@@ -343,6 +351,8 @@ class _Unpacker:
 
     def __init__(self, staging_fd: int):
         self.staging_fd = staging_fd
+        #: path -> [size, mtime_ns, ctime_ns, inode, device] of each file as written.
+        self.identities: dict[str, list[int]] = {}
         self.dirs: list[tuple[list[str], int, int]] = []  # folder, mode, mtime: applied at the end
         self._parent: tuple[tuple[str, ...], int] | None = None
 
@@ -387,6 +397,9 @@ class _Unpacker:
                     left -= len(data)
                 os.fchmod(fd, mode)
                 os.utime(fd, (member.mtime, member.mtime))
+                st = os.fstat(fd)
+                self.identities[member.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                                                st.st_dev]
             finally:
                 os.close(fd)
         elif member.issym():
@@ -403,6 +416,7 @@ class _Unpacker:
                 if not stat.S_ISREG(st.st_mode):
                     raise SnapshotError(f"the hard link {member.name} names no restored file")
                 os.link(target[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
+                self.identities.pop(member.linkname, None)  # a new link changed its ctime
             finally:
                 os.close(source_dir)
         else:
@@ -424,8 +438,12 @@ class _Unpacker:
                 os.close(fd)
 
 
-def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
+def restore_archive(source: IO[bytes], workspace: str, home: str,
+                    identities: dict[str, list[int]] | None = None) -> int:
     """Unpack the archive read from ``source`` into the sandbox; return the number of members.
+    ``identities`` (if given) receives each restored file's ``[size, mtime_ns, ctime_ns, inode,
+    device]`` as it is in place, so that the next snapshot need not read it again; it returns
+    only once the file system's clock has moved past them (``_past``).
 
     All or nothing: unpacked into ``<beside the workspace>/.tabbi-restore``, verified to the end
     of the stream, then each part replaces what is in place (the workspace last). On failure
@@ -461,6 +479,8 @@ def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
         finally:
             os.close(staging_fd)
         remove_tree(anchor_fd, STAGING)
+        if identities is not None and _past(max((i[2] for i in unpacker.identities.values()), default=0)):
+            identities.update(unpacker.identities)
     except (OSError, EOFError, tarfile.TarError, SnapshotError, ValueError) as exc:
         with contextlib.suppress(OSError):
             remove_tree(anchor_fd, STAGING)
@@ -470,6 +490,23 @@ def restore_archive(source: IO[bytes], workspace: str, home: str) -> int:
     finally:
         os.close(anchor_fd)
     return count
+
+
+#: The clock file systems stamp files with (``CLOCK_REALTIME_COARSE`` on Linux).
+COARSE_CLOCK = getattr(time, "CLOCK_REALTIME_COARSE", 5)
+
+
+def _past(ctime_ns: int) -> bool:
+    """Wait (one clock tick, a few ms) until a file changed from now on gets a ctime later than
+    ``ctime_ns``: then a restored file the agent changes, even at once and to the same size and
+    mtime, never looks like the one restored. False if the clock does not get there soon (a
+    file system stamping from another clock): its identities are then not to be trusted."""
+    deadline = time.monotonic() + 0.2
+    while time.clock_gettime_ns(COARSE_CLOCK) <= ctime_ns:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def _move_into_place(staging_fd: int, layout: list[tuple[str, str, list[str]]],

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tabbi_sandbox import snapshot_store, snapshots
+from tabbi_sandbox import processes, snapshot_store, snapshots
 from tabbi_sandbox.provider import RestoreError
 from tabbi_sandbox.snapshot_store import SnapshotStore, StoreError
 from tests.test_provider_contract import (
@@ -94,8 +97,10 @@ def take(store: SnapshotStore, sandbox: Sandbox, name: str) -> snapshot_store.Pe
 
 
 def restore(store: SnapshotStore, name: str, destination: Path) -> None:
-    """Restore ``name`` into ``destination`` as the provider does: checked, rendered, unpacked."""
+    """Restore ``name`` into ``destination`` as the provider does: checked, rendered, unpacked,
+    the identities of the files written kept for the next snapshot."""
     destination.mkdir(parents=True, exist_ok=True)
+    identities: dict[str, list[int]] = {}
     with store.locked():
         manifest = store.check(name)
         read_end, write_end = os.pipe()
@@ -111,7 +116,8 @@ def restore(store: SnapshotStore, name: str, destination: Path) -> None:
         renderer.start()
         try:
             with os.fdopen(read_end, "rb") as source:
-                snapshots.restore_archive(source, str(destination / "workspace"), str(destination / "home"))
+                snapshots.restore_archive(source, str(destination / "workspace"), str(destination / "home"),
+                                          identities)
         except snapshots.SnapshotError:
             if not errors:
                 raise
@@ -119,6 +125,7 @@ def restore(store: SnapshotStore, name: str, destination: Path) -> None:
             renderer.join()
         if errors:  # the store's reason, as the provider reports it (the restore failed too)
             raise errors[0]
+        store.remember_restore(name, identities)
 
 
 def blobs(store: SnapshotStore) -> set[str]:
@@ -180,6 +187,64 @@ def test_files_changed_within_the_racy_window_are_read_again(tmp_path, monkeypat
     take(store, sandbox, "s1")
     again = take(store, sandbox, "s2")
     assert len(again.received) == 2 and again.new_blobs == []  # read again, stored once
+
+
+def test_the_first_snapshot_after_a_restore_reads_only_what_changed(tmp_path, trusted_cache):
+    """A restore writes every file anew (new inodes and ctimes): the manifest's identities match
+    none of them. The restore's own identities do, so a resumed session's first snapshot reads
+    only the file changed since, and stores nothing new but it."""
+    sandbox, store = Sandbox(tmp_path / "sb"), SnapshotStore(tmp_path / "store")
+    sandbox.run(BASE)
+    take(store, sandbox, "s1")
+    resumed = Sandbox(tmp_path / "resumed")
+    restore(store, "s1", resumed.root)
+    unchanged = take(store, resumed, "s2")
+    assert unchanged.received == [] and unchanged.new_blobs == []
+    resumed.run("echo changed > src/f3.py")
+    changed = take(store, resumed, "s3")
+    assert set(changed.received) == digests_of(changed, {"workspace/src/f3.py"})
+
+
+def test_a_restored_file_rewritten_at_once_as_a_lookalike_is_read_again(tmp_path, trusted_cache):
+    """Threat: the agent knows the first snapshot after a resume reuses what the restore wrote.
+    As soon as it runs it rewrites a restored file with other bytes of the same size and sets
+    its mtime back, hoping the snapshot keeps the restored content. Its ctime moved on (the
+    restore returns only once the clock has passed the files' ctimes): it is read again."""
+    sandbox, store = Sandbox(tmp_path / "sb"), SnapshotStore(tmp_path / "store")
+    sandbox.run("echo aaaaaaaaaa > a.txt; echo bbbbbbbbbb > b.txt")
+    take(store, sandbox, "s1")
+    resumed = Sandbox(tmp_path / "resumed")
+    restore(store, "s1", resumed.root)
+    target = resumed.workspace / "a.txt"
+    before = target.stat()
+    with target.open("r+b") as f:
+        f.write(b"AAAAAAAAAA\n")
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = take(store, resumed, "s2")
+    assert len(after.received) == 1
+    restore(store, "s2", tmp_path / "again")
+    assert (tmp_path / "again" / "workspace" / "a.txt").read_text() == "AAAAAAAAAA\n"
+
+
+def test_identities_a_restore_process_forges_are_not_trusted(tmp_path, trusted_cache):
+    """Threat: the restore process runs in the agent's sandbox, so the identities it reports
+    are the agent's to forge: for paths the snapshot does not hold (to make a later file look
+    cached), with another size, or not numbers at all. Only identities of files the snapshot
+    holds, of that size, reach the cache; and only for the snapshot that was restored."""
+    sandbox, store = Sandbox(tmp_path / "sb"), SnapshotStore(tmp_path / "store")
+    sandbox.run("echo aaaaaaaaaa > a.txt; echo bbbbbbbbbb > b.txt; echo cccccccccc > c.txt")
+    first = take(store, sandbox, "s1")
+    sizes = {e[0]: e[4] for e in first.manifest["entries"] if e[1] == snapshots.REG}
+    store.remember_restore("s1", {
+        "workspace/a.txt": [sizes["workspace/a.txt"], 1, 2, 3, 4],
+        "workspace/b.txt": [sizes["workspace/b.txt"] + 1, 1, 2, 3, 4],
+        "workspace/new.txt": [5, 1, 2, 3, 4],
+        "workspace/c.txt": [sizes["workspace/c.txt"], "1", 2, 3, 4],
+    })
+    cached = json.loads(store.cache())["files"]
+    assert set(cached) == {"workspace/a.txt"} and cached["workspace/a.txt"][:5] == [11, 1, 2, 3, 4]
+    store.remember_restore("s0", {"workspace/a.txt": [11, 1, 2, 3, 4]})  # of another snapshot
+    assert json.loads(store.cache())["files"]["workspace/a.txt"][:5] != [11, 1, 2, 3, 4]
 
 
 def test_an_incremental_chain_restores_each_snapshot_exactly(tmp_path, trusted_cache):
@@ -416,6 +481,23 @@ def test_a_stream_naming_what_it_may_not_is_refused(tmp_path, entry, why):
     assert not list(store.folder.glob("*.snapshot"))
 
 
+def test_a_stream_naming_an_offered_blob_at_another_size_is_refused(tmp_path, trusted_cache):
+    """Threat: the snapshot worker (in the agent's sandbox) is handed the cache, so it knows the
+    digests the store holds, and the store does not look again at a blob the cache offered. A
+    lying worker names an offered digest with a larger size, so that a restore would read past
+    the blob's end: the size must be the one offered, or the blob is looked at (and refused)."""
+    sandbox, store = Sandbox(tmp_path / "sb"), SnapshotStore(tmp_path / "store")
+    sandbox.run("echo aaaaaaaaaa > a.txt")
+    take(store, sandbox, "s1")
+    with store.locked():
+        cached = json.loads(store.cache())["files"]["workspace/a.txt"]
+        lie = ["workspace/a.txt", "f", 0o644, 0, cached[0] + 100, cached[5], None, None, None, None]
+        with pytest.raises(StoreError, match="does not hold"):
+            feed(store, stream({"format": 2, "taken_ns": 1, "entries": [["workspace", "d", 0o755, 0], lie]}))
+        honest = [*lie[:4], cached[0], *lie[5:]]
+        feed(store, stream({"format": 2, "taken_ns": 1, "entries": [["workspace", "d", 0o755, 0], honest]}))
+
+
 def test_a_stream_whose_bytes_do_not_match_their_digest_is_refused(tmp_path):
     store = SnapshotStore(tmp_path / "store")
     data = stream({"format": 2, "taken_ns": 1, "entries": []}, [b"abc"])
@@ -496,3 +578,82 @@ async def test_local_provider_incremental_snapshots_damage_and_format_1(request,
     await provider.delete_snapshot(old)
     assert old_store.names() == ["newer"]
     assert any(e[0] == "workspace/new\nline.txt" for e in old_store.load("newer")["entries"])
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+async def test_the_snapshot_worker_serves_every_snapshot_out_of_the_agents_reach(request, tmp_path, caplog,
+                                                                                 source_repo):
+    """Threat: the snapshot worker lives as long as the sandbox and runs as the agent's user
+    among the agent's files. The agent must not reach it: it runs in a PID namespace of its own
+    (neither the agent's nor the server's; what it shares it with is its own bubblewrap), so no
+    process of the agent can list, signal or trace it. It is the same process from one snapshot
+    to the next (no start paid again); one that has died (killed, or ended at a snapshot's
+    timeout) is replaced at the next snapshot, which still succeeds; none is left once the
+    sandbox stops. After a resume, the worker is started with the sandbox and the first
+    snapshot reads only what changed (the restore said what it wrote)."""
+    kit = local_kit(request, tmp_path / "tabbi-data")
+    provider = kit.provider
+    spec = make_spec(source_repo)
+    sandbox, _ = await start(kit, spec)
+    caplog.set_level(logging.INFO, logger="tabbi_sandbox.local")
+    try:
+        await shell(sandbox, "mkdir many; for i in $(seq 1 60); do echo $i > many/$i; done")
+        await provider.snapshot(sandbox, "first")
+        worker = sandbox._snapshot_worker.result()
+        assert worker.alive
+        await shell(sandbox, "echo two > mine.txt")
+        await provider.snapshot(sandbox, "second")
+        assert sandbox._snapshot_worker.result() is worker and worker.alive
+
+        marked = processes.sandbox_pids(sandbox.id)
+        serving = [pid for pid in marked if b"bootstrap.py\0snapshot\0" in _cmdline(pid)]
+        agents = [pid for pid in marked if b"opencode" in _cmdline(pid) and b"snapshot" not in _cmdline(pid)]
+        assert serving and agents
+        if sandbox.confined:
+            inner = [pid for pid in serving if _pid_namespace(pid) != _pid_namespace(os.getpid())]
+            assert inner, "the worker runs in the server's PID namespace"
+            space = _pid_namespace(inner[0])
+            assert space not in {_pid_namespace(pid) for pid in agents}
+            together = [pid for pid in marked if _pid_namespace(pid) == space]
+            assert all(b"bootstrap.py\0snapshot\0" in _cmdline(pid) or b"bwrap" in _cmdline(pid)
+                       for pid in together), [_cmdline(pid) for pid in together]
+
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        await worker.proc.wait()
+        await shell(sandbox, "echo three > mine.txt")
+        third, _ = await provider.snapshot(sandbox, "third")
+        assert sandbox._snapshot_worker.result() is not worker and sandbox._snapshot_worker.result().alive
+        store = provider._store(third)
+        mine = next(e for e in store.load("third")["entries"] if e[0] == "workspace/mine.txt")
+        assert store.blob_path(mine[5]).read_bytes() == b"three\n"
+    finally:
+        last = sandbox._snapshot_worker.result()
+        await sandbox.terminate()
+    assert not last.alive and processes.sandbox_pids(sandbox.id) == []
+    await provider.destroy(spec.sandbox_id)
+
+    resumed, _ = await start(kit, spec, restore=third)
+    try:
+        assert resumed._snapshot_worker is not None  # started with the sandbox
+        await shell(resumed, "echo four > mine.txt")
+        await provider.snapshot(resumed, "fourth")
+    finally:
+        await resumed.terminate()
+    read = [int(m) for r in caplog.records for m in re.findall(r"(\d+) files read", r.getMessage())]
+    # mine.txt, the database's copy, what OpenCode and its start rewrote; not the whole clone.
+    assert len(read) == 4 and read[0] > 60 and read[-1] < 10, read
+    await provider.destroy(spec.sandbox_id)
