@@ -384,25 +384,48 @@ def start_opencode(
     """Start OpenCode in the workspace and wait until it is healthy. ``rehearsal``: a warm
     sandbox's empty folder that ``forget_secrets.js`` lets OpenCode open first (``rehearse``)."""
     emit("starting_agent")
-    port = int(spec.get("port") or free_port())
     oc = spec["opencode"]
     oc_env = opencode_env(env, oc["password"], oc["config"], spec["workspace"])
     if spec.get("marker"):
         oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
     if rehearsal:
         oc_env["TABBI_REHEARSAL_DIR"] = rehearsal
-    with open(os.path.join(spec["home"], "opencode.log"), "ab") as log:
-        proc = subprocess.Popen(
-            [oc["bin"], "serve", "--hostname", spec.get("hostname") or "127.0.0.1", "--port", str(port)],
-            cwd=spec["workspace"],
-            env=oc_env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-    version = wait_healthy(port, oc["password"], proc, float(spec.get("health_timeout", 60)))
-    return proc, port, version
+    log_path = os.path.join(spec["home"], "opencode.log")
+    attempts, attempt = 1 if spec.get("port") else PORT_ATTEMPTS, 1
+    while True:
+        port = int(spec.get("port") or free_port())
+        with open(log_path, "ab") as log:
+            logged = log.tell()
+            proc = subprocess.Popen(
+                [oc["bin"], "serve", "--hostname", spec.get("hostname") or "127.0.0.1", "--port", str(port)],
+                cwd=spec["workspace"],
+                env=oc_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        try:
+            version = wait_healthy(port, oc["password"], proc, float(spec.get("health_timeout", 60)))
+            return proc, port, version
+        except BootstrapError:
+            if attempt == attempts or proc.poll() is None or not _could_not_listen(log_path, logged):
+                raise
+        attempt += 1
+
+
+#: Ports tried when OpenCode cannot listen on the one chosen. ``free_port`` finds a free port and
+#: lets it go before OpenCode binds it (a second or more later, under load); sandboxes share the
+#: machine's network, so any process may take it meanwhile, and OpenCode then exits at once.
+PORT_ATTEMPTS = 3
+
+
+def _could_not_listen(log_path: str, since: int) -> bool:
+    """Did OpenCode's start, logged from offset ``since``, fail to open its server (Bun's
+    ``ServeError``: the port was taken)? Only such a start is tried again on another port."""
+    with open(log_path, "rb") as log:
+        log.seek(since)
+        return b"ServeError" in log.read(64 << 10)
 
 
 def rehearse(port: int, password: str, folder: str) -> None:
