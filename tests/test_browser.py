@@ -27,6 +27,15 @@ THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
 #: (front end, theme): JupyterLab in both themes, and Notebook 7.
 VARIANTS = [("lab", "light"), ("lab", "dark"), ("notebook", "light")]
 PAGES = {"lab": "lab/tree/chat.ipynb", "notebook": "notebooks/chat.ipynb"}
+#: One flow per front end, in the light theme: for browser tests whose subject is not the theme.
+ONE_PER_FRONT_END = {"params": [("lab", "light"), ("notebook", "light")], "ids": ["lab", "notebook"]}
+
+
+def chat_notebook(*cells: str | nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A Python 3 notebook of these code cells (sources, or cells already made)."""
+    return nbformat.v4.new_notebook(
+        cells=[c if isinstance(c, nbformat.NotebookNode) else nbformat.v4.new_code_cell(c) for c in cells],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
 @pytest.fixture(params=VARIANTS, ids=["-".join(v) for v in VARIANTS])
@@ -61,11 +70,8 @@ def test_panel_chat_in_the_browser(lab, llm, source_repo, variant):
     from playwright.sync_api import expect, sync_playwright
 
     assert CHROMIUM.exists(), "Debian's chromium is part of the set-up (scripts/setup.sh)"
-    notebook = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell(f"%load_ext tabbi_kernel\n%tabbi start {source_repo}"),
-        nbformat.v4.new_code_cell("%tabbi panel")],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nbformat.write(notebook, lab.workdir / "chat.ipynb")
+    nbformat.write(chat_notebook(f"%load_ext tabbi_kernel\n%tabbi start {source_repo}", "%tabbi panel"),
+                   lab.workdir / "chat.ipynb")
     # The reply carries markup a hostile model or repository could produce: it must show as text.
     hostile = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
     llm.enqueue(Reply(text="I'll create hello.py.", tools=[write("hello.py", "print('hi')\n")]),

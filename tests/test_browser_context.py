@@ -14,14 +14,14 @@ import nbformat
 import pytest
 
 from tests.support.llm import Reply
-from tests.test_browser import ARTIFACTS, CHROMIUM, PAGES, lab  # noqa: F401 (a fixture)
+from tests.test_browser import ARTIFACTS, CHROMIUM, ONE_PER_FRONT_END, PAGES, chat_notebook, lab  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(300)
 
 MARKER = "MARKER-NOT-ATTACHED-b7c2"
 
 
-@pytest.fixture(params=[("lab", "light"), ("notebook", "light")], ids=["lab", "notebook"])
+@pytest.fixture(**ONE_PER_FRONT_END)
 def variant(request) -> tuple[str, str]:
     """One flow per front end (the themes are test_browser.py's business)."""
     return request.param
@@ -31,13 +31,11 @@ def test_context_chips_in_the_browser(lab, llm, source_repo, variant):  # noqa: 
     ui, _ = variant
     from playwright.sync_api import expect, sync_playwright
 
-    notebook = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell(f"%load_ext tabbi_kernel\n%tabbi start {source_repo}"),
-        nbformat.v4.new_code_cell("import pandas as pd\n"
-                                  "df_sales = pd.DataFrame({'region': ['north'], 'units_sold': [3]})\n"
-                                  f"hidden_note = {MARKER!r}"),
-        nbformat.v4.new_code_cell("%tabbi panel")],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    notebook = chat_notebook(f"%load_ext tabbi_kernel\n%tabbi start {source_repo}",
+                             "import pandas as pd\n"
+                             "df_sales = pd.DataFrame({'region': ['north'], 'units_sold': [3]})\n"
+                             f"hidden_note = {MARKER!r}",
+                             "%tabbi panel")
     nbformat.write(notebook, lab.workdir / "chat.ipynb")
     llm.enqueue(Reply(text="I see units_sold."))
 

@@ -17,7 +17,7 @@ import nbformat
 import pytest
 
 from tests.support.llm import Reply, write
-from tests.test_browser import ARTIFACTS, CHROMIUM, PAGES, lab  # noqa: F401 - the server fixture
+from tests.test_browser import ARTIFACTS, CHROMIUM, ONE_PER_FRONT_END, PAGES, chat_notebook, lab  # noqa: F401 - the server fixture
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,7 +39,7 @@ Attempts: <script>window.__pwned=1</script> <img src=x onerror="window.__pwned=2
 """
 
 
-@pytest.fixture(params=[("lab", "light"), ("notebook", "light")], ids=["lab", "notebook"])
+@pytest.fixture(**ONE_PER_FRONT_END)
 def variant(request) -> tuple[str, str]:
     return request.param
 
@@ -48,11 +48,8 @@ def test_markdown_code_blocks_and_diff_in_the_panel(lab, llm, source_repo, varia
     ui, _ = variant
     from playwright.sync_api import expect, sync_playwright
 
-    notebook = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell(f"%load_ext tabbi_kernel\n%tabbi start {source_repo}"),
-        nbformat.v4.new_code_cell("%tabbi panel")],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nbformat.write(notebook, lab.workdir / "chat.ipynb")
+    nbformat.write(chat_notebook(f"%load_ext tabbi_kernel\n%tabbi start {source_repo}", "%tabbi panel"),
+                   lab.workdir / "chat.ipynb")
     llm.enqueue(Reply(text="Editing.", tools=[write("calc.py", "def add(a, b):\n    return b + a\n"),
                                               write("hello.py", "print('hi')\n")]),
                 Reply(text=REPLY, chunks=12))

@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.hub import Hub, as_user
 from tests.support.llm import Reply, write
-from tests.test_browser import ARTIFACTS, CHROMIUM
+from tests.test_browser import ARTIFACTS, CHROMIUM, chat_notebook
 from tests.test_hub import SECRETS, llm, pytestmark  # noqa: F401  (the module's model; same skips)
 
 PERSON, SERVICE = "dora", "tabbisvcb"
@@ -52,13 +52,12 @@ def test_a_person_chats_in_the_panel_through_the_hub(hub, llm):  # noqa: F811
 
     assert CHROMIUM.exists(), "Debian's chromium is part of the set-up (scripts/setup.sh)"
     repo = f"{REPOS}/{PERSON}/repo"
-    notebook = nbformat.v4.new_notebook(cells=[
+    notebook = chat_notebook(
         nbformat.v4.new_code_cell("%load_ext tabbi_kernel\nfrom tabbi_kernel.discovery import find_server\n"
                                   f"print('ROUTE', find_server().route)\n%tabbi start {repo}",
                                   metadata={"tags": ["setup"]}),
-        nbformat.v4.new_code_cell("%tabbi panel"),
-        nbformat.v4.new_code_cell("%tabbi push --cells setup --cells-only -m 'the set-up cell'")],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+        "%tabbi panel",
+        "%tabbi push --cells setup --cells-only -m 'the set-up cell'")
     path = Path(pwd.getpwnam(PERSON).pw_dir) / "chat.ipynb"
     as_user(PERSON, "sh", "-c", f"cat > {path}", input=nbformat.writes(notebook))
     llm.enqueue(Reply(text="I'll create hello.py.", tools=[write("hello.py", "print('hi')\n")]),
