@@ -72,15 +72,15 @@ class TabbiAdmins(LoggingConfigurable):
 
 
 async def usage(agent: SessionAgent | None, record: SessionRecord, store: Store,
-                budgets: Budgets) -> dict[str, Any]:
+                budgets: Budgets | None) -> dict[str, Any]:
     """What the service can honestly say a session uses: its age, how long its sandbox has been
     running (while this service runs it), whether a turn runs, prompts waiting, events logged,
     its snapshots, and its model tokens and cost as OpenCode reported them (the spend the budgets
     count)."""
     now = time.time()
-    snapshots, pending, model = await asyncio.gather(
-        store.list_snapshots(record.id), store.pending_prompts(record.id),
-        budgets.model_usage(store, record.id))
+    snapshots, pending = await asyncio.gather(store.list_snapshots(record.id),
+                                              store.pending_prompts(record.id))
+    model = (await budgets.model_usage_or_none(store, record.id) if budgets is not None else None) or {}
     running_since = agent.running_since if agent is not None else None
     return {
         "age_seconds": round(now - record.created_at, 1) if record.created_at else None,

@@ -222,10 +222,8 @@ class SessionAgent:
     async def info(self) -> dict[str, Any]:
         """``describe()`` and the session's model use so far: ``usage: {tokens, cost}`` as
         OpenCode reported it (None when it cannot be read now)."""
-        usage = None
-        if self.settings.budgets is not None:
-            with contextlib.suppress(Exception):  # the info is worth more than its usage
-                usage = await self.settings.budgets.model_usage(self.store, self.id)
+        budgets = self.settings.budgets
+        usage = await budgets.model_usage_or_none(self.store, self.id) if budgets is not None else None
         return {**self.describe(), "usage": usage}
 
     async def load(self) -> None:

@@ -139,6 +139,20 @@ class Budgets(LoggingConfigurable):
                     self.user_sandbox_seconds))
 
     # -- reading spend ------------------------------------------------------------------------
+    def forget(self, session_id: str) -> None:
+        """Drop what was read of a deleted session (its spend left the store with it)."""
+        self._spend.pop(session_id, None)
+        self._locks.pop(session_id, None)
+
+    async def model_usage_or_none(self, store: Store, session_id: str) -> dict[str, Any] | None:
+        """``model_usage`` of the whole session, or None when the store cannot say now: what
+        shows a session is worth more than its usage."""
+        try:
+            return await self.model_usage(store, session_id)
+        except Exception:
+            self.log.debug("tabbi: usage of session %s unknown", session_id, exc_info=True)
+            return None
+
     async def spend(self, store: Store, session_id: str, times: bool = True) -> Spend:
         """The session's spend, loaded on first use and brought up to date with its log
         (``times=False``: its model use only, without reading the log for running times)."""
@@ -147,7 +161,7 @@ class Budgets(LoggingConfigurable):
             spend = self._spend.get(session_id)
             if spend is None:
                 spend = Spend()
-                for message in await store.list_messages(session_id):
+                for message in await store.message_infos(session_id):
                     if message["role"] == "assistant":
                         spend.record(message["id"], message.get("info"))
                 self._spend[session_id] = spend

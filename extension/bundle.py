@@ -46,8 +46,10 @@ REF = "refs/tabbi/checkout"
 MAX_BUNDLE_BYTES = 200 << 20
 #: A file larger than this is left out of the checkout commit (listed in ``skipped``).
 MAX_FILE_BYTES = 50 << 20
-#: Names listed in ``skipped`` at most (the header stays small).
+#: Names listed in ``skipped`` at most, and the header's largest size (the agent names the files:
+#: an emoji is 12 ASCII characters once escaped, and HTTP clients refuse lines over 64 KB).
 MAX_SKIPPED = 20
+MAX_HEADER_BYTES = 8192
 COMMIT = re.compile(r"[0-9a-f]{40}")
 SIGNATURE = b"# v2 git bundle\n"
 
@@ -222,6 +224,11 @@ def _decode(output: str, limit: int) -> tuple[dict[str, Any], bytes]:
     skipped = [str(p)[:300] for p in skipped[:MAX_SKIPPED]] if isinstance(skipped, list) else []
     clean = {"tip": meta["tip"], "head": meta["head"], "branch": str(meta.get("branch") or "")[:300],
              "snapshot": meta.get("snapshot") is True, "skipped": skipped, "bytes": len(data)}
+    while len(json.dumps(clean, ensure_ascii=True)) > MAX_HEADER_BYTES and (skipped or clean["branch"]):
+        if skipped:
+            skipped.pop()
+        else:
+            clean["branch"] = ""
     return clean, data
 
 

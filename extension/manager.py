@@ -176,6 +176,8 @@ class SessionManager:
         agent = await self.get(owner, session_id)
         await agent.delete()
         self._agents.pop(session_id, None)
+        if self.settings.budgets is not None:
+            self.settings.budgets.forget(session_id)
 
     async def _adopt(self, record: SessionRecord) -> SessionAgent:
         agent = SessionAgent(

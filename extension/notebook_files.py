@@ -66,13 +66,23 @@ def git(args, limit=None):
     return proc.wait(), out
 
 
+def must(done):
+    # A git that failed (a base commit the agent pruned) must not pass for "no notebook changed":
+    # a push would then neither check nor strip them.
+    code, out = done
+    if code != 0:
+        sys.stderr.write("git could not list the changed notebooks")
+        sys.exit(2)
+    return out
+
+
 def changed():
-    code, out = git(["diff", "--name-status", "-z", "--no-renames", "--no-ext-diff", base, "--"])
+    out = must(git(["diff", "--name-status", "-z", "--no-renames", "--no-ext-diff", base, "--"]))
     fields, found = out.split(b"\0"), []
     for status, path in zip(fields[0::2], fields[1::2]):
         found.append((path.decode(errors="replace"),
                       {"A": "added", "D": "deleted"}.get(status.decode()[:1], "modified")))
-    code, out = git(["ls-files", "-z", "--others", "--exclude-standard"])
+    out = must(git(["ls-files", "-z", "--others", "--exclude-standard"]))
     found += [(p.decode(errors="replace"), "added") for p in out.split(b"\0") if p]
     return [(p, s) for p, s in found if p.endswith(".ipynb")]
 
@@ -91,7 +101,9 @@ def old_content(path):
         return None, None
     blob = parts[2].decode()
     code, size = git(["cat-file", "-s", blob])
-    if code != 0 or int(size or 0) > max_bytes:
+    if code != 0:
+        return None, "cannot be read"
+    if int(size or 0) > max_bytes:
         return None, f"{int(size or 0)} bytes, over {max_bytes}"
     code, out = git(["cat-file", "blob", blob], max_bytes)
     return text(out, path)
@@ -152,12 +164,13 @@ async def read(sandbox: Sandbox, base: str, paths: list[str] | None, old: bool) 
     interpreter = sandbox.bootstrap_argv()[0]
     request = {"base": base, "paths": paths, "old": old, "max_bytes": MAX_NOTEBOOK_BYTES,
                "max_total": MAX_TOTAL_BYTES, "max_count": MAX_NOTEBOOKS}
-    # JSON escaping at most doubles the text (every quote and newline); ensure_ascii is off.
+    # JSON escaping doubles quotes and newlines (control characters take six): output cut at the
+    # bound does not parse in the worker, and the caller falls back.
     result = await sandbox.exec([interpreter, "-I", "-S", "-c", NOTEBOOKS_PROGRAM], timeout=60,
                                 input=json.dumps(request).encode(), max_output=2 * MAX_TOTAL_BYTES + 65536)
     if result.returncode != 0:
         raise NotebookError(f"the notebooks could not be read: {result.stderr.strip()[-300:]}")
-    return result.stdout.encode()
+    return await asyncio.to_thread(result.stdout.encode)  # up to 40 MB: off the event loop
 
 
 class _Worker:
@@ -180,6 +193,11 @@ class _Worker:
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 await self.end()
                 raise NotebookError("the notebook worker stopped (a notebook too large to read?)") from None
+            except BaseException:
+                # Cancelled mid-exchange: the worker may still answer this request, and the next
+                # caller (another session's) would read that answer as its own. It goes.
+                self.kill()
+                raise
 
     async def _exchange(self, payload: bytes) -> bytes:
         if self.proc is None or self.proc.returncode is not None:
@@ -197,12 +215,17 @@ class _Worker:
         size = int.from_bytes(await self.proc.stdout.readexactly(8), "big")
         return await self.proc.stdout.readexactly(size)
 
-    async def end(self) -> None:
-        """Stop the worker process (the next request starts another)."""
+    def kill(self) -> asyncio.subprocess.Process | None:
+        """Kill the worker process at once (the next request starts another); the process."""
         proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+        return proc
+
+    async def end(self) -> None:
+        """Stop the worker process and wait for it to be gone."""
+        proc = self.kill()
         if proc is not None:
-            if proc.returncode is None:
-                proc.kill()
             await proc.wait()
 
 

@@ -79,6 +79,10 @@ def _open_regular(path: Path, flags: int) -> int:
     return fd
 
 
+#: Seconds a stopping sandbox gives its snapshot worker to end by itself (then it is killed).
+WORKER_STOP_GRACE = 2.0
+
+
 def _private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
@@ -347,7 +351,12 @@ class LocalSandbox(Sandbox):
                     os.close(write_end)  # the stream ends when the worker closes its copy
                     os.close(given)
                 try:
-                    pending = await receiving
+                    # The stream ends when every copy of its write end is closed: a worker that
+                    # answered but kept its copy would hold the snapshot (and the store's lock).
+                    pending = await asyncio.wait_for(asyncio.shield(receiving), timeout)
+                except asyncio.TimeoutError:
+                    await self._stop_snapshot_worker()
+                    raise SandboxError(f"the snapshot stream did not end within {timeout:.0f} s") from None
                 except snapshot_store.StoreError as exc:
                     if failed is None:
                         raise SandboxError(f"the snapshot could not be written: {exc}") from None
@@ -395,7 +404,7 @@ class LocalSandbox(Sandbox):
         task, self._snapshot_worker = self._snapshot_worker, None
         if task is not None:
             with contextlib.suppress(Exception):
-                await (await asyncio.shield(task)).stop()
+                await (await asyncio.shield(task)).stop(grace=WORKER_STOP_GRACE)
 
     async def restore(self, store: SnapshotStore, name: str, timeout: float) -> None:
         """Unpack the snapshot ``name`` of ``store`` into this (not running) sandbox, all or
@@ -411,7 +420,7 @@ class LocalSandbox(Sandbox):
                     answer = await self._restore_command(fd, timeout)
                 finally:
                     os.close(fd)
-                _restored(name, *answer)
+                await asyncio.to_thread(_restored, name, *answer)
                 return
             try:
                 manifest = await asyncio.to_thread(store.check, name)
@@ -430,14 +439,14 @@ class LocalSandbox(Sandbox):
                 raise RestoreError(f"the snapshot {name} could not be restored: {exc}") from None
             except OSError:
                 pass  # the restore process stopped reading: its own answer says why
-            files = _restored(name, *answer).get("files")
+            # An identity per restored file: megabytes of JSON, read off the event loop.
+            files = (await asyncio.to_thread(_restored, name, *answer)).get("files")
             if store.folder.name == self.id:  # not another's (a warm snapshot is its builder's)
                 try:
                     await asyncio.to_thread(store.remember_restore, name, files)
                 except (snapshot_store.StoreError, OSError) as exc:  # only the next snapshot is slower
                     log.warning("tabbi: the identities of the files restored in %s are not kept: %s",
                                 self.id, exc)
-            self._worker()
 
     async def _restore_command(self, fd: int, timeout: float) -> tuple[int, bytes, bytes]:
         try:
@@ -644,6 +653,10 @@ class LocalProvider(SandboxProvider):
             await progress({"phase": "restoring"})
             await sandbox.restore(self._store(restore), self._name(restore), self.snapshot_timeout)
         await sandbox.start(spec, progress, opencode_bin)
+        if restore is not None:
+            # Started now, in the background, so a resumed session's first snapshot does not pay
+            # it (and a start that failed leaves no worker behind).
+            sandbox._worker()
         return sandbox
 
     async def confines(self) -> bool:

@@ -123,9 +123,21 @@ class SnapshotWorker:
         why = said.get("error") if isinstance(said, dict) else None
         return str(why)[:1000] if why else "the snapshot worker gave no answer"
 
-    async def stop(self) -> None:
-        """End the worker (closing its socket ends its loop; it holds nothing worth waiting for)."""
-        self.channel.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        await asyncio.shield(self.proc.wait())
+    async def stop(self, grace: float = 0) -> None:
+        """End the worker. With ``grace``: the end of its socket ends its loop, and the worker is
+        waited for (bubblewrap ends once everything in the worker's PID namespace has), killed
+        only if it has not ended within ``grace`` seconds. Without: killed at once; its process
+        inside the namespace (a session of its own, out of the group killed) ends right after,
+        when bubblewrap's end tears the namespace down."""
+        with contextlib.suppress(OSError):
+            self.channel.shutdown(socket.SHUT_RDWR)  # a receive still pending gets its end too
+        try:
+            if grace:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            await asyncio.shield(self.proc.wait())
+        finally:
+            self.channel.close()

@@ -199,7 +199,10 @@ class _Walker:
     def add_entry(self, dir_fd: int, name: str, arcname: str) -> None:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(name, dir_fd=dir_fd)
+            try:
+                target = os.readlink(name, dir_fd=dir_fd)
+            except OSError:
+                return  # swapped for a file (EINVAL) or removed meanwhile
             self.entries.append([arcname, SYMLINK, stat.S_IMODE(st.st_mode), int(st.st_mtime), target])
         elif stat.S_ISDIR(st.st_mode):
             try:

@@ -123,6 +123,10 @@ def _commit_id(raw: bytes) -> str:
     return text
 
 
+#: Resolved folder -> the lock its updates take (see ``WorkingCopy``).
+_FOLDER_LOCKS: dict[str, threading.Lock] = {}
+
+
 class WorkingCopy:
     """The folder ``path`` as a working copy of session ``session_id``."""
 
@@ -132,7 +136,9 @@ class WorkingCopy:
         self.path = os.path.realpath(self.requested)
         self.session_id = session_id
         self.git_dir = os.path.join(self.path, ".git")
-        self._lock = threading.Lock()
+        # One lock per folder, shared by every WorkingCopy of it: a follower replaced by a new
+        # %tabbi checkout may still be in an update, and two git checkouts must not interleave.
+        self._lock = _FOLDER_LOCKS.setdefault(self.path, threading.Lock())
 
     def git(self, *args: str, input: bytes | None = None, stdin: Any = None,
             check: bool = True) -> subprocess.CompletedProcess:
@@ -310,10 +316,6 @@ class Follower:
 
     def stop(self) -> None:
         self._stop.set()
-
-    @property
-    def following(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def _run(self, after: int) -> None:
         while not self._stop.is_set():

@@ -8,9 +8,12 @@ Everything is real but the model: ``jupyter lab`` with tabbi, a real kernel, rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -19,6 +22,10 @@ from tests.support.llm import Reply, write
 from tests.support.server import JupyterProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
+#: Headless Debian Chromium in a container: no sandbox of its own, no GPU, nothing fetched.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,6 +43,35 @@ def chat_notebook(*cells: str | nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nbformat.v4.new_notebook(
         cells=[c if isinstance(c, nbformat.NotebookNode) else nbformat.v4.new_code_cell(c) for c in cells],
         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+
+
+@contextlib.contextmanager
+def chromium_page(name: str, **context_options: Any) -> Iterator[Any]:
+    """A page of headless Chromium for one flow (1280x900 unless ``viewport`` says otherwise);
+    if the flow fails, the page as it was is saved as ``ARTIFACTS/<name>-failure.png``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        options = {"viewport": {"width": 1280, "height": 900}, **context_options}
+        page = browser.new_context(**options).new_page()
+        try:
+            yield page
+        except Exception:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"))
+            raise
+        finally:
+            browser.close()
+
+
+def run_first_cells(lab: JupyterProcess, page: Any, ui: str, count: int) -> None:
+    """Open the chat notebook in front end ``ui`` and run its first ``count`` cells."""
+    page.goto(f"{lab.url}{PAGES[ui]}?token={lab.token}")
+    lab.wait_kernel_connected()
+    page.locator(".jp-Cell .jp-InputArea-editor").first.click()
+    for _ in range(count):
+        page.keyboard.press("Shift+Enter")
 
 
 @pytest.fixture(params=VARIANTS, ids=["-".join(v) for v in VARIANTS])
@@ -78,16 +114,10 @@ def test_panel_chat_in_the_browser(lab, llm, source_repo, variant):
                 Reply(text=f"Created **hello.py** for you. {hostile}", chunks=5))
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         try:
-            page.goto(f"{lab.url}{PAGES[ui]}?token={lab.token}")
-            lab.wait_kernel_connected()
-            page.locator(".jp-Cell .jp-InputArea-editor").first.click()
-            page.keyboard.press("Shift+Enter")
-            page.keyboard.press("Shift+Enter")
+            run_first_cells(lab, page, ui, 2)
             expect(page.locator(".jp-Cell .jp-OutputArea-output").first).to_contain_text(
                 "[tabbi] session", timeout=60_000)
 

@@ -253,3 +253,18 @@ def test_the_workspace_as_it_is_mid_merge_and_with_a_folder_turned_file(workspac
     follow(copy, workspace, tmp_path)
     assert Path(copy.path, "pkg").read_text() == "now a file\n"
     assert "<<<<<<<" in Path(copy.path, "calc.py").read_text()
+
+
+def test_the_header_stays_small_whatever_the_agent_names_its_files():
+    """Threat: the agent names twenty skipped files with 300 emoji each. Escaped for the ASCII
+    header that was 72 KB, past the 64 KB line HTTP clients accept, and ``%tabbi checkout`` failed
+    with a traceback. The names are dropped from the end until the header fits."""
+    import json
+
+    tip = "a" * 40
+    meta = {"tip": tip, "head": tip, "branch": "\U0001f600" * 300, "snapshot": False,
+            "skipped": ["\U0001f600" * 300] * 20}
+    clean, data = bundle._decode(json.dumps(meta) + "\n", bundle.MAX_BUNDLE_BYTES)
+    header = json.dumps(clean, ensure_ascii=True)
+    assert data == b"" and len(header) <= bundle.MAX_HEADER_BYTES
+    assert 0 < len(clean["skipped"]) < 20 and clean["tip"] == tip

@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.hub import Hub, as_user
 from tests.support.llm import Reply, write
-from tests.test_browser import ARTIFACTS, CHROMIUM, chat_notebook
+from tests.test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, chat_notebook
 from tests.test_hub import SECRETS, llm, pytestmark  # noqa: F401  (the module's model; same skips)
 
 PERSON, SERVICE = "dora", "tabbisvcb"
@@ -64,9 +64,7 @@ def test_a_person_chats_in_the_panel_through_the_hub(hub, llm):  # noqa: F811
                 Reply(text="Created **hello.py** through the hub.", chunks=5))
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         try:
             page.goto(f"{hub.url}hub/login")

@@ -134,6 +134,36 @@ def test_a_worker_past_its_memory_limit_fails_as_an_error_and_the_next_request_g
     assert first == again and len(first["s.ipynb"]["cells"]) == 4
 
 
+def test_a_request_cancelled_mid_exchange_never_hands_its_answer_to_the_next():
+    """The worker is shared by every session of the server. A request cancelled after it was
+    sent (its client went away) would leave its answer in the pipe, and the next request (another
+    person's) would read it as its own: for a push, that person's notebook in another repository."""
+    mine = {"path": "mine.ipynb", "new": json.dumps(NEW)}
+    theirs = {"path": "theirs.ipynb", "old": json.dumps(OLD), "new": json.dumps(NEW)}
+
+    async def requests() -> dict:
+        await notebook_files.work("diff", {}, json.dumps({"notebooks": [mine]}).encode())  # a worker
+        worker = notebook_files._workers[asyncio.get_running_loop()]
+        sent, drain = asyncio.Event(), worker.proc.stdin.drain
+
+        async def drained() -> None:
+            await drain()
+            sent.set()
+
+        worker.proc.stdin.drain = drained
+        cancelled = asyncio.ensure_future(
+            notebook_files.work("diff", {}, json.dumps({"notebooks": [theirs]}).encode()))
+        await sent.wait()
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        answer = await notebook_files.work("diff", {}, json.dumps({"notebooks": [mine]}).encode())
+        await notebook_files._workers[asyncio.get_running_loop()].end()
+        return answer
+
+    assert list(asyncio.run(requests())) == ["mine.ipynb"]
+
+
 def test_strip_validate_and_refuse():
     dirty = notebook(code("print(1)", "c1", [STREAM], 7, ExecuteTime={"start": "x"}, tags=["keep"]),
                      markdown("text", "m1"), signature="abc", widgets={"state": {}})

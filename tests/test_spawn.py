@@ -22,7 +22,7 @@ SERVER = textwrap.dedent("""
     async def main():
         proc = await local._spawn(["sleep", "600"])
         print(proc.pid, flush=True)
-        await asyncio.sleep(600)
+        await asyncio.Event().wait()  # until the test kills this process
 
     asyncio.run(main())
 """)

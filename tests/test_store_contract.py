@@ -286,6 +286,8 @@ async def test_messages_with_parts(store):
     assert [(m["id"], m["role"]) for m in messages] == [("m1", "user"), ("m2", "assistant")]
     assert messages[1]["parts"] == [{"id": "p2", "type": "tool", "status": "completed"}]
     assert messages[1]["info"] == {"modelID": "x"}
+    assert await store.message_infos("ses-1") == [
+        {"id": "m1", "role": "user", "info": {}}, {"id": "m2", "role": "assistant", "info": {"modelID": "x"}}]
 
 
 async def test_delete_session_removes_everything_of_it(store):

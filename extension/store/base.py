@@ -276,6 +276,12 @@ class Store(LoggingConfigurable, metaclass=ConfigurableABCMeta):
     async def list_messages(self, session_id: str) -> list[dict[str, Any]]:
         """Messages in creation order, each ``{"id", "role", "info", "parts": [{"id", ...}]}``."""
 
+    async def message_infos(self, session_id: str) -> list[dict[str, Any]]:
+        """Messages in creation order without their parts, each ``{"id", "role", "info"}``: what
+        accounting reads (a store that can skip the parts, tool outputs included, overrides it)."""
+        messages = await self.list_messages(session_id)
+        return [{"id": m["id"], "role": m["role"], "info": m["info"]} for m in messages]
+
     # snapshots ------------------------------------------------------------------------------
     @abc.abstractmethod
     async def add_snapshot(self, snapshot: Snapshot) -> None: ...

@@ -482,16 +482,18 @@ class SQLiteStore(Store):
             )
         )
 
+    @staticmethod
+    def _message_rows(c: sqlite3.Connection, session_id: str) -> list[dict[str, Any]]:
+        return [{"id": r[0], "role": r[1], "info": json.loads(r[2])} for r in c.execute(
+            "SELECT id, role, info FROM messages WHERE session_id=? ORDER BY created_at, rowid",
+            (session_id,))]
+
+    async def message_infos(self, session_id: str) -> list[dict[str, Any]]:
+        return await self._read(lambda c: self._message_rows(c, session_id))
+
     async def list_messages(self, session_id: str) -> list[dict[str, Any]]:
         def query(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            messages = [
-                {"id": r[0], "role": r[1], "info": json.loads(r[2]), "parts": []}
-                for r in c.execute(
-                    "SELECT id, role, info FROM messages WHERE session_id=? "
-                    "ORDER BY created_at, rowid",
-                    (session_id,),
-                )
-            ]
+            messages = [{**m, "parts": []} for m in self._message_rows(c, session_id)]
             by_id = {m["id"]: m for m in messages}
             for message_id, part_id, part in c.execute(
                 "SELECT message_id, id, part FROM parts WHERE session_id=? ORDER BY created_at, rowid",
