@@ -31,16 +31,17 @@ starts cannot read the spec out of its memory.
 
 from __future__ import annotations
 
-import base64
+# Every exec of this script (a clone into a warm sandbox, a commit, a push) starts a new
+# interpreter and pays for its imports (on a 2-core VM ``import subprocess`` alone is ~40 ms):
+# what only one command needs (socket, base64, tempfile) is imported in that command.
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from urllib.parse import urlsplit
 
@@ -290,11 +291,29 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> bool:
         raise BootstrapError(f"{spec['repo_display']} has no commits yet: make a first commit "
                              "(and push it), then start again")
     git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], workspace, safe_env)
+    remember_project_id(workspace, safe_env)
     emit("branch", branch=branch, base_commit=head.stdout.strip())
     return True
 
 
+def remember_project_id(workspace: str, env: dict[str, str]) -> None:
+    """Write OpenCode's project id cache (``.git/opencode``) for a fresh clone, as OpenCode
+    would: the first root commit of ``HEAD``. OpenCode reads this file when the remote is not
+    a URL it can name the project by, and otherwise spawns ``git rev-list`` when it first
+    opens the workspace, which on a session's start is on the critical path (about 35 ms per
+    git process it spawns, measured with 1.18.33; ``docs/benchmarks.md``); here it costs one
+    git process of a few ms. The file is the workspace's like the rest of ``.git``: nothing
+    trusts it."""
+    roots = run_git(["rev-list", "--max-parents=0", "HEAD"], workspace, env).stdout.split()
+    if roots:
+        cache = os.path.join(workspace, ".git", "opencode")
+        with contextlib.suppress(FileExistsError), open(cache, "x") as f:
+            f.write(roots[0])
+
+
 def free_port() -> int:
+    import socket  # imported where used: see the note above the imports
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -302,6 +321,8 @@ def free_port() -> int:
 
 def basic_auth(password: str) -> str:
     """The ``Authorization`` header OpenCode's server password asks for."""
+    import base64
+
     return "Basic " + base64.b64encode(f"opencode:{password}".encode()).decode()
 
 
@@ -555,6 +576,8 @@ def push_branch(request: dict) -> int:
     nothing the agent wrote (into the workspace's .git/config, or anywhere it can reach) can
     see, receive or redirect the credential."""
     branch, url = request["branch"], request["remote_url"]
+    import tempfile
+
     scratch = tempfile.mkdtemp(prefix="tabbi-push-", dir="/tmp")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch,
            "GIT_CONFIG_GLOBAL": "/dev/null"}
@@ -674,6 +697,8 @@ def sync_workspace(request: dict) -> int:
     fetches from that bare repository with no credential anywhere near, and fast-forwards."""
     workspace, url, branch = request["workspace"], request["remote_url"], request["branch"]
     base = request.get("base_branch")
+    import tempfile
+
     scratch = tempfile.mkdtemp(prefix="tabbi-sync-", dir="/tmp")
     env = {**base_env(scratch), **NO_HOME_CONFIG}
     bare, ref = os.path.join(scratch, "sync.git"), "refs/heads/tabbi-sync"

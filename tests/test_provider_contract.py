@@ -176,6 +176,11 @@ async def test_start_runs_the_bootstrap_and_terminate_leaves_no_process(kit, sou
         assert healthy(sandbox)
         branch = await shell(sandbox, "git branch --show-current")
         assert branch.strip() == "tabbi/contract"
+        # OpenCode's project id cache, written by the clone as OpenCode would (its first root
+        # commit), so that opening the workspace spawns one git process fewer.
+        cached = await shell(sandbox, "cat .git/opencode")
+        roots = await shell(sandbox, "git rev-list --max-parents=0 HEAD")
+        assert cached == roots.split()[0]
         assert processes.sandbox_pids(spec.sandbox_id)
     finally:
         await sandbox.terminate()
