@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import pytest
 
@@ -77,33 +76,30 @@ async def test_a_modal_session_starts_from_the_warm_snapshot_and_the_token_stays
     moved = commit_change(source_repo, "# sample, moved on\n")
     git("push", "--quiet", str(bare), "main", cwd=source_repo)
 
-    # The server's fetch waits (a slow network) until the attacker watches; everything tabbi
-    # hands the sandbox is recorded; the sandbox's answer to the sync is forged.
-    gate, fetching = threading.Event(), threading.Event()
-    real_fetch, real_exec = modal_push.fetch_base, ModalSandbox.exec
+    # The sandbox's part of the sync waits until the attacker watches; everything tabbi hands
+    # the sandbox is recorded; the sandbox's answer to the sync is forged.
+    gate, syncing = asyncio.Event(), asyncio.Event()
+    real_exec = ModalSandbox.exec
     handed: list[bytes] = []
     forged = {"base_commit": "f" * 40, "previous": "e" * 40, "setup_hash": "d" * 40}
 
-    def slow_fetch(*args, **kwargs):
-        fetching.set()
-        assert gate.wait(120), "the test never let the fetch go"
-        return real_fetch(*args, **kwargs)
-
     async def recording_exec(self, argv, timeout=60, input=None, write_remote=False, max_output=None):
         handed.append(json.dumps(argv).encode() + (input or b""))
+        if any(word in argv for word in ("sync", "sync-bundle")):
+            syncing.set()
+            await asyncio.wait_for(gate.wait(), 120)
         done = await real_exec(self, argv, timeout, input, write_remote, max_output)
         if "sync-bundle" in argv:
             done = ExecResult(done.returncode, done.stdout + json.dumps(forged) + "\n", done.stderr)
         return done
 
-    monkeypatch.setattr(modal_push, "fetch_base", slow_fetch)
     monkeypatch.setattr(ModalSandbox, "exec", recording_exec)
 
     sid, events, info = await start(api, "octo/sample")
     assert not setup_ran(events)
     assert info["environment"]["source"] == "warm" and info["environment"]["commit"] == first
     sandbox = tabbi_app.manager._agents[sid]._sandbox
-    assert await asyncio.to_thread(fetching.wait, 120), "the sync never fetched"
+    await asyncio.wait_for(syncing.wait(), 120)
     watcher = await sandbox.start_process(["bash", "-c", WATCH], timeout=300)
     said = aiter(watcher.stdout)
     assert b"watching" in await anext(said)
