@@ -206,7 +206,7 @@ def fetch_base(remote_url: str, base_branch: str | None, credential: dict[str, s
         bootstrap.git(["init", "--quiet", "--bare", "--template=", bare], scratch, env)
         source = f"refs/heads/{base_branch}" if base_branch else "HEAD"
         bootstrap.git(
-            [*bootstrap.SAFE_GIT, *FSCK, "--git-dir", bare, "fetch", "--quiet", "--no-tags", "--",
+            [*bootstrap.SAFE_GIT, "--git-dir", bare, "fetch", "--quiet", "--no-tags", "--",
              remote_url, f"+{source}:{ref}"],
             scratch, env, timeout=600, remote=(remote_url, credential),
         )
