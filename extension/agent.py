@@ -304,8 +304,7 @@ class SessionAgent:
             restore = latest.ref if latest else None
             environment = self.environment if latest is None and self.record.base_commit is None else None
             if environment is not None:
-                # A private exec keeps the sync's credential from the agent; Modal's shares its container.
-                spec.environment, warm_snapshot = await environment.plan(self.provider.name != "modal")
+                spec.environment, warm_snapshot = await environment.plan()
                 spec.opencode_config = environment.opencode_config(spec.opencode_config)
                 restore = warm_snapshot
                 if environment.warm is not None:

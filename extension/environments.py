@@ -7,7 +7,9 @@ streamed as progress) and, once OpenCode is up and before the person's first pro
 sandbox as that person's **warm snapshot** of the repository, keyed by repository, base branch
 commit and the script's blob id. Later sessions restore it (the script does not run again),
 start OpenCode at once, and bring the workspace up to date with the base branch in the
-background (``EnvironmentStart.sync``). Meanwhile the agent may read; writes wait: OpenCode's
+background (``EnvironmentStart.sync``; on a provider whose execs the agent can reach, Modal,
+the server fetches with the person's credential and hands the sandbox a git bundle, see
+``EnvironmentStart._fetch_base``). Meanwhile the agent may read; writes wait: OpenCode's
 ``edit`` and ``bash`` permissions are set to ``ask`` for this start, and tabbi answers those asks
 itself once the sync is done (``WriteGate``). A person's own ``ask`` answers wait the same way.
 
@@ -40,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from tabbi_sandbox import modal_push
 from tabbi_sandbox.provider import Sandbox, SandboxError, SandboxProvider
 
 log = logging.getLogger(__name__)
@@ -217,11 +220,9 @@ class EnvironmentStart:
         #: The person's permissions, as they were before a warm start held the writing ones.
         self._permission: dict[str, Any] = {}
 
-    async def plan(self, private_exec: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """``(spec.environment, restore ref)`` for the sandbox. ``private_exec``: whether a
-        command run in the sandbox is out of the agent's reach (the sync then fetches with the
-        person's credential there); without it, every start is cold."""
-        if not self.fresh and private_exec:
+    async def plan(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """``(spec.environment, restore ref)`` for the sandbox."""
+        if not self.fresh:
             self.warm = await self.registry.find(self.owner, self.repo, self.base_branch)
         if self.warm is None:
             return {"setup": True, "setup_timeout": self.registry.setup_timeout}, None
@@ -296,7 +297,7 @@ class EnvironmentStart:
         assert warm is not None and gate is not None
         await emit("environment", {"status": "syncing", **self.status})
         try:
-            answer = await self._bootstrap(sandbox, "sync", request, timeout=900)
+            answer = await self._fetch_base(sandbox, request)
             if answer.get("base_commit") and answer["base_commit"] != answer.get("previous"):
                 await rebased(answer["base_commit"])
             if answer.get("setup_hash") != warm.setup_hash or answer.get("base_commit") != warm.commit:
@@ -305,7 +306,7 @@ class EnvironmentStart:
                 await emit("environment", {"status": "setup", "setup_hash": answer.get("setup_hash")})
                 if answer.get("setup_hash"):
                     ran = await self._bootstrap(
-                        sandbox, "setup",
+                        sandbox, ["setup"],
                         {"workspace": sandbox.workspace_path, "home": sandbox.home_path,
                          "timeout": self.registry.setup_timeout},
                         timeout=self.registry.setup_timeout + 30)
@@ -322,16 +323,41 @@ class EnvironmentStart:
         finally:
             await gate.open(reply)
 
+    async def _fetch_base(self, sandbox: Sandbox, request: dict[str, Any]) -> dict[str, Any]:
+        """The workspace fast-forwarded to the base branch: ``{"base_commit", "previous",
+        "setup_hash"}``. The one place that decides where the person's credential goes.
+
+        A sandbox whose execs are private (bubblewrap) fetches itself, the credential handed to
+        that one exec (``bootstrap.py sync``). Any other (Modal: an exec shares the container,
+        PID and /tmp with the agent, which could race for the token) never sees it: this server
+        fetches, and the sandbox gets a bundle of the tip (``bootstrap.py sync-bundle``). The
+        answer is then this server's own: the sandbox only says whether its fast-forward
+        worked, and nothing it prints moves the base commit or the setup script's id."""
+        if sandbox.private_exec:
+            return await self._bootstrap(sandbox, ["sync"], request, timeout=900)
+        warm = self.warm
+        assert warm is not None
+        tip = await asyncio.to_thread(modal_push.fetch_base, request["remote_url"],
+                                      request.get("base_branch"), request.get("credential"), warm.commit)
+        if tip.bundle:
+            where = {"workspace": request["workspace"], "branch": request["branch"]}
+            await self._bootstrap(sandbox, ["sync-bundle", json.dumps(where)], tip.bundle, timeout=900)
+        return {"base_commit": tip.commit, "previous": warm.commit, "setup_hash": tip.setup_hash}
+
     @staticmethod
-    async def _bootstrap(sandbox: Sandbox, command: str, request: dict[str, Any],
+    async def _bootstrap(sandbox: Sandbox, args: list[str], request: dict[str, Any] | bytes,
                          timeout: float) -> dict[str, Any]:
-        done = await sandbox.exec(sandbox.bootstrap_argv(command), timeout=timeout,
-                                  input=json.dumps(request).encode())
+        """Run ``bootstrap.py ARGS`` with ``request`` (JSON, or bytes as they are) on its stdin;
+        its last line, the answer."""
+        stdin = request if isinstance(request, bytes) else json.dumps(request).encode()
+        done = await sandbox.exec(sandbox.bootstrap_argv(*args), timeout=timeout, input=stdin)
         lines = done.stdout.strip().splitlines()
         try:
             answer = json.loads(lines[-1]) if lines else {}
         except ValueError:
             answer = {}
+        if not isinstance(answer, dict):
+            answer = {}
         if done.returncode != 0 or "error" in answer or not answer:
-            raise SandboxError(answer.get("error") or done.stderr.strip()[-300:] or f"{command} failed")
+            raise SandboxError(str(answer.get("error") or done.stderr.strip()[-300:] or f"{args[0]} failed"))
         return answer

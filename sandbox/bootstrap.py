@@ -687,44 +687,81 @@ def start_warm_branch(workspace: str, branch: str, env: dict[str, str]) -> None:
     emit("branch", branch=branch, base_commit=git(["rev-parse", "HEAD"], workspace, safe_env))
 
 
+#: Where a sync puts the base branch's tip, in the scratch repository and in the workspace.
+SYNC_REF = "refs/heads/tabbi-sync"
+
+
 def sync_workspace(request: dict) -> int:
     """``bootstrap.py sync``: bring a workspace restored from a warm snapshot up to date with the
     base branch of ``remote_url``; print ``{"base_commit", "previous", "setup_hash"}`` or
-    ``{"error"}``.
+    ``{"error"}``. For a sandbox whose execs are private (the local provider's bubblewrap: own PID
+    namespace and /tmp); on others the server fetches (``sync_from_bundle``).
 
     Like ``push_branch`` in reverse: the credential (if any) goes only to a fetch into a fresh
     bare repository in this process's private /tmp, whose config is ours; the workspace then
     fetches from that bare repository with no credential anywhere near, and fast-forwards."""
-    workspace, url, branch = request["workspace"], request["remote_url"], request["branch"]
-    base = request.get("base_branch")
+    url, base = request["remote_url"], request.get("base_branch")
+    credential = request.pop("credential", None)
+
+    def fetch(scratch: str, env: dict[str, str]) -> str:
+        bare = os.path.join(scratch, "sync.git")
+        git(["init", "--quiet", "--bare", "--template=", bare], scratch, env)
+        source = f"refs/heads/{base}" if base else "HEAD"
+        git([*SAFE_GIT, "--git-dir", bare, "fetch", "--quiet", "--no-tags", "--", url,
+             f"+{source}:{SYNC_REF}"], scratch, env, timeout=600, remote=(url, credential))
+        return bare
+
+    return _sync(request, fetch)
+
+
+def sync_from_bundle(request: dict) -> int:
+    """``bootstrap.py sync-bundle REQUEST`` with a git bundle of the base branch's tip (its ref
+    ``SYNC_REF``) on stdin, made by the server from its own fetch (``modal_push.fetch_base``):
+    the same fast-forward as ``sync_workspace``, with no credential and no network. The bundle
+    is the repository's content, nothing secret: the agent may read it, and whatever it does to
+    it changes only its own workspace (the server records the commit it fetched itself)."""
+
+    def fetch(scratch: str, env: dict[str, str]) -> str:
+        source = os.path.join(scratch, "base.bundle")
+        with open(source, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f)
+        return source
+
+    return _sync(request, fetch)
+
+
+def _sync(request: dict, fetch) -> int:
+    """A sync: ``fetch(scratch, env)`` makes a local source of ``SYNC_REF`` (a bare repository,
+    a bundle) in a fresh scratch folder, then the workspace fetches it and fast-forwards."""
     import tempfile
 
     scratch = tempfile.mkdtemp(prefix="tabbi-sync-", dir="/tmp")
     env = {**base_env(scratch), **NO_HOME_CONFIG}
-    bare, ref = os.path.join(scratch, "sync.git"), "refs/heads/tabbi-sync"
-    result: dict = {}
     try:
-        git(["init", "--quiet", "--bare", "--template=", bare], scratch, env)
-        source = f"refs/heads/{base}" if base else "HEAD"
-        git([*SAFE_GIT, "--git-dir", bare, "fetch", "--quiet", "--no-tags", "--", url, f"+{source}:{ref}"],
-            scratch, env, timeout=600, remote=(url, request.pop("credential", None)))
-        git([*SAFE_GIT, "fetch", "--quiet", "--no-tags", "--", bare, f"+{ref}:{ref}"], workspace, env,
-            remote=(bare, None))
-        new = git(["rev-parse", ref], workspace, env)
-        previous = git(["rev-parse", "HEAD"], workspace, env)
-        head = run_git(["symbolic-ref", "--quiet", "--short", "HEAD"], workspace, env).stdout.strip()
-        if new != previous:
-            if head != branch:
-                raise BootstrapError(f"the workspace left the session branch {branch!r}")
-            git([*SAFE_GIT, "merge", "--quiet", "--ff-only", new], workspace, env)
-        run_git(["update-ref", "-d", ref], workspace, env)
-        result = {"base_commit": new, "previous": previous, "setup_hash": setup_hash(workspace, env, new)}
+        result = fast_forward(request["workspace"], request["branch"], fetch(scratch, env), env)
     except BootstrapError as exc:
-        result["error"] = str(exc)
+        result = {"error": str(exc)}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(result), flush=True)
     return 0 if "error" not in result else 3
+
+
+def fast_forward(workspace: str, branch: str, source: str, env: dict[str, str]) -> dict:
+    """Fetch ``SYNC_REF`` of ``source`` (local: no credential, no network) into the workspace and
+    fast-forward the session branch to it; refused when the workspace left that branch."""
+    ref = SYNC_REF
+    git([*SAFE_GIT, "fetch", "--quiet", "--no-tags", "--", source, f"+{ref}:{ref}"], workspace, env,
+        remote=(source, None))
+    new = git(["rev-parse", ref], workspace, env)
+    previous = git(["rev-parse", "HEAD"], workspace, env)
+    head = run_git(["symbolic-ref", "--quiet", "--short", "HEAD"], workspace, env).stdout.strip()
+    if new != previous:
+        if head != branch:
+            raise BootstrapError(f"the workspace left the session branch {branch!r}")
+        git([*SAFE_GIT, "merge", "--quiet", "--ff-only", new], workspace, env)
+    run_git(["update-ref", "-d", ref], workspace, env)
+    return {"base_commit": new, "previous": previous, "setup_hash": setup_hash(workspace, env, new)}
 
 
 def run_setup(request: dict) -> int:
@@ -820,8 +857,9 @@ def restore_sandbox(request: dict) -> int:
     return 0
 
 
-#: Subcommands whose stdin or stdout is the archive: their request (paths, no secret) is argv[2].
-ARCHIVE_COMMANDS = {"snapshot": snapshot_sandbox, "restore": restore_sandbox}
+#: Subcommands whose stdin or stdout is an archive or a bundle: their request (paths, no secret)
+#: is argv[2].
+ARCHIVE_COMMANDS = {"snapshot": snapshot_sandbox, "restore": restore_sandbox, "sync-bundle": sync_from_bundle}
 
 
 def _not_dumpable() -> None:

@@ -15,7 +15,8 @@ Who is who inside: Modal runs ``exec`` as root. The bootstrap, OpenCode, the age
 every ``exec`` tabbi runs on the agent's behalf drop to the unprivileged ``agent_user``, so the
 agent cannot read the environment or memory of tabbi's root processes, nor of its own OpenCode (an
 execute-only binary makes it non-dumpable). What needs the GitHub token never runs in the sandbox
-at all: a push exports the branch as a git bundle and pushes it from the server (``modal_push``).
+at all: a push exports the branch as a git bundle and pushes it from the server, and a warm
+workspace's sync gets the base branch as a bundle the server fetched (``modal_push``).
 
 Sandboxes carry the tags ``tabbi_session``, ``tabbi_owner`` and ``tabbi_server`` and outlive the
 server process (``survives_restart``): a restarted server re-attaches through ``load_state``, and
@@ -74,8 +75,9 @@ class ModalSandbox(Sandbox):
     workspace_path = modal_image.WORKSPACE
     home_path = modal_image.HOME
     confined = True
-    #: A push runs outside, from a bundle of the branch (see ``modal_push``).
-    pushes_from_bundle = True
+    #: An exec shares the container with the agent: a push or a sync talks to the remote from
+    #: the server, with bundles crossing (see ``modal_push``).
+    private_exec = False
 
     def __init__(self, provider: ModalProvider, sandbox_id: str, sb: Any, lineage: list[str] | None = None):
         self.provider = provider

@@ -1,5 +1,6 @@
-"""Git bundles across the sandbox's edge: a local repository uploaded into a remote sandbox, and a
-session branch pushed from the server without the token ever entering the sandbox.
+"""Git bundles across the sandbox's edge: a local repository uploaded into a remote sandbox, a
+session branch pushed from the server, and a warm workspace's base branch fetched by the server,
+all without the token ever entering the sandbox.
 
 Why a push leaves the sandbox: the local provider pushes from inside (``bootstrap.py push``),
 where bubblewrap gives the push its own PID namespace and /tmp. A Modal ``exec`` has neither: it
@@ -15,11 +16,18 @@ the agent's git config may run there, it is the agent's own container), and the 
   remote's own protocol and host).
 Nothing the agent wrote is configuration for those git processes: a bundle carries objects and
 refs only.
+
+A sync (a workspace restored from a warm snapshot brought up to date, see
+``extension/environments.py``) is the same in reverse (``fetch_base``): the server fetches the
+base branch with the one-shot credential into a fresh private bare repository, computes the new
+base commit and the setup script's blob id from it, and hands the sandbox a bundle of the tip
+(thin against the warm snapshot's commit) for ``bootstrap.py sync-bundle``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -35,6 +43,8 @@ GIT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "GIT_CONFI
 FSCK = ["-c", "transfer.fsckObjects=true", "-c", "fetch.fsckObjects=true"]
 #: Largest branch bundle a push exports.
 MAX_PUSH_BUNDLE = 1 << 30
+#: Largest base-branch bundle a sync sends into a sandbox.
+MAX_SYNC_BUNDLE = 1 << 30
 
 
 def bundle_local_repository(path: str, limit: int) -> bytes:
@@ -162,3 +172,59 @@ async def push_from_bundle(
     except SandboxError as exc:
         return {"pushed": False, "reason": "failed", "error": str(exc)}
     return await asyncio.to_thread(push_bundle, bundle, branch, remote_url, credential)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseTip:
+    """The base branch as this server fetched it: what the session's base commit becomes."""
+
+    #: The branch's tip (the new base commit) and its ``.tabbi/setup.sh`` blob id (None: none).
+    commit: str
+    setup_hash: str | None
+    #: A bundle of ``bootstrap.SYNC_REF`` at ``commit`` for the sandbox; empty when ``commit`` is
+    #: the one it already has.
+    bundle: bytes
+    #: Whether the bundle holds only what the sandbox lacks (``have`` is an ancestor).
+    thin: bool
+
+
+def fetch_base(remote_url: str, base_branch: str | None, credential: dict[str, str] | None,
+               have: str) -> BaseTip:
+    """Fetch ``base_branch`` (None: the remote's HEAD) of ``remote_url`` into a private bare
+    repository on this server and bundle its tip, thin against ``have`` (the commit the sandbox's
+    workspace is at) when that is an ancestor. Blocking (run it off the event loop).
+
+    A fresh scratch repository per sync, not a cache per person and repository: nothing of one
+    sync (or one person) survives into the next, there is no cache to lock, bound or clean up, and
+    a cache's config or objects never become a thing to trust. The cost is a full fetch of the
+    base branch per warm start, over the server's network; only the (thin) bundle crosses into
+    the sandbox."""
+    scratch = tempfile.mkdtemp(prefix="tabbi-sync-")  # 0700, the server's own
+    env = {**GIT_ENV, "HOME": scratch}
+    bare, ref = os.path.join(scratch, "sync.git"), bootstrap.SYNC_REF
+    try:
+        bootstrap.git(["init", "--quiet", "--bare", "--template=", bare], scratch, env)
+        source = f"refs/heads/{base_branch}" if base_branch else "HEAD"
+        bootstrap.git(
+            [*bootstrap.SAFE_GIT, "--git-dir", bare, "fetch", "--quiet", "--no-tags", "--",
+             remote_url, f"+{source}:{ref}"],
+            scratch, env, timeout=600, remote=(remote_url, credential),
+        )
+        commit = bootstrap.git(["--git-dir", bare, "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                               scratch, env)
+        setup_hash = bootstrap.setup_hash(bare, env, commit)
+        if commit == have:
+            return BaseTip(commit, setup_hash, b"", thin=True)
+        thin = bootstrap.run_git(["--git-dir", bare, "merge-base", "--is-ancestor", have, commit],
+                                 scratch, env).returncode == 0
+        target = os.path.join(scratch, "base.bundle")
+        bootstrap.git(["--git-dir", bare, "bundle", "create", "--quiet", target, ref,
+                       *([f"^{have}"] if thin else [])], scratch, env, timeout=600)
+        if os.path.getsize(target) > MAX_SYNC_BUNDLE:
+            raise SandboxError(f"the base branch is larger than {MAX_SYNC_BUNDLE >> 20} MB as a bundle")
+        with open(target, "rb") as f:
+            return BaseTip(commit, setup_hash, f.read(), thin)
+    except bootstrap.BootstrapError as exc:
+        raise SandboxError(f"the base branch could not be fetched: {exc}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -132,10 +132,17 @@ class Sandbox(abc.ABC):
     #: The workspace (the clone) and the sandbox's home, as paths inside the sandbox.
     workspace_path: str
     home_path: str
-    #: Whether a push must not run inside the sandbox: its ``exec`` shares a container (PID and
-    #: /tmp) with the agent. Then the branch is exported as a git bundle (``export_branch``) and
-    #: pushed from the server (``tabbi_sandbox.modal_push``), so the token never enters it.
-    pushes_from_bundle: bool = False
+    #: Whether an ``exec`` is out of the agent's reach (its own PID namespace and /tmp, like
+    #: bubblewrap's): only then may a command given the person's credential run inside. A
+    #: sandbox whose execs share a container with the agent (Modal) has the server talk to the
+    #: remote instead, with git bundles crossing the edge (``tabbi_sandbox.modal_push``): a push
+    #: exports the branch, a warm workspace's sync gets the base branch's tip.
+    private_exec: bool = True
+
+    @property
+    def pushes_from_bundle(self) -> bool:
+        """A push exports the branch as a git bundle and the server pushes it (``export_branch``)."""
+        return not self.private_exec
 
     @abc.abstractmethod
     def bootstrap_argv(self, *args: str) -> list[str]:

@@ -433,6 +433,21 @@ def test_snapshot_filesystem_restores_into_a_new_sandbox(standin: ModalStandIn, 
         modal.Sandbox.create(app=app, image=modal.Image.from_id(image.object_id), timeout=60)
 
 
+def test_a_deleted_snapshot_image_is_gone(app):
+    sb = modal.Sandbox.create(app=app, timeout=120)
+    try:
+        image = sb.snapshot_filesystem()
+    finally:
+        sb.terminate()
+    from modal.experimental import image_delete
+
+    image_delete(image.object_id)
+    with pytest.raises(modal.exception.NotFoundError):
+        modal.Sandbox.create(app=app, image=modal.Image.from_id(image.object_id), timeout=60)
+    with pytest.raises(modal.exception.NotFoundError):
+        image_delete(image.object_id)  # deleted once only; an unknown id is NOT_FOUND
+
+
 def test_list_by_tags_pages_and_from_id_in_a_fresh_process(standin: ModalStandIn, app):
     tags = {"tabbi_server": f"srv-{time.monotonic_ns()}"}
     names = [f"s{i}-{time.monotonic_ns()}" for i in range(3)]

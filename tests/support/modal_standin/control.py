@@ -98,6 +98,16 @@ class ControlPlane(api_grpc.ModalClientBase):
         return api_pb2.ImageFromIdResponse(image_id=image.image_id, metadata=image.metadata())
 
     @unary
+    async def ImageDelete(self, request, stream):
+        """``modal.experimental.image_delete``: the image is gone from then on, as one past its
+        TTL (``Image.from_id`` answers NOT_FOUND); deleting an unknown (or deleted) image is
+        NOT_FOUND too. Its files stay on disk: the stand-in's running sandboxes are copies."""
+        with self.state.store._lock:
+            if self.state.store.images.pop(request.image_id, None) is None:
+                raise not_found(f"Image {request.image_id}")
+        return Empty()
+
+    @unary
     async def MountBatchedCheckExistence(self, request, stream):
         missing = [h for h in request.sha256_hex_hashes if h not in self.state.store.blobs]
         return api_pb2.MountBatchedCheckExistenceResponse(missing_sha256_hex_hashes=missing)
