@@ -31,6 +31,7 @@ re-attaches to it through ``load_state``, watching the process it did not start 
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import fcntl
 import json
@@ -195,6 +196,15 @@ class _Adopted:
 #: is as for the script (``-c``, then the arguments); the comment names the file in ``ps``.
 BOOTSTRAP_LAUNCHER = (f"import sys; sys.path.insert(0, {str(BOOTSTRAP_SCRIPT.parent)!r}); import bootstrap; "
                       f"sys.exit(bootstrap.main())  # {BOOTSTRAP_SCRIPT}")
+
+
+def cache_bootstrap_bytecode() -> None:
+    """Bring the bootstrap's cached bytecode up to date (a no-op when it is), for
+    ``BOOTSTRAP_LAUNCHER``: the server itself may never import the bootstrap, and a stale cache is
+    ignored (recompiled at every exec). A folder this server cannot write (an installed package
+    compiled at install) is left as it is."""
+    with contextlib.suppress(OSError):
+        compileall.compile_file(str(BOOTSTRAP_SCRIPT), quiet=2)
 
 
 class LocalSandbox(Sandbox):
@@ -630,6 +640,7 @@ class LocalProvider(SandboxProvider):
         if root is not None:
             kwargs["root"] = root
         super().__init__(**kwargs)
+        cache_bootstrap_bytecode()
 
     @default("snapshot_root")
     def _snapshot_root_default(self) -> Path:
