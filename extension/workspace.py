@@ -123,6 +123,7 @@ def main():
             why = "not a regular file" if special else f"{size} bytes, over {max_source}"
             entry.update(additions=None, deletions=None, truncated=True, skipped=why)
             texts.append(f"diff --git a/{path} b/{path}\n# tabbi: content not shown ({why})\n")
+            entry["diff_chars"] = len(texts[-1])
             files.append(entry)
             truncated = True
             continue
@@ -139,6 +140,7 @@ def main():
             text += f"\n# tabbi: the diff of {path} is cut here\n"
         used += len(json.dumps(text, ensure_ascii=False))
         texts.append(text)
+        entry["diff_chars"] = len(text)
         files.append(entry)
     result = {"diff": "".join(texts), "files": files, "truncated": truncated,
               "omitted_files": max(0, len(listed) - max_files)}
@@ -172,7 +174,10 @@ def check_relative_path(path: object) -> str:
 
 async def diff(sandbox: Sandbox, base_commit: str) -> dict[str, Any]:
     """``{diff, files: [{path, status, additions, deletions, binary, size, truncated,
-    skipped?}], truncated, omitted_files}``, bounded as the module says."""
+    skipped?, diff_chars}], truncated, omitted_files}``, bounded as the module says.
+    ``diff_chars``: the length of the file's part of ``diff`` (the parts are in the order of
+    ``files``), so a reader can cut it exactly: a file whose diff the total budget left no room
+    for has only a note, no ``diff --git`` line of its own."""
     interpreter = sandbox.bootstrap_argv()[0]  # the bootstrap's own Python: in every sandbox
     argv = [interpreter, "-I", "-S", "-c", DIFF_PROGRAM, base_commit, str(MAX_DIFF_SOURCE_BYTES),
             str(MAX_FILE_DIFF_CHARS), str(MAX_DIFF_CHARS), str(MAX_DIFF_FILES)]

@@ -4,6 +4,7 @@ frontends (and nbval) that do not render HTML."""
 from __future__ import annotations
 
 import html
+import itertools
 import re
 from typing import Any
 
@@ -31,9 +32,15 @@ LINE_STYLES = (("+", "color:#1a7f37;background:rgba(46,160,67,.12)"),
 def split_diff(text: str, files: list[dict[str, Any]]) -> list[str]:
     """The unified diff cut into one text per entry of ``files``.
 
-    The server writes one ``diff --git`` section per file, in the order of ``files``; so when the
-    counts agree they pair in order (paths git quotes need no parsing). Otherwise each section goes to
-    the file whose ``a/PATH b/PATH`` header it carries, and a file without one gets ``""``."""
+    The server writes one part per file, in the order of ``files``, and says each part's length
+    (``diff_chars``): cut there. From a server that does not say (an older one), each ``diff
+    --git`` section pairs in order when the counts agree (paths git quotes need no parsing), or
+    else goes to the file whose ``a/PATH b/PATH`` header it carries, and a file without one gets
+    ``""``."""
+    lengths = [f.get("diff_chars") for f in files]
+    if all(isinstance(n, int) and n >= 0 for n in lengths) and sum(lengths) == len(text):
+        ends = list(itertools.accumulate(lengths))
+        return [text[end - n:end] for n, end in zip(lengths, ends, strict=True)]
     sections = re.split(r"(?m)^(?=diff --git )", text)
     sections = [s for s in sections if s.startswith("diff --git ")]
     if len(sections) == len(files):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tabbi_extension.workspace import MAX_DIFF_CHARS, MAX_DIFF_SOURCE_BYTES, MAX_FILE_DIFF_CHARS
+from tabbi_kernel import render
 from tests.support.server import JupyterProcess
 
 LINE = b"x" * 99 + b"\n"
@@ -89,8 +90,16 @@ def test_diff_of_huge_untracked_files_is_bounded_and_the_server_stays_responsive
     assert medium["truncated"] is True and medium["status"] == "added"
     assert medium["additions"] == medium["size"] // len(LINE)  # counted in full, shown in part
     assert "# tabbi: the diff of medium.txt is cut here" in result["diff"]
-    assert files["notes.txt"] == {"path": "notes.txt", "status": "added", "additions": 2, "deletions": 0,
-                                  "binary": False, "size": 13, "truncated": False}
+    # each file's part of the text, where the server says it is: a kernel cuts it exactly there
+    parts = dict(zip(files, render.split_diff(result["diff"], result["files"]), strict=True))
+    assert sum(f["diff_chars"] for f in result["files"]) == len(result["diff"])
+    notes = dict(files["notes.txt"])
+    assert notes.pop("diff_chars") == len(parts["notes.txt"])
+    assert notes == {"path": "notes.txt", "status": "added", "additions": 2, "deletions": 0,
+                     "binary": False, "size": 13, "truncated": False}
+    assert parts["notes.txt"].startswith("diff --git a/notes.txt b/notes.txt\n")
+    assert "+second" in parts["notes.txt"]
+    assert parts["medium.txt"].endswith("# tabbi: the diff of medium.txt is cut here\n")
     assert files["blob.bin"]["binary"] is True
     assert (files["calc.py"]["status"], files["calc.py"]["additions"], files["calc.py"]["deletions"]) == \
         ("modified", 1, 1)

@@ -46,6 +46,26 @@ def test_split_pairs_sections_with_files_in_order_or_by_header():
     assert render.split_diff(CALC + NOTES, files) == [CALC, NOTES, ""]
 
 
+def test_split_cuts_where_the_server_says_when_the_budget_left_a_file_only_a_note():
+    """The server's whole-diff budget ran out at the third file: its part is only a note, with no
+    ``diff --git`` line, and a section-by-header split gave that note to the file before it and
+    nothing to the file itself. The server says each part's length (``diff_chars``)."""
+    cut = "\n# tabbi: the diff of big.txt is cut here\n"
+    parts = [CALC, NOTES, cut]
+    files = [entry("calc.py", "modified", 1, 1), entry("notes.md", "added", 2, 0),
+             entry("big.txt", "added", 9000, 0, truncated=True)]
+    text = "".join(parts)
+    assert render.split_diff(text, files)[1] == NOTES + cut  # without lengths: the note misplaced
+    for f, part in zip(files, parts, strict=True):
+        f["diff_chars"] = len(part)
+    assert render.split_diff(text, files) == parts
+    shown = files_of(render.diff({"diff": text, "files": files, "truncated": True})["text/html"])
+    assert "cut here" in shown[2] and "cut here" not in shown[1]
+    # lengths that do not add up (not from this server): the headers decide, as before
+    files[0]["diff_chars"] += 1
+    assert render.split_diff(text, files)[:2] == [CALC, NOTES + cut]
+
+
 def test_each_file_is_collapsible_with_status_counts_and_coloured_lines():
     files = [entry("calc.py", "modified", 1, 1), entry("notes.md", "added", 2, 0)]
     result = {"diff": CALC + NOTES, "files": files}
