@@ -1,6 +1,6 @@
 """Cost controls: per-session and per-user budgets on model cost and on sandbox running time.
 
-What is counted, and where it comes from (nothing new is stored, so budgets survive restarts and
+What is counted, and where it comes from (all of it in the store, so budgets survive restarts and
 work the same on SQLite and Convex):
 
 - **Model cost** is what OpenCode reports on each assistant message (``cost``, in dollars, with
@@ -16,7 +16,13 @@ The same spend is what people see: each turn's and the session's tokens and cost
 
 A session's spend is loaded from the store once per server process and then kept up to date from
 the live feed (messages) and the log (new events, read incrementally); a user's spend is the sum
-over the sessions they own. Spend of a deleted session no longer counts.
+over the sessions they own plus their **retired spend**: deleting a session deletes its messages
+and events, so ``retire`` first keeps its cost and running seconds in the store
+(``Store.retire_spend``, a row per owner and session). Otherwise a person who used up their budget
+would delete sessions and spend again. The delete records before it deletes (a crash between
+leaves the session counted twice until the delete is retried, never lost: counting twice is the
+safe side for a limit), and the record is idempotent (the larger amount wins), so a retried
+delete does not add twice; it is written again after the delete with the spend as it ended.
 
 Enforcement: a prompt is refused (HTTP 429, naming the budget, spent and limit) when a budget is
 already used up; a turn is stopped when it crosses one (on the message that reports the cost,
@@ -114,8 +120,8 @@ class Budgets(LoggingConfigurable):
     ).tag(config=True)
     user_cost = Float(
         0.0,
-        help="Dollars of model cost all sessions of one user may spend together (deleted sessions "
-        "no longer count). 0: no limit.",
+        help="Dollars of model cost all sessions of one user may spend together, deleted sessions "
+        "included (their spend is kept when they are deleted). 0: no limit.",
     ).tag(config=True)
     session_sandbox_seconds = Float(
         0.0,
@@ -125,7 +131,8 @@ class Budgets(LoggingConfigurable):
     ).tag(config=True)
     user_sandbox_seconds = Float(
         0.0,
-        help="Seconds the sandboxes of all sessions of one user may run in total. 0: no limit.",
+        help="Seconds the sandboxes of all sessions of one user may run in total, deleted sessions "
+        "included. 0: no limit.",
     ).tag(config=True)
 
     def __init__(self, **kwargs: Any):
@@ -139,8 +146,15 @@ class Budgets(LoggingConfigurable):
                     self.user_sandbox_seconds))
 
     # -- reading spend ------------------------------------------------------------------------
+    async def retire(self, store: Store, record: SessionRecord) -> None:
+        """Keep the session's spend as its owner's retired spend (``Store.retire_spend``): called
+        before the session is deleted, and again after with what it spent until it stopped
+        (read from memory then: the store no longer has its messages and log)."""
+        spend = await self.spend(store, record.id)
+        await store.retire_spend(record.owner, record.id, spend.cost, spend.seconds(time.time()))
+
     def forget(self, session_id: str) -> None:
-        """Drop what was read of a deleted session (its spend left the store with it)."""
+        """Drop what was read of a deleted session (its spend was retired, ``retire``)."""
         self._spend.pop(session_id, None)
         self._locks.pop(session_id, None)
 
@@ -182,6 +196,7 @@ class Budgets(LoggingConfigurable):
         mine = await self.spend(store, record.id)
         user_cost, user_seconds = 0.0, 0.0
         if self.user_cost or self.user_sandbox_seconds:
+            user_cost, user_seconds = await store.retired_spend(record.owner)
             for other in await store.list_sessions(record.owner):
                 spend = mine if other.id == record.id else await self.spend(store, other.id)
                 user_cost += spend.cost
@@ -203,10 +218,11 @@ class Budgets(LoggingConfigurable):
         used = await self.usage(store, record)
         for key, limit, what in (
             ("session_cost", self.session_cost, "this session's model cost budget"),
-            ("user_cost", self.user_cost, f"{record.owner}'s model cost budget (all sessions)"),
+            ("user_cost", self.user_cost,
+             f"{record.owner}'s model cost budget (all sessions, deleted ones included)"),
             ("session_seconds", self.session_sandbox_seconds, "this session's sandbox time budget"),
             ("user_seconds", self.user_sandbox_seconds,
-             f"{record.owner}'s sandbox time budget (all sessions)"),
+             f"{record.owner}'s sandbox time budget (all sessions, deleted ones included)"),
         ):
             if limit and used[key] >= limit:
                 spent = (f"${used[key]:.4f} of ${limit:.4f}" if key.endswith("cost")

@@ -174,10 +174,14 @@ class SessionManager:
 
     async def delete(self, owner: str, session_id: str) -> None:
         agent = await self.get(owner, session_id)
+        budgets = self.settings.budgets
+        if budgets is not None:  # its spend still counts for its owner: kept before it goes
+            await budgets.retire(self.store, agent.record)
         await agent.delete()
         self._agents.pop(session_id, None)
-        if self.settings.budgets is not None:
-            self.settings.budgets.forget(session_id)
+        if budgets is not None:
+            await budgets.retire(self.store, agent.record)  # with what it spent until it stopped
+            budgets.forget(session_id)
 
     async def _adopt(self, record: SessionRecord) -> SessionAgent:
         agent = SessionAgent(

@@ -97,9 +97,31 @@ async def test_the_user_cost_budget_spans_sessions(api, llm, source_repo):
     b = (await api.create(str(source_repo)))["id"]
     await api.prompt(b, "many files")
     error = turn_error(await api.wait_turn(b, timeout=180))
-    assert "model cost budget (all sessions) is used up" in error, error
+    assert "model cost budget (all sessions, deleted ones included) is used up" in error, error
     assert len(llm.script) >= 2, "session B ran on past the user's budget"
     assert "c.Budgets.user_cost" in await refused(api, a)
+
+
+@pytest.mark.parametrize("budgets", [{"user_cost": 0.02}])
+async def test_deleting_sessions_does_not_reset_the_user_budget(api, llm, source_repo, tabbi_app):
+    """Threat: a person resets their spend by deleting sessions. They use up their $0.02 in
+    session A (one model call), delete A (its messages and log go with it), and prompt a new
+    session B: refused with 429 naming their budget, also for a fresh ``Budgets`` (a restarted
+    server) reading the same store, as the deleted session's spend is kept there."""
+    llm.enqueue(Reply(text="A done"))
+    a = (await api.create(str(source_repo)))["id"]
+    await api.prompt(a, "answer")
+    await api.wait_turn(a, timeout=180)
+    await api.ok("DELETE", f"tabbi/api/sessions/{a}", expect=204)
+
+    b = (await api.create(str(source_repo)))["id"]
+    message = await refused(api, b)
+    assert "model cost budget (all sessions, deleted ones included)" in message, message
+    assert "c.Budgets.user_cost" in message, message
+
+    store = tabbi_app.store
+    fresh = Budgets(user_cost=0.02)
+    assert "c.Budgets.user_cost" in (await fresh.exceeded(store, await store.get_session(b)) or "")
 
 
 @pytest.mark.parametrize("budgets", [{"session_sandbox_seconds": 4.0}])

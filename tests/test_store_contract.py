@@ -368,6 +368,34 @@ async def test_snapshots_newest_first_and_deleted_with_the_session(store):
     assert await store.list_snapshots("ses-1") == []
 
 
+async def test_retired_spend_outlives_its_session_and_counts_once(store, second):
+    """Threat: a person resets their spend by deleting sessions (budgets.py keeps it here first).
+    What is retired survives the session's delete and another store instance (a restart) sees
+    it; a retried retire (a retried delete, a lost answer) never adds twice nor lowers it; it is
+    the owner's alone; nobody retires spend onto someone else's session; bad amounts are refused."""
+    await store.create_session(record("ses-1"))
+    await store.create_session(record("ses-2"))
+    await store.create_session(record("ses-b", owner="bob"))
+    assert await store.retired_spend("alice") == (0.0, 0.0)
+    await store.retire_spend("alice", "ses-1", 0.25, 30.0)
+    await store.retire_spend("alice", "ses-1", 0.25, 30.0)  # retried
+    await store.retire_spend("alice", "ses-1", 0.1, 40.0)  # amounts only grow
+    await store.retire_spend("alice", "ses-2", 0.5, 0)
+    await store.delete_session("ses-1")
+    await store.retire_spend("alice", "ses-1", 0.3, 0.0)  # retried after the delete
+    cost, seconds = await second.retired_spend("alice")
+    assert cost == pytest.approx(0.8) and seconds == pytest.approx(40.0)
+    assert await second.retired_spend("bob") == (0.0, 0.0)
+    with pytest.raises(StoreError):
+        await store.retire_spend("bob", "ses-2", 1.0, 1.0)  # alice's session
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(StoreError):
+            await store.retire_spend("alice", "ses-2", bad, 0.0)
+    cost, seconds = await store.retired_spend("alice")
+    assert cost == pytest.approx(0.8) and seconds == pytest.approx(40.0)
+    assert await store.retired_spend("bob") == (0.0, 0.0)
+
+
 async def test_ping(store):
     assert await store.ping() is True
 

@@ -108,6 +108,18 @@ export default defineSchema({
     updated_at: v.number(),
   }).index("by_owner_provider", ["owner", "provider"]),
 
+  // Spend of a deleted session, still counted by its owner's budgets: one row per (owner,
+  // session id), kept when the session and its children go (spend.ts).
+  retired_spend: defineTable({
+    owner: v.string(),
+    session_id: v.string(),
+    cost: v.number(),
+    seconds: v.number(),
+    retired_at: v.number(),
+  })
+    .index("by_owner_session", ["owner", "session_id"])
+    .index("by_session", ["session_id"]),
+
   leases: defineTable({
     server_id: v.string(),
     expires_at: v.number(),

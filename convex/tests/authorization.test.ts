@@ -28,6 +28,8 @@ const USER_FUNCTIONS: [string, "query" | "mutation", any, Record<string, unknown
   ["tokens:swap", "mutation", api.tokens.swap, { provider: "github", expected: "eA==", ciphertext: null }],
   ["tokens:get", "query", api.tokens.get, { provider: "github" }],
   ["tokens:remove", "mutation", api.tokens.remove, { provider: "github" }],
+  ["spend:retire", "mutation", api.spend.retire, { ...sid, cost: 1, seconds: 1 }],
+  ["spend:total", "query", api.spend.total, {}],
 ];
 const SERVER_FUNCTIONS: typeof USER_FUNCTIONS = [
   ["leases:put", "mutation", api.leases.put, { server_id: "srv-a", expires_at: 1, heartbeat_at: 1, info: "{}" }],

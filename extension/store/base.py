@@ -38,6 +38,7 @@ Concurrency model (what every backend guarantees, and what callers may rely on):
 from __future__ import annotations
 
 import abc
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,14 @@ class StoreError(Exception):
 class StoreUnavailable(StoreError):
     """The store cannot answer right now (locked, busy, unreachable, an I/O error); nothing was
     written and the same call may succeed later. The only store error worth retrying."""
+
+
+def spend_amount(value: float) -> float:
+    """A spend to keep (``retire_spend``): a finite number of at least 0, else a ``StoreError``
+    (refused before anything is written, on every backend alike)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise StoreError(f"a spend must be a finite number >= 0, not {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -222,6 +231,18 @@ class Store(LoggingConfigurable, metaclass=ConfigurableABCMeta):
         """Make ``server_id`` the server that runs the session, only if the session's server is
         still ``expected`` (compare-and-swap); False when it changed meanwhile or there is no
         such session."""
+
+    # spend of deleted sessions --------------------------------------------------------------
+    @abc.abstractmethod
+    async def retire_spend(self, user_id: str, session_id: str, cost: float, seconds: float) -> None:
+        """Keep what a session of ``user_id`` spent (model cost in dollars, sandbox running
+        seconds) after it is deleted, so that the user's budgets still count it. One row per
+        (user, session): repeating the call (a retried delete, a lost answer) never adds twice;
+        each amount becomes the larger of the stored and the given one (spend only grows)."""
+
+    @abc.abstractmethod
+    async def retired_spend(self, user_id: str) -> tuple[float, float]:
+        """``(cost, seconds)`` summed over the user's retired sessions; (0, 0) when none."""
 
     # leases ---------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -57,6 +57,7 @@ from .base import (
     Store,
     StoreError,
     StoreUnavailable,
+    spend_amount,
 )
 from .convex_auth import SigningKeyError, TokenSigner, load_private_key, thumbprint
 
@@ -607,6 +608,17 @@ class ConvexStore(Store):
         if owner is not None:
             await self._as_user("mutation", "snapshots:remove", owner,
                                 {"session_id": session_id, "id": snapshot_id})
+
+    # spend of deleted sessions --------------------------------------------------------------
+    async def retire_spend(self, user_id: str, session_id: str, cost: float, seconds: float) -> None:
+        # Idempotent (the larger amount wins), so a retry after a lost answer cannot add twice.
+        await self._as_user("mutation", "spend:retire", user_id,
+                            {"session_id": session_id, "cost": spend_amount(cost),
+                             "seconds": spend_amount(seconds)})
+
+    async def retired_spend(self, user_id: str) -> tuple[float, float]:
+        value = await self._as_user("query", "spend:total", user_id, {})
+        return float(value["cost"]), float(value["seconds"])
 
     # tokens ---------------------------------------------------------------------------------
     async def put_token(self, username: str, provider: str, ciphertext: bytes) -> None:

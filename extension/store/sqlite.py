@@ -36,6 +36,7 @@ from .base import (
     Store,
     StoreError,
     StoreUnavailable,
+    spend_amount,
 )
 
 T = TypeVar("T")
@@ -129,6 +130,17 @@ MIGRATIONS: list[str] = [
     # 4: what the person attached to a prompt (JSON list of {kind, label, content, truncated}).
     """
     ALTER TABLE prompts ADD COLUMN attachments TEXT NOT NULL DEFAULT '[]';
+    """,
+    # 5: spend of deleted sessions, still counted by the owner's budgets (budgets.py).
+    """
+    CREATE TABLE retired_spend (
+        user_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        cost REAL NOT NULL,
+        seconds REAL NOT NULL,
+        retired_at REAL NOT NULL,
+        PRIMARY KEY (user_id, session_id)
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -366,6 +378,30 @@ class SQLiteStore(Store):
             )
         )
         return cursor.rowcount == 1
+
+    # spend of deleted sessions --------------------------------------------------------------
+    async def retire_spend(self, user_id: str, session_id: str, cost: float, seconds: float) -> None:
+        row = (user_id, session_id, spend_amount(cost), spend_amount(seconds), time.time())
+
+        def retire(c: sqlite3.Connection) -> None:
+            owner = c.execute("SELECT owner FROM sessions WHERE id=?", (session_id,)).fetchone()
+            if owner is not None and owner[0] != user_id:
+                raise StoreError(f"no session {session_id}")  # someone else's: as Convex answers
+            c.execute(
+                "INSERT INTO retired_spend VALUES (?, ?, ?, ?, ?) ON CONFLICT(user_id, session_id) "
+                "DO UPDATE SET cost=max(cost, excluded.cost), seconds=max(seconds, excluded.seconds)",
+                row,
+            )
+
+        await self._run(retire)
+
+    async def retired_spend(self, user_id: str) -> tuple[float, float]:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT coalesce(sum(cost), 0), coalesce(sum(seconds), 0) FROM retired_spend "
+                "WHERE user_id=?", (user_id,)).fetchone()
+        )
+        return float(row[0]), float(row[1])
 
     # leases ---------------------------------------------------------------------------------
     async def put_lease(self, lease: Lease) -> None:

@@ -23,6 +23,7 @@ import type * as messages from "../messages.js";
 import type * as prompts from "../prompts.js";
 import type * as sessions from "../sessions.js";
 import type * as snapshots from "../snapshots.js";
+import type * as spend from "../spend.js";
 import type * as tokens from "../tokens.js";
 import type * as users from "../users.js";
 
@@ -45,6 +46,7 @@ declare const fullApi: ApiFromModules<{
   prompts: typeof prompts;
   sessions: typeof sessions;
   snapshots: typeof snapshots;
+  spend: typeof spend;
   tokens: typeof tokens;
   users: typeof users;
 }>;
