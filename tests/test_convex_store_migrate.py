@@ -57,6 +57,8 @@ async def fill(path) -> None:
         await store.upsert_part(sid, "m2", "pt2", {"type": "tool", "status": "completed"})
         for k in range(2):
             await store.add_snapshot(Snapshot(sid, f"snap{k}", {"path": f"/s/{k}"}, 10, 300.0 + k))
+    # a session alice deleted: its spend still counts in her budgets, wherever her store is
+    await store.retire_spend("alice", "ses-gone", 0.25, 60.0)
     await store.close()
 
 
@@ -79,6 +81,8 @@ async def compare(path, standin: ConvexStandin) -> None:
             assert [s.id for s in await target.list_snapshots(sid)] == ["snap1", "snap0"]
         assert await target.get_user("alice") == {"name": "Alice"}
         assert await target.get_token("alice", "github") == b"\x00sealed\xff"
+        assert await target.retired_spend("alice") == (0.25, 60.0)
+        assert await target.retired_spend("bob") == (0.0, 0.0)
     finally:
         await source.close()
         await target.close()

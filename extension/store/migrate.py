@@ -13,7 +13,8 @@ running the command again: sessions are created once and then updated to the sou
 events continue after the last one the target holds, in the source's order, so their ``seq``s
 are the source's (checked), each batch with a key derived from its content (a batch whose answer
 was lost is not written twice); prompts are keyed by their id (status set afterwards); messages,
-parts, users and tokens are upserts; snapshots are added once. Leases are not copied: the new
+parts, users and tokens are upserts; snapshots are added once; the retired spend of deleted
+sessions (budgets) is idempotent by owner and session. Leases are not copied: the new
 server takes its own. A final check compares the counts on both sides.
 """
 
@@ -57,12 +58,13 @@ class Report:
     snapshots: int = 0
     users: int = 0
     tokens: int = 0
+    retired_spend: int = 0
     mismatches: list[str] = field(default_factory=list)
 
 
-def _enumerate(path: Path) -> tuple[list[str], list[tuple[str, str]], list[Prompt]]:
+def _enumerate(path: Path) -> tuple[list[str], list[tuple[str, str]], list[Prompt], list[tuple]]:
     """What the store interface cannot list: every user, token and prompt (also finished ones),
-    read from the SQLite file itself (read-only)."""
+    and the spend of deleted sessions, read from the SQLite file itself (read-only)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         users = [r[0] for r in conn.execute("SELECT username FROM users ORDER BY username")]
@@ -71,16 +73,18 @@ def _enumerate(path: Path) -> tuple[list[str], list[tuple[str, str]], list[Promp
         prompts = [Prompt(*r) for r in conn.execute(
             "SELECT id, session_id, text, status, created_at, position FROM prompts "
             "ORDER BY session_id, position")]
+        retired = list(conn.execute(
+            "SELECT user_id, session_id, cost, seconds FROM retired_spend ORDER BY user_id, session_id"))
     finally:
         conn.close()
-    return users, tokens, prompts
+    return users, tokens, prompts, retired
 
 
 async def copy_store(source: SQLiteStore, target: Store,
                      say: Callable[[str], None] = lambda _: None) -> Report:
     """Copy everything of ``source`` into ``target`` (both open), resuming a copy cut short."""
     report = Report()
-    users, tokens, prompts = await asyncio.to_thread(_enumerate, source.path)
+    users, tokens, prompts, retired = await asyncio.to_thread(_enumerate, source.path)
     for username in users:
         profile = await source.get_user(username)
         await target.upsert_user(username, profile or {})
@@ -90,6 +94,9 @@ async def copy_store(source: SQLiteStore, target: Store,
         if ciphertext is not None:
             await target.put_token(username, provider, ciphertext)
             report.tokens += 1
+    for username, session_id, cost, seconds in retired:  # deleted sessions still count (budgets)
+        await target.retire_spend(username, session_id, cost, seconds)
+        report.retired_spend += 1
     by_session: dict[str, list[Prompt]] = {}
     for prompt in prompts:
         by_session.setdefault(prompt.session_id, []).append(prompt)
