@@ -19,10 +19,11 @@ the live feed (messages) and the log (new events, read incrementally); a user's 
 over the sessions they own plus their **retired spend**: deleting a session deletes its messages
 and events, so ``retire`` first keeps its cost and running seconds in the store
 (``Store.retire_spend``, a row per owner and session). Otherwise a person who used up their budget
-would delete sessions and spend again. The delete records before it deletes (a crash between
-leaves the session counted twice until the delete is retried, never lost: counting twice is the
-safe side for a limit), and the record is idempotent (the larger amount wins), so a retried
-delete does not add twice; it is written again after the delete with the spend as it ended.
+would delete sessions and spend again. The delete records before it deletes, so a crash between
+loses nothing; a retired row counts only once its session is gone from the store
+(``Store.retired_spend``), so a delete that failed half-way counts nothing twice. The record is
+idempotent (the larger amount wins): a retried delete does not add twice. It is written again
+after the delete with the spend as it ended (a failure then is logged: the delete is done).
 
 Enforcement: a prompt is refused (HTTP 429, naming the budget, spent and limit) when a budget is
 already used up; a turn is stopped when it crosses one (on the message that reports the cost,
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -151,7 +153,10 @@ class Budgets(LoggingConfigurable):
         before the session is deleted, and again after with what it spent until it stopped
         (read from memory then: the store no longer has its messages and log)."""
         spend = await self.spend(store, record.id)
-        await store.retire_spend(record.owner, record.id, spend.cost, spend.seconds(time.time()))
+        # Finite however large the agent's reported costs add up to: a store refuses infinity,
+        # and a session whose spend could not be kept could never be deleted.
+        cost, seconds = (min(x, sys.float_info.max) for x in (spend.cost, spend.seconds(time.time())))
+        await store.retire_spend(record.owner, record.id, cost, seconds)
 
     def forget(self, session_id: str) -> None:
         """Drop what was read of a deleted session (its spend was retired, ``retire``)."""

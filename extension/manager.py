@@ -180,8 +180,13 @@ class SessionManager:
         await agent.delete()
         self._agents.pop(session_id, None)
         if budgets is not None:
-            await budgets.retire(self.store, agent.record)  # with what it spent until it stopped
-            budgets.forget(session_id)
+            try:  # with what it spent until it stopped; the first record already holds most
+                await budgets.retire(self.store, agent.record)
+            except Exception:  # the delete is done: a failed update must not turn it into an error
+                log.warning("tabbi: the final spend of deleted session %s was not recorded", session_id,
+                            exc_info=True)
+            finally:
+                budgets.forget(session_id)
 
     async def _adopt(self, record: SessionRecord) -> SessionAgent:
         agent = SessionAgent(

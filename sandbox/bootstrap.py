@@ -291,24 +291,29 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> bool:
         raise BootstrapError(f"{spec['repo_display']} has no commits yet: make a first commit "
                              "(and push it), then start again")
     git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], workspace, safe_env)
-    remember_project_id(workspace, safe_env)
+    remember_project_id(workspace, url, safe_env)
     emit("branch", branch=branch, base_commit=head.stdout.strip())
     return True
 
 
-def remember_project_id(workspace: str, env: dict[str, str]) -> None:
-    """Write OpenCode's project id cache (``.git/opencode``) for a fresh clone, as OpenCode
-    would: the first root commit of ``HEAD``. OpenCode reads this file when the remote is not
-    a URL it can name the project by, and otherwise spawns ``git rev-list`` when it first
-    opens the workspace, which on a session's start is on the critical path (about 35 ms per
-    git process it spawns, measured with 1.18.33; ``docs/benchmarks.md``); here it costs one
-    git process of a few ms. The file is the workspace's like the rest of ``.git``: nothing
-    trusts it."""
+def remember_project_id(workspace: str, url: str, env: dict[str, str]) -> None:
+    """Write OpenCode's project id cache (``.git/opencode``) for a fresh clone of a local
+    repository (``url`` a path), as OpenCode would: the smallest root commit of ``HEAD``.
+
+    OpenCode (1.18.33, read from its binary) names a project by its remote when the remote is a
+    URL, else by this file, else by ``git rev-list --max-parents=0 HEAD``, which it spawns when
+    it first opens the workspace: on a session's start, on the critical path (OpenCode spends
+    30-50 ms around each git process; ``docs/benchmarks.md``). Here it costs one git process of
+    a few ms. A clone from a URL gets no file: OpenCode does not need it, and the walk of a long
+    history would cost the start instead. The file is the workspace's like the rest of
+    ``.git``: nothing trusts it."""
+    if "://" in url and not url.startswith("file://"):
+        return
     roots = run_git(["rev-list", "--max-parents=0", "HEAD"], workspace, env).stdout.split()
     if roots:
         cache = os.path.join(workspace, ".git", "opencode")
         with contextlib.suppress(FileExistsError), open(cache, "x") as f:
-            f.write(roots[0])
+            f.write(sorted(roots)[0])
 
 
 def free_port() -> int:

@@ -376,18 +376,25 @@ async def test_retired_spend_outlives_its_session_and_counts_once(store, second)
     await store.create_session(record("ses-1"))
     await store.create_session(record("ses-2"))
     await store.create_session(record("ses-b", owner="bob"))
+    await store.create_session(record("ses-3"))
     assert await store.retired_spend("alice") == (0.0, 0.0)
     await store.retire_spend("alice", "ses-1", 0.25, 30.0)
     await store.retire_spend("alice", "ses-1", 0.25, 30.0)  # retried
     await store.retire_spend("alice", "ses-1", 0.1, 40.0)  # amounts only grow
     await store.retire_spend("alice", "ses-2", 0.5, 0)
+    # a delete that failed half-way: the sessions are still here and count through their own
+    # spend, so their retired rows do not count (nothing twice)
+    assert await store.retired_spend("alice") == (0.0, 0.0)
     await store.delete_session("ses-1")
     await store.retire_spend("alice", "ses-1", 0.3, 0.0)  # retried after the delete
+    cost, seconds = await second.retired_spend("alice")
+    assert cost == pytest.approx(0.3) and seconds == pytest.approx(40.0)
+    await store.delete_session("ses-2")
     cost, seconds = await second.retired_spend("alice")
     assert cost == pytest.approx(0.8) and seconds == pytest.approx(40.0)
     assert await second.retired_spend("bob") == (0.0, 0.0)
     with pytest.raises(StoreError):
-        await store.retire_spend("bob", "ses-2", 1.0, 1.0)  # alice's session
+        await store.retire_spend("bob", "ses-3", 1.0, 1.0)  # alice's session
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(StoreError):
             await store.retire_spend("alice", "ses-2", bad, 0.0)

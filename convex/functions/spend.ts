@@ -47,7 +47,8 @@ export const retire = mutation({
   },
 });
 
-/** The caller's retired spend, summed: `{cost, seconds}`. */
+/** The caller's retired spend, summed: `{cost, seconds}`, over the sessions that no longer exist
+ * (one retired but still here, its delete failed half-way, counts through its own spend). */
 export const total = query({
   args: {},
   returns: v.object({ cost: v.number(), seconds: v.number() }),
@@ -58,6 +59,7 @@ export const total = query({
     for await (const row of ctx.db
       .query("retired_spend")
       .withIndex("by_owner_session", (q) => q.eq("owner", owner))) {
+      if ((await sessionById(ctx, row.session_id)) !== null) continue;
       cost += row.cost;
       seconds += row.seconds;
     }

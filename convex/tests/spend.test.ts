@@ -17,9 +17,15 @@ describe("retired spend", () => {
     await retire("ses-1", 0.25, 30); // a retried delete
     await retire("ses-1", 0.1, 40); // amounts only grow
     await retire("ses-2", 0.5, 0);
+    // still here (a delete that failed half-way): counted through their own spend, not twice
+    expect(await alice.query(api.spend.total, {})).toEqual({ cost: 0, seconds: 0 });
     await alice.mutation(api.sessions.remove, { id: "ses-1" });
     await retire("ses-1", 0.3, 0); // retried after the session went
-    const total = await alice.query(api.spend.total, {});
+    let total = await alice.query(api.spend.total, {});
+    expect(total.cost).toBeCloseTo(0.3, 10);
+    expect(total.seconds).toBe(40);
+    await alice.mutation(api.sessions.remove, { id: "ses-2" });
+    total = await alice.query(api.spend.total, {});
     expect(total.cost).toBeCloseTo(0.8, 10);
     expect(total.seconds).toBe(40);
     expect(await bob.query(api.spend.total, {})).toEqual({ cost: 0, seconds: 0 });

@@ -242,7 +242,9 @@ class Store(LoggingConfigurable, metaclass=ConfigurableABCMeta):
 
     @abc.abstractmethod
     async def retired_spend(self, user_id: str) -> tuple[float, float]:
-        """``(cost, seconds)`` summed over the user's retired sessions; (0, 0) when none."""
+        """``(cost, seconds)`` summed over the user's retired sessions that no longer exist;
+        (0, 0) when none. A session retired but still here (its delete failed half-way) is not
+        counted: its own spend still counts for it, and it must not count twice."""
 
     # leases ---------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -399,7 +399,7 @@ class SQLiteStore(Store):
         row = await self._read(
             lambda c: c.execute(
                 "SELECT coalesce(sum(cost), 0), coalesce(sum(seconds), 0) FROM retired_spend "
-                "WHERE user_id=?", (user_id,)).fetchone()
+                "WHERE user_id=? AND session_id NOT IN (SELECT id FROM sessions)", (user_id,)).fetchone()
         )
         return float(row[0]), float(row[1])
 
