@@ -97,14 +97,18 @@ def modal_standin(**options: Any) -> ModalStandIn:
 @contextlib.contextmanager
 def modal_environment(standin: ModalStandIn) -> Iterator[dict[str, str]]:
     """This process's environment pointed at ``standin`` (the real client reads it), with the
-    tunnels' certificate authority trusted (httpx reads SSL_CERT_FILE); the variables set."""
+    tunnels' certificate authority trusted (httpx reads SSL_CERT_FILE); the variables set.
+    ``standin.activated()`` drops the client ``modal.Client.from_env()`` cached for another
+    module's stand-in, in and out: an in-process server after that module would otherwise talk
+    to a stand-in that is gone ("Modal could not be reached")."""
     variables = {**standin.env, "SSL_CERT_FILE": str(standin.ca_file)}
     with pytest.MonkeyPatch.context() as env:
         for name in ("MODAL_PROFILE", "MODAL_ENVIRONMENT"):
             env.delenv(name, raising=False)
         for name, value in variables.items():
             env.setenv(name, value)
-        yield variables
+        with standin.activated():
+            yield variables
 
 
 @pytest.fixture(scope="module")
