@@ -38,16 +38,21 @@ async def read_ws(ws, until_type: str = "turn.finished", timeout: float = 90) ->
 
 
 def opencode_pids(session_id: str) -> list[int]:
-    pids = []
+    """The session's OpenCode server processes. A child OpenCode is forking (to run git, say)
+    carries OpenCode's command line until it execs: one whose parent is also listed is such a
+    moment's fork, not a server, and is left out (it made a test's "same processes" flaky)."""
+    found: dict[int, int] = {}
     for pid in processes.sandbox_pids(session_id):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-        except OSError:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         if argv and b"opencode" in os.path.basename(argv[0]) and b"serve" in argv:
-            pids.append(pid)
-    return pids
+            found[pid] = parent
+    return [pid for pid, parent in found.items() if parent not in found]
 
 
 @pytest.mark.parametrize("isolation", ["bwrap", "none"])
