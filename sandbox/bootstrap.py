@@ -257,9 +257,11 @@ def remove_any(path: str) -> None:
         os.unlink(path)
 
 
-def clone_or_reuse(spec: dict, env: dict[str, str]) -> bool:
+def clone_or_reuse(spec: dict, env: dict[str, str], opened: bool = False) -> bool:
     """Clone into the workspace on the session branch (True), or reuse a workspace a previous run
-    left (or a snapshot restored) exactly as it is (False).
+    left (or a snapshot restored) exactly as it is (False). ``opened``: the workspace is a warm
+    sandbox's, which its OpenCode already opened as an empty repository (``open_warm_workspace``);
+    the clone is made beside it and then takes its place (``take_place``).
 
     The clone ignores the sandbox home's git config and runs no hooks: a home the agent wrote in
     an earlier run could otherwise redirect the credentialed clone or run code beside it. A
@@ -270,11 +272,14 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> bool:
     branch = spec["branch"]
     credential = spec.pop("git_credential", None)
     safe_env = {**env, "GIT_CONFIG_GLOBAL": "/dev/null"}
-    if os.path.isdir(os.path.join(workspace, ".git")):
+    if not opened and os.path.isdir(os.path.join(workspace, ".git")):
         emit("reusing_workspace")
         return False
     emit("cloning", repo=spec["repo_display"])
-    os.makedirs(os.path.dirname(workspace), exist_ok=True)
+    target = os.path.join(workspace, CLONE_FOLDER) if opened else workspace
+    if opened:
+        remove_any(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     identity = spec.get("git_identity") or {}
     # The identity is written into the new repository's config by the clone itself (``-c``).
     args = [*SAFE_GIT, "clone", "--quiet", "--no-hardlinks", "--template=",
@@ -283,17 +288,82 @@ def clone_or_reuse(spec: dict, env: dict[str, str]) -> bool:
     if spec.get("base_branch"):
         args += ["--branch", spec["base_branch"]]
     url = spec["repo_url"]
-    git([*args, "--", url, workspace], os.path.dirname(workspace), safe_env, remote=(url, credential))
+    git([*args, "--", url, target], os.path.dirname(target), safe_env, remote=(url, credential))
     del credential
-    head = run_git(["rev-parse", "--verify", "--quiet", "HEAD"], workspace, safe_env)
+    head = run_git(["rev-parse", "--verify", "--quiet", "HEAD"], target, safe_env)
     if head.returncode != 0:
-        shutil.rmtree(workspace, ignore_errors=True)  # a later start clones again
+        shutil.rmtree(target, ignore_errors=True)  # a later start clones again
         raise BootstrapError(f"{spec['repo_display']} has no commits yet: make a first commit "
                              "(and push it), then start again")
-    git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], workspace, safe_env)
-    remember_project_id(workspace, url, safe_env)
+    git([*SAFE_GIT, "checkout", "--quiet", "-b", branch], target, safe_env)
+    if opened:
+        take_place(target, workspace)
+    else:
+        remember_project_id(workspace, url, safe_env)
     emit("branch", branch=branch, base_commit=head.stdout.strip())
     return True
+
+
+#: Where the clone into a warm sandbox's workspace is made, inside that workspace (the same file
+#: system, so moving it in is a rename), before it takes the workspace's place.
+CLONE_FOLDER = ".tabbi-clone"
+
+#: OpenCode's project id cache in a repository's git folder (see ``remember_project_id``).
+PROJECT_ID_FILE = "opencode"
+
+
+def open_warm_workspace(workspace: str, env: dict[str, str], port: int, password: str) -> None:
+    """Have a warm sandbox's OpenCode open its workspace before any repository is there: an empty
+    git repository with a random project id (nothing of a person or repository is in it).
+
+    OpenCode reads a folder once, when it first serves a request for it: its git root, project,
+    config and plugins, about 80 ms of its own work and git processes bare, 200-300 ms in a
+    busy sandbox (``docs/benchmarks.md``). Done here, that is off a session's start: the clone
+    later takes the folder's place under the same git folder (``take_place``), and OpenCode goes
+    on with what it read. What it read of an empty folder loads nothing of the repository (its
+    plugins, which the fence renames anyway), and ``forget_secrets.js`` removes OpenCode's
+    password and config from its environment now, before any person's data arrives."""
+    os.makedirs(workspace, exist_ok=True)
+    git([*SAFE_GIT, "init", "--quiet", "--template=", workspace], workspace,
+        {**env, "GIT_CONFIG_GLOBAL": "/dev/null"})
+    with open(os.path.join(workspace, ".git", PROJECT_ID_FILE), "x") as f:
+        f.write(os.urandom(20).hex())
+    import urllib.request
+
+    # No ``directory``: OpenCode's own working folder, the workspace, as for the server's requests.
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/project/current",
+                                     headers={"Authorization": basic_auth(password)})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+    except OSError as exc:
+        raise BootstrapError(f"OpenCode did not open the workspace: {exc}") from None
+
+
+def take_place(clone: str, workspace: str) -> None:
+    """Move ``clone`` (a fresh clone inside ``workspace``) into the place of the empty
+    repository OpenCode opened (``open_warm_workspace``).
+
+    The git folder stays the one OpenCode opened (its contents are replaced, not the folder, so
+    that OpenCode's file watcher, where it runs, follows the branch; in bubblewrap it does not,
+    and OpenCode's own branch display, ``GET /vcs``, which tabbi does not read, keeps the empty
+    repository's), and keeps the project id OpenCode gave the folder, so that a later start of
+    the restored workspace finds the same project (for a clone from a URL, OpenCode then names
+    the project by that URL and moves its sessions to the new name)."""
+    git_dir, cloned_git = os.path.join(workspace, ".git"), os.path.join(clone, ".git")
+    for name in os.listdir(workspace):
+        if name not in (".git", CLONE_FOLDER):
+            remove_any(os.path.join(workspace, name))
+    for name in os.listdir(git_dir):
+        if name != PROJECT_ID_FILE:
+            remove_any(os.path.join(git_dir, name))
+    for name in os.listdir(cloned_git):
+        if name != PROJECT_ID_FILE:
+            os.rename(os.path.join(cloned_git, name), os.path.join(git_dir, name))
+    shutil.rmtree(cloned_git)
+    for name in os.listdir(clone):
+        os.rename(os.path.join(clone, name), os.path.join(workspace, name))
+    os.rmdir(clone)
 
 
 def remember_project_id(workspace: str, url: str, env: dict[str, str]) -> None:
@@ -302,7 +372,7 @@ def remember_project_id(workspace: str, url: str, env: dict[str, str]) -> None:
 
     OpenCode (1.18.33, read from its binary) names a project by its remote when the remote is a
     URL, else by this file, else by ``git rev-list --max-parents=0 HEAD``, which it spawns when
-    it first opens the workspace: on a session's start, on the critical path (OpenCode spends
+    it first opens the workspace: on a cold start, on the critical path (OpenCode spends
     30-50 ms around each git process; ``docs/benchmarks.md``). Here it costs one git process of
     a few ms. A clone from a URL gets no file: OpenCode does not need it, and the walk of a long
     history would cost the start instead. The file is the workspace's like the rest of
@@ -311,7 +381,7 @@ def remember_project_id(workspace: str, url: str, env: dict[str, str]) -> None:
         return
     roots = run_git(["rev-list", "--max-parents=0", "HEAD"], workspace, env).stdout.split()
     if roots:
-        cache = os.path.join(workspace, ".git", "opencode")
+        cache = os.path.join(workspace, ".git", PROJECT_ID_FILE)
         with contextlib.suppress(FileExistsError), open(cache, "x") as f:
             f.write(sorted(roots)[0])
 
@@ -404,18 +474,13 @@ def opencode_env(env: dict[str, str], password: str, config: dict, workspace: st
     }
 
 
-def start_opencode(
-    spec: dict, env: dict[str, str], rehearsal: str | None = None
-) -> tuple[subprocess.Popen, int, str]:
-    """Start OpenCode in the workspace and wait until it is healthy. ``rehearsal``: a warm
-    sandbox's empty folder that ``forget_secrets.js`` lets OpenCode open first (``rehearse``)."""
+def start_opencode(spec: dict, env: dict[str, str]) -> tuple[subprocess.Popen, int, str]:
+    """Start OpenCode in the workspace and wait until it is healthy."""
     emit("starting_agent")
     oc = spec["opencode"]
     oc_env = opencode_env(env, oc["password"], oc["config"], spec["workspace"])
     if spec.get("marker"):
         oc_env["TABBI_SANDBOX_ID"] = spec["marker"]
-    if rehearsal:
-        oc_env["TABBI_REHEARSAL_DIR"] = rehearsal
     log_path = os.path.join(spec["home"], "opencode.log")
     attempts, attempt = 1 if spec.get("port") else PORT_ATTEMPTS, 1
     while True:
@@ -452,26 +517,6 @@ def _could_not_listen(log_path: str, since: int) -> bool:
     with open(log_path, "rb") as log:
         log.seek(since)
         return b"ServeError" in log.read(64 << 10)
-
-
-def rehearse(port: int, password: str, folder: str) -> None:
-    """Have a warm sandbox's OpenCode open an empty folder (its per-folder instance: config,
-    plugins, providers, project detection) and close it again, so that what OpenCode loads once
-    per process is loaded before a session takes the sandbox, and the workspace opens faster
-    after the clone. Nothing of a person or repository is in the sandbox yet."""
-    import urllib.parse
-    import urllib.request
-
-    query = urllib.parse.urlencode({"directory": folder})
-    for method, path in (("POST", "/session"), ("POST", "/instance/dispose")):
-        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}?{query}", method=method, data=b"{}",
-                                         headers={"Authorization": basic_auth(password),
-                                                  "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                response.read()
-        except OSError as exc:
-            raise BootstrapError(f"OpenCode did not open a folder: {exc}") from None
 
 
 def _die_with_parent() -> None:
@@ -614,15 +659,16 @@ def fence_workspace(workspace: str) -> None:
 
 
 def clone_into(request: dict) -> int:
-    """``bootstrap.py clone``: clone into a warm sandbox's empty workspace (its OpenCode already
-    runs there, and has not read it yet), then fence it like a cold start does; progress lines
-    as ``main``'s, ``{"phase": "cloned"}`` or ``{"phase": "failed"}`` last.
+    """``bootstrap.py clone``: clone into a warm sandbox's workspace (its OpenCode already runs
+    there, and opened it while it was empty: ``open_warm_workspace``), then fence it like a cold
+    start does; progress lines as ``main``'s, ``{"phase": "cloned"}`` or ``{"phase": "failed"}``
+    last.
 
     The credential (on stdin) reaches only the clone's git process, as in a cold start; no
-    agent has run in this sandbox yet, and nothing of OpenCode loads from the workspace before
-    the fence (the server asks OpenCode to read the workspace afresh only after this ends)."""
+    agent has run in this sandbox yet, and OpenCode loaded its plugins and config while the
+    workspace was empty, so nothing the repository carries loads into it."""
     try:
-        cloned = clone_or_reuse(request, base_env(request["home"]))
+        cloned = clone_or_reuse(request, base_env(request["home"]), opened=True)
         if prepare_environment(request, base_env(request["home"]), cloned):
             prepare_home(request["home"])  # the setup script may have written OpenCode's config
         fence_workspace(request["workspace"])
@@ -897,10 +943,8 @@ def main() -> int:
             proc, port, version = start_opencode(spec, env)
         else:  # a warm sandbox: the repository comes later (``clone_into``)
             os.makedirs(spec["workspace"], exist_ok=True)
-            rehearsal = os.path.join(env["TMPDIR"], "rehearsal")
-            os.makedirs(rehearsal, exist_ok=True)
-            proc, port, version = start_opencode(spec, env, rehearsal)
-            rehearse(port, spec["opencode"]["password"], rehearsal)
+            proc, port, version = start_opencode(spec, env)
+            open_warm_workspace(spec["workspace"], env, port, spec["opencode"]["password"])
     except Exception as exc:
         if proc is not None:
             proc.kill()

@@ -9,18 +9,13 @@
 // the plugin removes them from the environment its children will get. Loaded from a read-only
 // folder (the sandbox package), never from a place the agent can write.
 //
-// One exception, for a warm sandbox (no repository, no person, no agent yet): OpenCode reads its
-// config again for every folder it opens, so the bootstrap first opens an empty rehearsal folder
-// (TABBI_REHEARSAL_DIR) to load everything OpenCode loads once per process, and the config must
-// still be there when the workspace opens after the clone. The plugin loaded for exactly that
-// folder keeps the secrets; loaded for any other folder (the workspace) it removes them, and the
-// rehearsal's name with them, so no folder opened later is exempt.
+// OpenCode loads plugins (and reads its config) for each folder it opens; a sandbox's OpenCode
+// opens one, the workspace: at its first request on a cold start, and while a warm sandbox still
+// waits for its repository (bootstrap.py, open_warm_workspace), before anything of a person is
+// in the sandbox. Either way the secrets are gone before the agent runs.
 const SECRETS = ["OPENCODE_SERVER_PASSWORD", "OPENCODE_CONFIG_CONTENT"];
-const REHEARSAL = "TABBI_REHEARSAL_DIR";
 
-export const TabbiForgetSecrets = async ({ directory }) => {
-  const rehearsal = process.env[REHEARSAL];
-  if (rehearsal && directory === rehearsal) return {};
-  for (const name of [...SECRETS, REHEARSAL]) delete process.env[name];
+export const TabbiForgetSecrets = async () => {
+  for (const name of SECRETS) delete process.env[name];
   return {};
 };

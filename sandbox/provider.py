@@ -286,12 +286,10 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
         credential on its stdin, the plugin fence after it).
 
         OpenCode reads a directory (git root, project, config, plugins) when it first serves a
-        request for it, and keeps what it read: an instance made before the clone would see an
-        empty folder with no git (measured with 1.18.33). So nothing asks OpenCode about the
-        workspace before this returns: the session's first request, after the fence, is for
-        it. What OpenCode loads once per process was loaded while the sandbox was warm, by
-        opening an empty rehearsal folder (``bootstrap.rehearse``; ``forget_secrets.js`` keeps
-        OpenCode's config for the workspace until then)."""
+        request for it, and keeps what it read. A warm sandbox's OpenCode read its workspace
+        while it waited, as an empty git repository (``bootstrap.open_warm_workspace``), and the
+        clone takes that repository's place, so the session's first request finds the
+        workspace open (measured with 1.18.33: 10 ms instead of 80 bare)."""
         request = {
             "workspace": sandbox.workspace_path,
             "home": sandbox.home_path,

@@ -84,7 +84,8 @@ async def test_the_pool_fills_hands_out_once_destroys_failures_and_ends_at_shutd
             pool.warm("alice")  # rate-limited per person
         first = await ready(pool)
         assert healthy(first.sandbox)
-        assert (await shell(first.sandbox, "ls -A")).strip() == ""  # no repository yet
+        # No repository yet: the empty one its OpenCode opened while it waits.
+        assert (await shell(first.sandbox, "ls -A; git rev-list --all")).strip() == ".git"
         assert not secrets_in(first.id, model_key, token)
         assert pool.take("another-model") is None  # made for the default model only
         # No session owns it, yet the orphan sweep (Modal's reconcile) leaves it to the pool.
@@ -160,7 +161,7 @@ def source_repo(tmp_path: Path) -> Path:
 
 MODEL_KEY = "sk-pool-" + secrets.token_hex(16)
 #: The agent's look for OpenCode's secrets: its own environment, and every process's it can read
-#: (OpenCode's own, the git and ripgrep processes OpenCode starts, anything left of the rehearsal).
+#: (OpenCode's own, the git and ripgrep processes OpenCode starts).
 SCAN = ("env; for p in /proc/[0-9]*; do echo \"== $p $(tr '\\0' ' ' < $p/cmdline)\"; "
         "tr '\\0' '\\n' < $p/environ; done 2>/dev/null; true")
 
@@ -204,6 +205,13 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
                                   headers={"Authorization": f"Bearer {gateway_token}"})
     assert early.status_code == 403  # no session of that id yet: the token is worth nothing
 
+    # Its OpenCode opened the workspace while it waited: an empty repository, nobody's.
+    waiting = workspace(warm.id)
+    assert [p.name for p in waiting.iterdir()] == [".git"]
+    assert git("rev-list", "--all", cwd=waiting) == ""  # no commit: nothing of any repository
+    project_id = (waiting / ".git" / "opencode").read_text()
+    assert len(project_id) == 40, project_id
+
     first = await api.create("octo/sample")
     assert first["id"] == warm.id
     await api.wait_state(first["id"], "running")
@@ -214,26 +222,44 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     await api.wait_state(second["id"], "running")
     assert second["id"] != first["id"]
 
-    # The warm sandbox's OpenCode opened a rehearsal folder before it was taken, its secrets
-    # kept in its environment for the workspace's config: none may be left where the agent looks.
+    # The clone took the place of the repository OpenCode opened: the same project.
     password, gateway_token = opencode_secrets(first["id"])
-    opened = (workspace(first["id"]).parent / "home" / ".local" / "share" / "opencode" / "log")
-    assert any(b"tmp/rehearsal" in f.read_bytes() for f in opened.glob("*.log")), "no rehearsal"
+    endpoint = tabbi_app.manager._agents[first["id"]]._sandbox.endpoint()
+    async with httpx.AsyncClient(base_url=endpoint.url, auth=("opencode", password), timeout=30) as oc:
+        project = (await oc.get("/project/current")).json()
+    assert project["id"] == project_id and project["vcs"] == "git", project
+    # None of OpenCode's secrets may be left where the agent looks.
     llm.enqueue(Reply(text="Aye. ", tools=[bash(SCAN)]), Reply(text="Aye."))
-    await api.prompt(first["id"], "hello")
+    await api.prompt(first["id"], "hello from the pooled start")
     events = await api.wait_turn(first["id"])
     assert events[-1]["data"]["outcome"] == "completed", events[-1]
     assert INSTRUCTION in repr(llm.agent_requests()[-1]["messages"][0])  # OpenCode found the repo
     scanned = "".join(e["data"].get("output") or "" for e in events if e["type"] == "tool")
     assert "TABBI_SANDBOX_ID=" in scanned and "opencode" in scanned  # the scan saw environments
     assert password not in scanned and gateway_token not in scanned
-    assert "OPENCODE_CONFIG_CONTENT" not in scanned and "TABBI_REHEARSAL_DIR" not in scanned
+    assert "OPENCODE_CONFIG_CONTENT" not in scanned
     ws = workspace(first["id"])
     assert not sorted(p.name for p in ws.glob(".planted-*")), "the repository's plugin ran"
     notices = [e["data"]["files"] for e in (await api.events(first["id"]))["events"]
                if e["type"] == "session.status" and e["data"].get("phase") == "plugins_disabled"]
     assert notices == [[".opencode/plugin/p.js", "opencode.json"]], notices
     assert git("branch", "--show-current", cwd=ws) == first["work_branch"]
+    assert (ws / ".git" / "opencode").read_text() == project_id
+    assert not (ws / ".tabbi-clone").exists()
+
+    # Paused, then resumed in a new sandbox: OpenCode now names the project by its remote (a URL)
+    # and moves the conversation over from the id it had; the same conversation goes on.
+    conversation = tabbi_app.manager._agents[first["id"]].record.opencode_session_id
+    await api.wait_for(first["id"], lambda e: e["type"] == "snapshot.saved")
+    assert (await api.ok("POST", f"tabbi/api/sessions/{first['id']}/pause"))["state"] == "paused"
+    before, last = len(llm.agent_requests()), (await api.events(first["id"]))["last_seq"]
+    llm.enqueue(Reply(text="Aye, again."))
+    await api.prompt(first["id"], "and once more")
+    events = await api.wait_turn(first["id"], after=last)
+    assert events[-1]["data"]["outcome"] == "completed", events[-1]
+    assert "hello from the pooled start" in repr(llm.agent_requests()[before]["messages"])
+    assert tabbi_app.manager._agents[first["id"]].record.opencode_session_id == conversation
+    assert (ws / ".git" / "opencode").read_text() != project_id  # renamed by OpenCode: a URL remote
 
     refill = await ready(pool, {warm.id})
     pool_leftovers.add(refill.id)
