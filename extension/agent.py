@@ -327,7 +327,7 @@ class SessionAgent:
                 raise
             steps.mark("sandbox")  # a cold create, or a warm sandbox's clone and fence
             if environment is not None and environment.will_build:
-                # The warm snapshot is of a workspace OpenCode has not opened yet.
+                # The warm snapshot is taken before the session's conversation exists.
                 await self._remember_sandbox(self._sandbox, spec.password)
                 await environment.built(self.provider, self._sandbox, self._emit)
                 await self._connect(self._sandbox, steps=steps)

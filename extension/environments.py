@@ -337,8 +337,8 @@ class EnvironmentStart:
             return await self._bootstrap(sandbox, ["sync"], request, timeout=900)
         warm = self.warm
         assert warm is not None
-        tip = await asyncio.to_thread(modal_push.fetch_base, request["remote_url"],
-                                      request.get("base_branch"), request.get("credential"), warm.commit)
+        tip = await modal_push.with_remote(modal_push.fetch_base, request["remote_url"],
+                                           request.get("base_branch"), request.get("credential"), warm.commit)
         if tip.bundle:
             where = {"workspace": request["workspace"], "branch": request["branch"]}
             await self._bootstrap(sandbox, ["sync-bundle", json.dumps(where)], tip.bundle, timeout=900)

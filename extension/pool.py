@@ -1,14 +1,15 @@
 """The warm pool: sandboxes started ahead of demand, so that a new session is running about as
 soon as its repository is cloned, not after OpenCode's own cold start.
 
-A pooled sandbox (``SandboxProvider.prepare``) runs OpenCode, healthy, in an empty workspace,
-with no repository and nobody's secret in it. It is reserved for one future session: its id is
-that session's id (so its folder, process marker, Modal tags and model gateway route need no
-renaming), and its OpenCode's gateway token is derived from its own random password, which the
-gateway honours only once a session of that id exists and ``SessionAgent._boot`` has issued the
-grant (at assignment). The person's GitHub token reaches it only for the clone, after it was
-taken (``SandboxProvider.assign``). A sandbox is taken once and never returned: one that is not
-used (a session on another model, a failed clone, a server stopping) is destroyed.
+A pooled sandbox (``SandboxProvider.prepare``) runs OpenCode, healthy, in a workspace it has
+already opened (an empty git repository), with no repository and nobody's secret in it. It is
+reserved for one future session: its id is that session's id (so its folder, process marker,
+Modal tags and model gateway route need no renaming), and its OpenCode's gateway token is
+derived from its own random password, which the gateway honours only once a session of that id
+exists and ``SessionAgent._boot`` has issued the grant (at assignment). The person's GitHub
+token reaches it only for the clone, after it was taken (``SandboxProvider.assign``). A sandbox
+is taken once and never returned: one that is not used (a session on another model, a failed
+clone, a server stopping) is destroyed.
 
 The pool fills only on intent (``warm``: a kernel loading tabbi, a panel opening), sequentially,
 in the background, within ``size`` and ``max_memory_mb``, and empties itself after

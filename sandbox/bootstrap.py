@@ -260,8 +260,9 @@ def remove_any(path: str) -> None:
 def clone_or_reuse(spec: dict, env: dict[str, str], opened: bool = False) -> bool:
     """Clone into the workspace on the session branch (True), or reuse a workspace a previous run
     left (or a snapshot restored) exactly as it is (False). ``opened``: the workspace is a warm
-    sandbox's, which its OpenCode already opened as an empty repository (``open_warm_workspace``);
-    the clone is made beside it and then takes its place (``take_place``).
+    sandbox's, which its OpenCode already opened as an empty repository (``prepare_warm_workspace``);
+    the clone is made inside it and then takes its place (``take_place``). A warm workspace whose
+    clone never finished (the server died meanwhile) is never reused: it is cloned afresh.
 
     The clone ignores the sandbox home's git config and runs no hooks: a home the agent wrote in
     an earlier run could otherwise redirect the credentialed clone or run code beside it. A
@@ -272,14 +273,19 @@ def clone_or_reuse(spec: dict, env: dict[str, str], opened: bool = False) -> boo
     branch = spec["branch"]
     credential = spec.pop("git_credential", None)
     safe_env = {**env, "GIT_CONFIG_GLOBAL": "/dev/null"}
-    if not opened and os.path.isdir(os.path.join(workspace, ".git")):
-        emit("reusing_workspace")
-        return False
+    git_dir = os.path.join(workspace, ".git")
+    if not opened and os.path.isdir(git_dir):
+        if not os.path.lexists(os.path.join(git_dir, WAITING_FILE)):
+            emit("reusing_workspace")
+            return False
+        shutil.rmtree(workspace)  # a warm sandbox's, never taken to the end: nobody's work
     emit("cloning", repo=spec["repo_display"])
-    target = os.path.join(workspace, CLONE_FOLDER) if opened else workspace
     if opened:
-        remove_any(target)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+        target = os.path.join(workspace, CLONE_PREFIX + os.urandom(6).hex())
+        os.mkdir(target, 0o700)
+    else:
+        os.makedirs(os.path.dirname(workspace), exist_ok=True)
+        target = workspace
     identity = spec.get("git_identity") or {}
     # The identity is written into the new repository's config by the clone itself (``-c``).
     args = [*SAFE_GIT, "clone", "--quiet", "--no-hardlinks", "--template=",
@@ -304,30 +310,45 @@ def clone_or_reuse(spec: dict, env: dict[str, str], opened: bool = False) -> boo
     return True
 
 
-#: Where the clone into a warm sandbox's workspace is made, inside that workspace (the same file
-#: system, so moving it in is a rename), before it takes the workspace's place.
-CLONE_FOLDER = ".tabbi-clone"
+#: The folder (inside the workspace, so that moving the clone in is a rename on one file system)
+#: a warm sandbox's clone is made in: a fresh random name, which no repository's files can hold.
+CLONE_PREFIX = ".tabbi-clone-"
 
 #: OpenCode's project id cache in a repository's git folder (see ``remember_project_id``).
 PROJECT_ID_FILE = "opencode"
 
+#: In a warm sandbox's git folder until its clone has taken the workspace's place: a start that
+#: finds it (the server died half-way) clones afresh instead of reusing what is there.
+WAITING_FILE = "tabbi-waiting"
 
-def open_warm_workspace(workspace: str, env: dict[str, str], port: int, password: str) -> None:
-    """Have a warm sandbox's OpenCode open its workspace before any repository is there: an empty
-    git repository with a random project id (nothing of a person or repository is in it).
+
+def prepare_warm_workspace(workspace: str, env: dict[str, str]) -> str:
+    """A warm sandbox's workspace before any repository: an empty git repository with a random
+    project id (returned), marked as waiting (``WAITING_FILE``). Nothing of a person or
+    repository is in it.
 
     OpenCode reads a folder once, when it first serves a request for it: its git root, project,
-    config and plugins, about 80 ms of its own work and git processes bare, 200-300 ms in a
-    busy sandbox (``docs/benchmarks.md``). Done here, that is off a session's start: the clone
-    later takes the folder's place under the same git folder (``take_place``), and OpenCode goes
-    on with what it read. What it read of an empty folder loads nothing of the repository (its
-    plugins, which the fence renames anyway), and ``forget_secrets.js`` removes OpenCode's
-    password and config from its environment now, before any person's data arrives."""
+    config and plugins, about 80 ms of its own work and git processes bare, 200-300 ms in a busy
+    sandbox (``docs/benchmarks.md``). ``open_warm_workspace`` has it read this one while the
+    sandbox waits, so that is off a session's start: the clone later takes the folder's place
+    under the same git folder (``take_place``), and OpenCode goes on with what it read. What it
+    read of an empty folder loads nothing of the repository (its plugins, which the fence renames
+    anyway), and ``forget_secrets.js`` removes OpenCode's password and config from its
+    environment at that read, before any person's data arrives."""
     os.makedirs(workspace, exist_ok=True)
     git([*SAFE_GIT, "init", "--quiet", "--template=", workspace], workspace,
         {**env, "GIT_CONFIG_GLOBAL": "/dev/null"})
-    with open(os.path.join(workspace, ".git", PROJECT_ID_FILE), "x") as f:
-        f.write(os.urandom(20).hex())
+    project_id = os.urandom(20).hex()
+    for name, content in ((PROJECT_ID_FILE, project_id), (WAITING_FILE, "")):
+        with open(os.path.join(workspace, ".git", name), "x") as f:
+            f.write(content)
+    return project_id
+
+
+def open_warm_workspace(port: int, password: str, project_id: str) -> None:
+    """Have OpenCode read its workspace (``prepare_warm_workspace``) now, and check that it took
+    it as that git project: an OpenCode that read it earlier or otherwise would load the
+    repository's own files after the clone, and is not used."""
     import urllib.request
 
     # No ``directory``: OpenCode's own working folder, the workspace, as for the server's requests.
@@ -335,35 +356,40 @@ def open_warm_workspace(workspace: str, env: dict[str, str], port: int, password
                                      headers={"Authorization": basic_auth(password)})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            response.read()
-    except OSError as exc:
+            project = json.loads(response.read())
+    except (OSError, ValueError) as exc:
         raise BootstrapError(f"OpenCode did not open the workspace: {exc}") from None
+    if not isinstance(project, dict) or (project.get("id"), project.get("vcs")) != (project_id, "git"):
+        raise BootstrapError(f"OpenCode opened the warm workspace as another project: {project!r:.200}")
 
 
 def take_place(clone: str, workspace: str) -> None:
     """Move ``clone`` (a fresh clone inside ``workspace``) into the place of the empty
-    repository OpenCode opened (``open_warm_workspace``).
+    repository OpenCode opened (``prepare_warm_workspace``).
 
     The git folder stays the one OpenCode opened (its contents are replaced, not the folder, so
     that OpenCode's file watcher, where it runs, follows the branch; in bubblewrap it does not,
     and OpenCode's own branch display, ``GET /vcs``, which tabbi does not read, keeps the empty
     repository's), and keeps the project id OpenCode gave the folder, so that a later start of
     the restored workspace finds the same project (for a clone from a URL, OpenCode then names
-    the project by that URL and moves its sessions to the new name)."""
+    the project by that URL and moves its sessions to the new name). The waiting mark goes
+    last: until then a new start clones afresh."""
     git_dir, cloned_git = os.path.join(workspace, ".git"), os.path.join(clone, ".git")
+    kept = (PROJECT_ID_FILE, WAITING_FILE)
     for name in os.listdir(workspace):
-        if name not in (".git", CLONE_FOLDER):
+        if name not in (".git", os.path.basename(clone)):
             remove_any(os.path.join(workspace, name))
     for name in os.listdir(git_dir):
-        if name != PROJECT_ID_FILE:
+        if name not in kept:
             remove_any(os.path.join(git_dir, name))
     for name in os.listdir(cloned_git):
-        if name != PROJECT_ID_FILE:
+        if name not in kept:
             os.rename(os.path.join(cloned_git, name), os.path.join(git_dir, name))
     shutil.rmtree(cloned_git)
     for name in os.listdir(clone):
         os.rename(os.path.join(clone, name), os.path.join(workspace, name))
     os.rmdir(clone)
+    os.unlink(os.path.join(git_dir, WAITING_FILE))
 
 
 def remember_project_id(workspace: str, url: str, env: dict[str, str]) -> None:
@@ -660,7 +686,7 @@ def fence_workspace(workspace: str) -> None:
 
 def clone_into(request: dict) -> int:
     """``bootstrap.py clone``: clone into a warm sandbox's workspace (its OpenCode already runs
-    there, and opened it while it was empty: ``open_warm_workspace``), then fence it like a cold
+    there, and opened it while it was empty: ``prepare_warm_workspace``), then fence it like a cold
     start does; progress lines as ``main``'s, ``{"phase": "cloned"}`` or ``{"phase": "failed"}``
     last.
 
@@ -942,9 +968,9 @@ def main() -> int:
             fence_workspace(spec["workspace"])
             proc, port, version = start_opencode(spec, env)
         else:  # a warm sandbox: the repository comes later (``clone_into``)
-            os.makedirs(spec["workspace"], exist_ok=True)
+            project_id = prepare_warm_workspace(spec["workspace"], env)
             proc, port, version = start_opencode(spec, env)
-            open_warm_workspace(spec["workspace"], env, port, spec["opencode"]["password"])
+            open_warm_workspace(port, spec["opencode"]["password"], project_id)
     except Exception as exc:
         if proc is not None:
             proc.kill()

@@ -208,6 +208,11 @@ def cache_bootstrap_bytecode() -> None:
 
 
 class LocalSandbox(Sandbox):
+    #: Each exec is a bubblewrap of its own (its PID namespace, /tmp): the agent's processes,
+    #: started before, cannot see it. (Unconfined, everything runs as the person anyway, and no
+    #: credential is handed to the sandbox: see ``push.py``.)
+    private_exec = True
+
     def __init__(self, provider: LocalProvider, sandbox_id: str, root: Path, confined: bool):
         self.provider = provider
         self.id = sandbox_id

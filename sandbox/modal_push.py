@@ -27,7 +27,9 @@ base commit and the setup script's blob id from it, and hands the sandbox a bund
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import os
 import shutil
 import subprocess
@@ -163,6 +165,18 @@ def push_bundle(
     return result
 
 
+#: Threads for this server's git work with a remote (a bundle's push, a base branch's fetch).
+#: Each may take minutes; on the event loop's default executor (a handful of threads on a small
+#: machine) a few at once would hold up every other blocking call of the server.
+_REMOTE_GIT = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="tabbi-remote-git")
+
+
+async def with_remote(call: Any, *args: Any) -> Any:
+    """``call(*args)`` (blocking git work with a remote) in a thread of its own pool, never the
+    event loop's default executor."""
+    return await asyncio.get_running_loop().run_in_executor(_REMOTE_GIT, functools.partial(call, *args))
+
+
 async def push_from_bundle(
     sandbox: Sandbox, branch: str, remote_url: str, credential: dict[str, str] | None
 ) -> dict[str, Any]:
@@ -171,7 +185,7 @@ async def push_from_bundle(
         bundle = await export_branch(sandbox, branch)
     except SandboxError as exc:
         return {"pushed": False, "reason": "failed", "error": str(exc)}
-    return await asyncio.to_thread(push_bundle, bundle, branch, remote_url, credential)
+    return await with_remote(push_bundle, bundle, branch, remote_url, credential)
 
 
 @dataclasses.dataclass(frozen=True)

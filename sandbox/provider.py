@@ -88,8 +88,9 @@ class SandboxSpec:
 
 @dataclass
 class WarmSandbox:
-    """A sandbox started ahead of demand (``SandboxProvider.prepare``): OpenCode healthy in an
-    empty workspace, no repository, no person. Its ``id`` is the session id it will serve, so the
+    """A sandbox started ahead of demand (``SandboxProvider.prepare``): OpenCode healthy in a
+    workspace it already opened, an empty git repository (``bootstrap.prepare_warm_workspace``);
+    no repository, no person. Its ``id`` is the session id it will serve, so the
     sandbox's folder, marker, tags and model gateway route are already the session's; its
     OpenCode runs with ``password`` and ``config`` (whose gateway token unlocks nothing until the
     gateway issues a grant for that session, at assignment). Used by one session at most:
@@ -136,8 +137,10 @@ class Sandbox(abc.ABC):
     #: bubblewrap's): only then may a command given the person's credential run inside. A
     #: sandbox whose execs share a container with the agent (Modal) has the server talk to the
     #: remote instead, with git bundles crossing the edge (``tabbi_sandbox.modal_push``): a push
-    #: exports the branch, a warm workspace's sync gets the base branch's tip.
-    private_exec: bool = True
+    #: exports the branch, a warm workspace's sync gets the base branch's tip. False unless a
+    #: provider says otherwise: a new provider keeps the credential out until it shows its
+    #: execs are private.
+    private_exec: bool = False
 
     @property
     def pushes_from_bundle(self) -> bool:
@@ -238,8 +241,9 @@ class SandboxProvider(LoggingConfigurable, metaclass=ConfigurableABCMeta):
 
     async def prepare(self, spec: SandboxSpec) -> WarmSandbox:
         """Start a sandbox for ``spec`` (no repository: ``repo_url`` empty, no credential, no
-        owner) whose OpenCode is healthy in an empty workspace (``create`` with no repository:
-        the bootstrap then clones nothing); ``start(..., warm=)`` later clones into it. Raises
+        owner) whose OpenCode is healthy and has opened its workspace, an empty git repository
+        (``create`` with no repository: the bootstrap then clones nothing); ``start(..., warm=)``
+        later clones into it. Raises
         ``SandboxError``."""
         if (why := self.warm_unsupported()) is not None:
             raise SandboxError(why)

@@ -37,37 +37,37 @@ def test_a_second_server_leaves_the_first_ones_session_alone_and_takes_it_over_w
     lease = ["--TabbiExtension.server_lease=3"]
     first = JupyterProcess(llm.url, tmp_path / "srv", extra=lease)
     second = None
-    try:
-        sid = first.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
-        first.wait_event(sid, running)
-        agent = opencode_pids(sid)
-        assert agent
+    try:  # the second server stops whatever fails; the first one is killed first
+        try:
+            sid = first.call("POST", "tabbi/api/sessions", {"repo": str(source_repo)})["id"]
+            first.wait_event(sid, running)
+            agent = opencode_pids(sid)
+            assert agent
 
-        # A second server on the same data dir: its start-up reconciled the store's sessions.
-        second = JupyterProcess(llm.url, tmp_path / "srv", extra=lease)
-        with pytest.raises(urllib.error.HTTPError) as elsewhere:
-            second.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "from the second"})
-        assert elsewhere.value.code == 409
-        assert b"another tabbi server" in elsewhere.value.read()
-        with pytest.raises(urllib.error.HTTPError) as stream:  # the event stream says the same
-            second.call("GET", f"tabbi/api/sessions/{sid}/stream")
-        assert stream.value.code == 409
-        assert [s["id"] for s in second.call("GET", "tabbi/api/sessions")["sessions"]] == [sid]
+            # A second server on the same data dir: its start-up reconciled the store's sessions.
+            second = JupyterProcess(llm.url, tmp_path / "srv", extra=lease)
+            with pytest.raises(urllib.error.HTTPError) as elsewhere:
+                second.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "from the second"})
+            assert elsewhere.value.code == 409
+            assert b"another tabbi server" in elsewhere.value.read()
+            with pytest.raises(urllib.error.HTTPError) as stream:  # the event stream says the same
+                second.call("GET", f"tabbi/api/sessions/{sid}/stream")
+            assert stream.value.code == 409
+            assert [s["id"] for s in second.call("GET", "tabbi/api/sessions")["sessions"]] == [sid]
 
-        # The first server's sandbox keeps running and answers (over several of the second
-        # server's heartbeats, each of which looks for sessions to take over).
-        llm.enqueue(Reply(text="still here"))
-        first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "are you there?"})
-        done = first.wait_event(sid, lambda e: e["type"] == "turn.finished")
-        assert done["data"]["outcome"] == "completed"
-        first.wait_event(sid, lambda e: e["type"] == "snapshot.saved", after=done["seq"])
-        assert set(agent) <= set(opencode_pids(sid)), "the second server stopped the first one's sandbox"
-        events = first.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
-        assert not [e for e in events if e["type"] == "error"], events
-        assert first.call("GET", f"tabbi/api/sessions/{sid}")["state"] == "running"
-    finally:
-        first.kill()  # a crash: its lease is neither renewed nor released
-    try:
+            # The first server's sandbox keeps running and answers (over several of the second
+            # server's heartbeats, each of which looks for sessions to take over).
+            llm.enqueue(Reply(text="still here"))
+            first.call("POST", f"tabbi/api/sessions/{sid}/prompt", {"text": "are you there?"})
+            done = first.wait_event(sid, lambda e: e["type"] == "turn.finished")
+            assert done["data"]["outcome"] == "completed"
+            first.wait_event(sid, lambda e: e["type"] == "snapshot.saved", after=done["seq"])
+            assert set(agent) <= set(opencode_pids(sid)), "the second server stopped the first one's sandbox"
+            events = first.call("GET", f"tabbi/api/sessions/{sid}/events")["events"]
+            assert not [e for e in events if e["type"] == "error"], events
+            assert first.call("GET", f"tabbi/api/sessions/{sid}")["state"] == "running"
+        finally:
+            first.kill()  # a crash: its lease is neither renewed nor released
         assert second is not None
         # The second server finds the first one gone and takes its session over: the session is
         # paused (its sandbox died with its server), and the next prompt resumes it there.

@@ -11,7 +11,10 @@ agent's (none travels in a bundle) and none of the server user's.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,30 @@ def test_the_session_branch_is_pushed_with_the_credential_and_nothing_else(agent
     refs = git("ls-remote", str(tmp_path / "remote" / "o" / "r.git"), cwd=tmp_path)
     assert f"{head}\trefs/heads/tabbi/s1" in refs
     assert "refs/heads/other" not in refs
+
+
+def test_remote_git_work_neither_waits_for_nor_holds_the_default_executor(agent_repo, remote):
+    """Threat (availability): a push or a base branch's fetch may take minutes. Run on the event
+    loop's default executor (a handful of threads on a small machine), a few of them at once
+    would hold up every other blocking call of the server (store writes, files), for everyone;
+    and one stuck there would wait behind them. They run in a pool of their own
+    (``modal_push.with_remote``, used by ``push_from_bundle`` and the Modal warm sync)."""
+    credential = {"username": "x-access-token", "password": TOKEN}
+
+    async def push_while_the_default_executor_is_busy() -> dict:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        release = threading.Event()
+        busy = loop.run_in_executor(None, release.wait)  # its one thread, held
+        try:
+            return await asyncio.wait_for(modal_push.with_remote(
+                modal_push.push_bundle, bundle_of(agent_repo, "tabbi/s1"), "tabbi/s1",
+                remote.url("o/r"), credential), 60)
+        finally:
+            release.set()
+            await busy
+
+    assert asyncio.run(push_while_the_default_executor_is_busy()) == {"pushed": True}
 
 
 def test_a_wrong_token_is_a_permission_refusal(agent_repo, remote):

@@ -245,7 +245,7 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     assert notices == [[".opencode/plugin/p.js", "opencode.json"]], notices
     assert git("branch", "--show-current", cwd=ws) == first["work_branch"]
     assert (ws / ".git" / "opencode").read_text() == project_id
-    assert not (ws / ".tabbi-clone").exists()
+    assert not list(ws.glob(".tabbi-clone-*")) and not (ws / ".git" / "tabbi-waiting").exists()
 
     # Paused, then resumed in a new sandbox: OpenCode now names the project by its remote (a URL)
     # and moves the conversation over from the id it had; the same conversation goes on.

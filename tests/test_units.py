@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,76 @@ def test_local_sandboxes_run_the_bootstrap_from_its_cached_bytecode(tmp_path):
                           input=b"", capture_output=True, timeout=60)
     cached = f"code object from '{BOOTSTRAP_SCRIPT.parent}/__pycache__/bootstrap."
     assert cached in done.stderr.decode(), done.stderr.decode()[-2000:]
+
+
+def test_a_sandbox_keeps_the_credential_out_unless_its_provider_says_its_execs_are_private():
+    """Threat: a new provider whose execs share the agent's container (as Modal's do) would,
+    with a default of "private", hand the person's token to an exec the agent can race for
+    (``/proc/<pid>/environ``, /tmp). The default is the safe side: pushes and syncs go through
+    the server with bundles; only bubblewrap's sandboxes, each exec a namespace of its own, opt in."""
+    from tabbi_sandbox.local import LocalSandbox
+    from tabbi_sandbox.modal import ModalSandbox
+    from tabbi_sandbox.provider import Sandbox
+
+    class NewSandbox(Sandbox):
+        def bootstrap_argv(self, *args: str) -> list[str]:
+            return list(args)
+
+    assert NewSandbox.private_exec is False and NewSandbox.pushes_from_bundle.fget(NewSandbox) is True
+    assert ModalSandbox.private_exec is False
+    assert LocalSandbox.private_exec is True
+
+
+def test_a_clone_into_a_warm_workspace_is_a_cold_clone_and_a_cut_one_is_never_reused(tmp_path):
+    """A warm sandbox's clone is made inside the workspace its OpenCode opened and then takes its
+    place (``bootstrap.take_place``). Threats: the repository is the attacker's and names its
+    files as it likes (``.tabbi-clone``, ``.tabbi-clone-<anything>``: the clone's own folder must
+    not collide with them); and a warm workspace whose clone was cut short (the server died) must
+    not be reused on the next start as if it were the session's work (an empty repository, or
+    half of one): it is cloned afresh."""
+    import subprocess
+
+    from tabbi_sandbox import bootstrap
+    from tests.conftest import git
+
+    source = tmp_path / "source"
+    (source / ".tabbi-clone-0a1b2c3d4e5f").mkdir(parents=True)
+    (source / ".tabbi-clone-0a1b2c3d4e5f" / "inside.txt").write_text("the repository's\n")
+    (source / ".tabbi-clone").write_text("a file of that name\n")
+    (source / "calc.py").write_text("def add(a, b):\n    return a + b\n")
+    git("init", "--quiet", "--initial-branch=main", cwd=source)
+    git("add", "-A", cwd=source)
+    git("commit", "--quiet", "-m", "initial", cwd=source)
+    git("branch", "other", cwd=source)
+    home = tmp_path / "home"
+    (home / "tmp").mkdir(parents=True)
+    env = bootstrap.base_env(str(home))
+
+    def spec(workspace: Path) -> dict:
+        return {"workspace": str(workspace), "branch": "tabbi/t", "repo_url": str(source),
+                "repo_display": "o/r", "base_branch": None}
+
+    def state(workspace: Path) -> tuple:
+        def run(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True,
+                                  env={**env, "GIT_CONFIG_GLOBAL": "/dev/null"}, check=True).stdout
+        files = sorted((str(p.relative_to(workspace)), p.read_bytes() if p.is_file() else b"")
+                       for p in workspace.rglob("*") if ".git" not in p.relative_to(workspace).parts)
+        return (files, run("status", "--porcelain", "--ignored"), run("config", "--local", "--list"),
+                run("branch", "-a", "-vv"), run("rev-parse", "HEAD"))
+
+    cold = tmp_path / "cold" / "workspace"
+    assert bootstrap.clone_or_reuse(spec(cold), env) is True
+    warm = tmp_path / "warm" / "workspace"
+    project_id = bootstrap.prepare_warm_workspace(str(warm), env)
+    assert bootstrap.clone_or_reuse(spec(warm), env, opened=True) is True
+    assert state(warm) == state(cold)
+    assert (warm / ".git" / "opencode").read_text() == project_id  # the id OpenCode opened it with
+    assert not (warm / ".git" / bootstrap.WAITING_FILE).exists()
+    assert bootstrap.clone_or_reuse(spec(warm), env) is False  # taken to the end: the session's now
+
+    cut = tmp_path / "cut" / "workspace"
+    bootstrap.prepare_warm_workspace(str(cut), env)
+    (cut / (bootstrap.CLONE_PREFIX + "5eed")).mkdir()  # a clone the dead server left half-made
+    assert bootstrap.clone_or_reuse(spec(cut), env) is True  # cloned afresh, not reused
+    assert state(cut) == state(cold)
