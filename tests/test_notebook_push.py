@@ -140,6 +140,9 @@ HOSTILE = r"""
 { printf '{"cells": ['; head -c 200000 /dev/zero | tr '\0' '['
   head -c 200000 /dev/zero | tr '\0' ']'; printf ']}'; } > deep.ipynb
 printf '{"cells": [ not json' > bad.ipynb
+mkfifo stall.ipynb
+printf '{"cells": [], "metadata": {"secret": "HOMESECRET"}, "nbformat": 4}' > "$HOME/s.ipynb"
+ln -s "$HOME/s.ipynb" link.ipynb
 printf '*.ipynb filter=evil\n' > .gitattributes
 git config filter.evil.clean "sh -c 'touch MARKER; cat; echo FILTERED'"
 """
@@ -148,11 +151,12 @@ git config filter.evil.clean "sh -c 'touch MARKER; cat; echo FILTERED'"
 async def test_hostile_notebooks_fall_back_to_json_and_nothing_of_the_agent_runs(
         kernel, llm, source_repo, api, tmp_path):
     """Threat: the agent writes notebooks made to crash, stall or fill the server that reads them
-    (12 MB, 200,000 levels deep, not JSON) and a ``.gitattributes`` whose filter would run a
-    command (here: touch a file of the host's, and append to what it cleans) wherever git adds a
-    notebook. The diff shows them as JSON with a note while the server keeps answering others;
-    a push refuses them; once they are gone, the pushed notebook is tabbi's stripped one, not the
-    filter's, and the filter never ran outside the sandbox."""
+    (12 MB, 200,000 levels deep, not JSON, a FIFO that would block a reader, a link to a file
+    outside the repository that it would have read and shown) and a ``.gitattributes`` whose
+    filter would run a command (here: touch a file of the host's, and append to what it cleans)
+    wherever git adds a notebook. The diff shows them as JSON with a note while the server keeps
+    answering others; a push refuses them; once they are gone, the pushed notebook is tabbi's
+    stripped one, not the filter's, and the filter never ran outside the sandbox."""
     sid = await start(kernel, source_repo)
     marker = tmp_path / "host-marker"
     await turn(kernel, llm, bash(HOSTILE.replace("MARKER", str(marker))))
@@ -167,6 +171,9 @@ async def test_hostile_notebooks_fall_back_to_json_and_nothing_of_the_agent_runs
     assert "nested deeper" in files["deep.ipynb"]["notebook_note"]
     assert "not valid JSON" in files["bad.ipynb"]["notebook_note"]
     assert not any("notebook" in files[p] for p in ("huge.ipynb", "deep.ipynb", "bad.ipynb"))
+    assert "points outside the repository" in files["link.ipynb"]["notebook_note"]
+    assert "notebook" not in files["link.ipynb"] and "HOMESECRET" not in json.dumps(data)
+    assert "notebook" not in files.get("stall.ipynb", {})  # git lists no FIFO; nothing read it
 
     refused = await kernel.run("%tabbi push -m hostile")
     assert refused.status == "error" and "Nothing was pushed" in refused.stderr, refused
@@ -174,7 +181,7 @@ async def test_hostile_notebooks_fall_back_to_json_and_nothing_of_the_agent_runs
     branch = f"tabbi/{sid.removeprefix('ses-')}"
     assert branch_head(source_repo, branch) is None
 
-    await turn(kernel, llm, bash("rm huge.ipynb deep.ipynb bad.ipynb"),
+    await turn(kernel, llm, bash("rm huge.ipynb deep.ipynb bad.ipynb stall.ipynb link.ipynb"),
                write("good.ipynb", notebook(code("print('hi')", "g1", [STREAM], 1))))
     done = await kernel.run("%tabbi push -m good")
     assert done.status == "ok", done
