@@ -356,7 +356,8 @@ class TabbiExtension(ExtensionApp):
         if (trouble := model_problem(model_settings)) is not None:
             self.log.warning("tabbi: %s; sessions cannot start until it is", trouble)
         self.gateway = model_gateway.ModelGateway(
-            lambda: model_settings, self.server_url, self.store.get_session, secrets
+            lambda: model_settings, self.server_url, self.store.get_session, secrets,
+            warm=lambda session_id: session_id in self.provider.warm_ids,
         )
         settings = AgentSettings(
             model=dataclasses.replace(model_settings, gateway=self.gateway),

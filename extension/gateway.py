@@ -89,8 +89,12 @@ class ModelGateway:
         server_url: Callable[[], str],
         lookup: Callable[[str], Awaitable[SessionRecord | None]],
         secrets: SecretBox | None,
+        warm: Callable[[str], bool] = lambda session_id: False,
     ):
         self._settings = settings
+        #: Whether an id is a warm sandbox's that no session has taken yet: its OpenCode's
+        #: rehearsal turn calls here and is refused, as expected (``bootstrap.rehearse_turn``).
+        self.warm = warm
         self._server_url = server_url
         self._lookup = lookup
         self._secrets = secrets
@@ -240,8 +244,11 @@ class GatewayHandler(web.RequestHandler):
     async def _forward(self, session_id: str, path: str) -> None:
         upstream = await self.gateway.authorize(session_id, self._presented())
         if upstream is None:
-            logs.event(log, logging.WARNING, "auth.gateway_refused",
-                       f"model gateway: a call for {session_id} without its token", session=session_id)
+            if self.gateway.warm(session_id):
+                log.debug("tabbi: gateway %s: a warm sandbox's rehearsal call, refused", session_id)
+            else:
+                logs.event(log, logging.WARNING, "auth.gateway_refused",
+                           f"model gateway: a call for {session_id} without its token", session=session_id)
             self._refuse(403, "invalid gateway token for this session")
             return
         if ALLOWED.get(upstream.kind, {}).get(path) != self.request.method:

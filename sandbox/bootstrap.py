@@ -345,22 +345,99 @@ def prepare_warm_workspace(workspace: str, env: dict[str, str]) -> str:
     return project_id
 
 
+def opencode_call(port: int, password: str, method: str, path: str, body: dict | None = None,
+                  timeout: float = 60) -> object:
+    """One request to this sandbox's OpenCode (in its working folder, the workspace), its JSON
+    answer (None when empty)."""
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Authorization": basic_auth(password),
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        answer = response.read()
+    return json.loads(answer) if answer.strip() else None
+
+
 def open_warm_workspace(port: int, password: str, project_id: str) -> None:
     """Have OpenCode read its workspace (``prepare_warm_workspace``) now, and check that it took
     it as that git project: an OpenCode that read it earlier or otherwise would load the
     repository's own files after the clone, and is not used."""
-    import urllib.request
-
-    # No ``directory``: OpenCode's own working folder, the workspace, as for the server's requests.
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/project/current",
-                                     headers={"Authorization": basic_auth(password)})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            project = json.loads(response.read())
+        # No ``directory``: OpenCode's working folder, the workspace, as for the server's requests.
+        project = opencode_call(port, password, "GET", "/project/current")
     except (OSError, ValueError) as exc:
         raise BootstrapError(f"OpenCode did not open the workspace: {exc}") from None
     if not isinstance(project, dict) or (project.get("id"), project.get("vcs")) != (project_id, "git"):
         raise BootstrapError(f"OpenCode opened the warm workspace as another project: {project!r:.200}")
+
+
+#: How long a warm sandbox's rehearsal turn may take, at most.
+REHEARSAL_SECONDS = 45.0
+#: What that turn asks. No model ever answers it (see ``rehearse_turn``).
+REHEARSAL_PROMPT = "tabbi: a warm sandbox's rehearsal turn (no model answers it)"
+
+
+def rehearse_turn(port: int, password: str, seconds: float) -> None:
+    """Have a warm sandbox's OpenCode start one turn and stop it at its first model call, so that
+    what OpenCode does once per process at its first turn (2.7-7.3 s on a 2-core VM, against
+    0.4-1.0 s for later turns: ``docs/benchmarks.md``) is done before a person's first prompt.
+
+    The model call goes to the gateway with the sandbox's token, which unlocks nothing before a
+    session has taken the sandbox: it is refused, so no tool runs and nothing is spent. OpenCode
+    would retry a refused call for minutes, and a retry after the sandbox was taken would reach
+    the model on the person's grant: the turn is aborted at OpenCode's first ``retry`` status,
+    and its conversation, a child one (OpenCode asks no title for those, which would be a call
+    of its own), is deleted. Then OpenCode must be idle, else ``BootstrapError`` (the sandbox is
+    not used). A rehearsal that runs out of ``seconds`` is only a slower first turn later."""
+    import urllib.request
+
+    stream = urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{port}/event", headers={"Authorization": basic_auth(password)}),
+        timeout=max(seconds, 1.0))
+    made: list[str] = []
+    try:
+        made.append(opencode_call(port, password, "POST", "/session", {})["id"])
+        made.append(opencode_call(port, password, "POST", "/session", {"parentID": made[0]})["id"])
+        opencode_call(port, password, "POST", f"/session/{made[1]}/prompt_async",
+                      {"parts": [{"type": "text", "text": REHEARSAL_PROMPT}]})
+        deadline = time.monotonic() + seconds
+        for line in stream:  # OpenCode's heartbeat (every 10 s) brings the deadline round
+            if time.monotonic() > deadline or _rehearsal_stopped(line, made[1]):
+                break
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not rehearsed: the first turn pays for it
+    finally:
+        stream.close()
+        with contextlib.suppress(OSError, ValueError):
+            for session in reversed(made):
+                opencode_call(port, password, "POST", f"/session/{session}/abort")
+                opencode_call(port, password, "DELETE", f"/session/{session}")
+    try:
+        busy = opencode_call(port, password, "GET", "/session/status")
+    except (OSError, ValueError) as exc:
+        raise BootstrapError(f"OpenCode did not say it is idle after its rehearsal: {exc}") from None
+    if busy:
+        raise BootstrapError("OpenCode was still busy after its rehearsal turn")
+
+
+def _rehearsal_stopped(line: bytes, session: str) -> bool:
+    """Whether an event line of OpenCode's says the rehearsal turn reached its model call (a
+    retry after the refusal) or ended otherwise."""
+    if not line.startswith(b"data:"):
+        return False
+    try:
+        event = json.loads(line[5:])
+    except ValueError:
+        return False
+    properties = event.get("properties") if isinstance(event, dict) else None
+    if not isinstance(properties, dict) or properties.get("sessionID") != session:
+        return False
+    if event.get("type") == "session.error":
+        return True
+    status = properties.get("status") if event.get("type") == "session.status" else None
+    return isinstance(status, dict) and status.get("type") in ("retry", "idle")
 
 
 def take_place(clone: str, workspace: str) -> None:
@@ -968,9 +1045,15 @@ def main() -> int:
             fence_workspace(spec["workspace"])
             proc, port, version = start_opencode(spec, env)
         else:  # a warm sandbox: the repository comes later (``clone_into``)
+            started = time.monotonic()
             project_id = prepare_warm_workspace(spec["workspace"], env)
             proc, port, version = start_opencode(spec, env)
-            open_warm_workspace(port, spec["opencode"]["password"], project_id)
+            password = spec["opencode"]["password"]
+            open_warm_workspace(port, password, project_id)
+            # What is left of the start's time (the server waits health_timeout at most).
+            left = float(spec.get("health_timeout", 60)) - (time.monotonic() - started) - 10
+            if left > 5:
+                rehearse_turn(port, password, min(REHEARSAL_SECONDS, left))
     except Exception as exc:
         if proc is not None:
             proc.kill()

@@ -10,6 +10,7 @@ clones a hostile repository into it and runs, with the plugin fence holding as o
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tabbi_extension.agent import AgentSettings
 from tabbi_extension.model_config import ModelSettings
 from tabbi_extension.pool import PoolBusy, WarmPool
 from tabbi_sandbox import processes
+from tabbi_sandbox.bootstrap import REHEARSAL_PROMPT
 from tabbi_sandbox.provider import SandboxError, SandboxSpec, WarmSandbox
 from tests.conftest import git
 from tests.support.convex_store import wait_until
@@ -188,6 +190,11 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     start does: OpenCode has already started when the clone arrives, and must not load what the
     repository planted."""
     pool = tabbi_app.pool
+    # The warm sandbox's rehearsal turn calls the gateway before any session has taken it: the
+    # gateway must see (and refuse) that call, and nothing of it may reach the model, ever.
+    refused_as_warm: list[str] = []
+    is_warm = tabbi_app.gateway.warm
+    tabbi_app.gateway.warm = lambda sid: bool(refused_as_warm.append(sid)) or is_warm(sid)
     await kernel.run("%load_ext tabbi_kernel")  # the intent: the pool fills
     await wait_until(lambda: pool._asked, "the kernel asking for a warm sandbox", 60)
     assert (await api.call("POST", "tabbi/api/warm"))[0] == 429  # just asked, by the kernel
@@ -205,6 +212,7 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
                                   headers={"Authorization": f"Bearer {gateway_token}"})
     assert early.status_code == 403  # no session of that id yet: the token is worth nothing
 
+    assert warm.id in refused_as_warm  # it rehearsed a turn, refused at its model call
     # Its OpenCode opened the workspace while it waited: an empty repository, nobody's.
     waiting = workspace(warm.id)
     assert [p.name for p in waiting.iterdir()] == [".git"]
@@ -234,6 +242,7 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     events = await api.wait_turn(first["id"])
     assert events[-1]["data"]["outcome"] == "completed", events[-1]
     assert INSTRUCTION in repr(llm.agent_requests()[-1]["messages"][0])  # OpenCode found the repo
+    assert not [r for r in llm.requests if REHEARSAL_PROMPT in json.dumps(r.body)]
     scanned = "".join(e["data"].get("output") or "" for e in events if e["type"] == "tool")
     assert "TABBI_SANDBOX_ID=" in scanned and "opencode" in scanned  # the scan saw environments
     assert password not in scanned and gateway_token not in scanned
@@ -260,6 +269,7 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     assert "hello from the pooled start" in repr(llm.agent_requests()[before]["messages"])
     assert tabbi_app.manager._agents[first["id"]].record.opencode_session_id == conversation
     assert (ws / ".git" / "opencode").read_text() != project_id  # renamed by OpenCode: a URL remote
+    assert not [r for r in llm.requests if REHEARSAL_PROMPT in json.dumps(r.body)]  # not later either
 
     refill = await ready(pool, {warm.id})
     pool_leftovers.add(refill.id)
