@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
 from types import SimpleNamespace
 
@@ -230,7 +231,7 @@ async def test_the_agent_finds_neither_the_model_key_nor_the_opencode_password(
 
 @pytest.mark.tabbi(llm_api_key=MODEL_KEY)
 async def test_the_gateway_lets_only_its_own_sandbox_call_only_the_model(
-    api, llm, source_repo, jp_serverapp
+    api, llm, source_repo, jp_serverapp, caplog
 ):
     """Threat: the gateway is reachable by anything on the machine (and by the agent, which can
     find its token in OpenCode's config only if the fences above fail). It must not be an open
@@ -260,6 +261,9 @@ async def test_the_gateway_lets_only_its_own_sandbox_call_only_the_model(
         assert (await call(first, "chat/completions", {"x-api-key": near})).status_code == 403
         assert (await call(second, "chat/completions", bearer)).status_code == 403  # another session
         assert (await call("ses-000000000000", "chat/completions", bearer)).status_code == 403
+        # Said where an operator looks (only a warm sandbox's own rehearsal call is not).
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"a call for {second} without its token" in m for m in warned), warned
         # Jupyter's own token is not a gateway token.
         jupyter = {"Authorization": f"token {jp_serverapp.identity_provider.token}"}
         assert (await call(first, "chat/completions", jupyter)).status_code == 403
