@@ -270,6 +270,15 @@ class SessionAgent:
             self._spawn("boot", self._boot())
 
     async def _boot(self) -> None:
+        warm, self.warm = self.warm, None
+        try:
+            await self._boot_from(warm)
+        finally:
+            if warm is not None and not warm.consumed:  # failed or cancelled before it took it
+                with contextlib.suppress(SandboxError):
+                    await asyncio.shield(self.provider.discard(warm))
+
+    async def _boot_from(self, warm: WarmSandbox | None) -> None:
         started = time.monotonic()
         steps, self.steps = self.steps or StartSteps(started), None
         steps.mark("accept")  # the request: pool take, store writes, the agent, STARTING
@@ -279,7 +288,6 @@ class SessionAgent:
             metrics.SANDBOX_START_SECONDS.labels(self.provider.name, outcome).observe(seconds)
 
         try:
-            warm, self.warm = self.warm, None
             # OpenCode's, random per sandbox start (a warm sandbox's OpenCode already has one)
             password = warm.password if warm else secrets.token_urlsafe(24)
             setup = model_config.for_sandbox(self.settings.model, self.id, password, self.record.model)

@@ -244,8 +244,9 @@ class GatewayHandler(web.RequestHandler):
     async def _forward(self, session_id: str, path: str) -> None:
         upstream = await self.gateway.authorize(session_id, self._presented())
         if upstream is None:
-            if self.gateway.warm(session_id):
-                log.debug("tabbi: gateway %s: a warm sandbox's rehearsal call, refused", session_id)
+            if self.gateway.warm(session_id):  # not a warning: expected, once per warm sandbox
+                logs.event(log, logging.INFO, "gateway.warm_refused",
+                           f"model gateway: warm sandbox {session_id} refused", session=session_id)
             else:
                 logs.event(log, logging.WARNING, "auth.gateway_refused",
                            f"model gateway: a call for {session_id} without its token", session=session_id)

@@ -385,19 +385,24 @@ def rehearse_turn(port: int, password: str, seconds: float) -> None:
     0.4-1.0 s for later turns: ``docs/benchmarks.md``) is done before a person's first prompt.
 
     The model call goes to the gateway with the sandbox's token, which unlocks nothing before a
-    session has taken the sandbox: it is refused, so no tool runs and nothing is spent. OpenCode
-    would retry a refused call for minutes, and a retry after the sandbox was taken would reach
-    the model on the person's grant: the turn is aborted at OpenCode's first ``retry`` status,
-    and its conversation, a child one (OpenCode asks no title for those, which would be a call
-    of its own), is deleted. Then OpenCode must be idle, else ``BootstrapError`` (the sandbox is
-    not used). A rehearsal that runs out of ``seconds`` is only a slower first turn later."""
+    session has taken the sandbox: it is refused (403), so no tool runs and nothing is spent, and
+    the turn ends (OpenCode 1.18.33 does not retry a 403). OpenCode does retry, for minutes, a
+    call that looks transient (a gateway it cannot reach, a 5xx), and a retry after the sandbox
+    was taken would reach the model on the person's grant: so the turn is aborted at OpenCode's
+    first ``retry`` status, and its conversation, a child one (OpenCode asks no title for those,
+    which would be a call of its own), is deleted. Then OpenCode must be idle, else
+    ``BootstrapError`` (the sandbox is not used). A rehearsal that fails or runs out of
+    ``seconds`` (checked at each event; OpenCode's heartbeat comes every 10 s) is only a slower
+    first turn later."""
+    import http.client
     import urllib.request
 
-    stream = urllib.request.urlopen(urllib.request.Request(
-        f"http://127.0.0.1:{port}/event", headers={"Authorization": basic_auth(password)}),
-        timeout=max(seconds, 1.0))
+    stream = None
     made: list[str] = []
     try:
+        stream = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/event", headers={"Authorization": basic_auth(password)}),
+            timeout=max(seconds, 1.0))
         made.append(opencode_call(port, password, "POST", "/session", {})["id"])
         made.append(opencode_call(port, password, "POST", "/session", {"parentID": made[0]})["id"])
         opencode_call(port, password, "POST", f"/session/{made[1]}/prompt_async",
@@ -406,16 +411,17 @@ def rehearse_turn(port: int, password: str, seconds: float) -> None:
         for line in stream:  # OpenCode's heartbeat (every 10 s) brings the deadline round
             if time.monotonic() > deadline or _rehearsal_stopped(line, made[1]):
                 break
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
         pass  # not rehearsed: the first turn pays for it
     finally:
-        stream.close()
-        with contextlib.suppress(OSError, ValueError):
+        if stream is not None:
+            stream.close()
+        with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
             for session in reversed(made):
-                opencode_call(port, password, "POST", f"/session/{session}/abort")
-                opencode_call(port, password, "DELETE", f"/session/{session}")
+                opencode_call(port, password, "POST", f"/session/{session}/abort", timeout=5)
+                opencode_call(port, password, "DELETE", f"/session/{session}", timeout=5)
     try:
-        busy = opencode_call(port, password, "GET", "/session/status")
+        busy = opencode_call(port, password, "GET", "/session/status", timeout=5)
     except (OSError, ValueError) as exc:
         raise BootstrapError(f"OpenCode did not say it is idle after its rehearsal: {exc}") from None
     if busy:
@@ -1050,8 +1056,9 @@ def main() -> int:
             proc, port, version = start_opencode(spec, env)
             password = spec["opencode"]["password"]
             open_warm_workspace(port, password, project_id)
-            # What is left of the start's time (the server waits health_timeout at most).
-            left = float(spec.get("health_timeout", 60)) - (time.monotonic() - started) - 10
+            # What is left of the start's time (the server waits health_timeout at most), less
+            # what the rehearsal may overrun (an event's wait, its clean-up) and the exec's start.
+            left = float(spec.get("health_timeout", 60)) - (time.monotonic() - started) - 30
             if left > 5:
                 rehearse_turn(port, password, min(REHEARSAL_SECONDS, left))
     except Exception as exc:

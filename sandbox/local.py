@@ -274,7 +274,7 @@ class LocalSandbox(Sandbox):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise SandboxError(f"{argv[0]} timed out after {timeout:.0f} s") from None
-        return await ExecResult.of(proc.returncode or 0, out, err)
+        return ExecResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
 
     async def terminate(self) -> None:
         proc = self._proc

@@ -123,7 +123,7 @@ class ModalSandbox(Sandbox):
         # ``write_remote`` has no meaning here: a Modal sandbox never sees a local remote (a push
         # runs on the server, from a bundle).
         code, out, err = await self.run(argv, timeout, input, max_output)
-        return await ExecResult.of(code, out, err)
+        return ExecResult(code, out.decode(errors="replace"), err.decode(errors="replace"))
 
     async def terminate(self) -> None:
         # The whole sandbox, even when the agent already ended: its container would idle on.

@@ -122,21 +122,6 @@ class ExecResult:
     stdout: str
     stderr: str
 
-    @classmethod
-    async def of(cls, returncode: int, out: bytes, err: bytes) -> ExecResult:
-        """The result of an exec that printed ``out`` and ``err``: a large output (a checkout
-        bundle's base64, hundreds of MB) is decoded in a thread, off the event loop."""
-        async def text(data: bytes) -> str:
-            if len(data) <= DECODE_ON_LOOP:
-                return data.decode(errors="replace")
-            return await asyncio.to_thread(data.decode, errors="replace")
-
-        return cls(returncode, await text(out), await text(err))
-
-
-#: Exec output up to this size is decoded on the event loop (about a millisecond's work).
-DECODE_ON_LOOP = 1 << 20
-
 
 class Sandbox(abc.ABC):
     """One running (or once-running) sandbox."""

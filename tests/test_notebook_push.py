@@ -140,7 +140,8 @@ HOSTILE = r"""
 { printf '{"cells": ['; head -c 200000 /dev/zero | tr '\0' '['
   head -c 200000 /dev/zero | tr '\0' ']'; printf ']}'; } > deep.ipynb
 printf '{"cells": [ not json' > bad.ipynb
-mkfifo stall.ipynb
+mkfifo .stall
+ln -s .stall stall.ipynb
 printf '{"cells": [], "metadata": {"secret": "HOMESECRET"}, "nbformat": 4}' > "$HOME/s.ipynb"
 ln -s "$HOME/s.ipynb" link.ipynb
 printf '*.ipynb filter=evil\n' > .gitattributes
@@ -173,7 +174,7 @@ async def test_hostile_notebooks_fall_back_to_json_and_nothing_of_the_agent_runs
     assert not any("notebook" in files[p] for p in ("huge.ipynb", "deep.ipynb", "bad.ipynb"))
     assert "points outside the repository" in files["link.ipynb"]["notebook_note"]
     assert "notebook" not in files["link.ipynb"] and "HOMESECRET" not in json.dumps(data)
-    assert "notebook" not in files.get("stall.ipynb", {})  # git lists no FIFO; nothing read it
+    assert "not a regular file" in files["stall.ipynb"]["notebook_note"]  # a link to a FIFO
 
     refused = await kernel.run("%tabbi push -m hostile")
     assert refused.status == "error" and "Nothing was pushed" in refused.stderr, refused
@@ -181,7 +182,7 @@ async def test_hostile_notebooks_fall_back_to_json_and_nothing_of_the_agent_runs
     branch = f"tabbi/{sid.removeprefix('ses-')}"
     assert branch_head(source_repo, branch) is None
 
-    await turn(kernel, llm, bash("rm huge.ipynb deep.ipynb bad.ipynb stall.ipynb link.ipynb"),
+    await turn(kernel, llm, bash("rm huge.ipynb deep.ipynb bad.ipynb .stall stall.ipynb link.ipynb"),
                write("good.ipynb", notebook(code("print('hi')", "g1", [STREAM], 1))))
     done = await kernel.run("%tabbi push -m good")
     assert done.status == "ok", done

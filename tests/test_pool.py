@@ -192,14 +192,20 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     pool = tabbi_app.pool
     # The warm sandbox's rehearsal turn calls the gateway before any session has taken it: the
     # gateway must see (and refuse) that call, and nothing of it may reach the model, ever.
-    refused_as_warm: list[str] = []
+    refused: list[tuple[str, bool]] = []
     is_warm = tabbi_app.gateway.warm
-    tabbi_app.gateway.warm = lambda sid: bool(refused_as_warm.append(sid)) or is_warm(sid)
+
+    def spy(sid: str) -> bool:
+        refused.append((sid, is_warm(sid)))
+        return refused[-1][1]
+
+    tabbi_app.gateway.warm = spy
     await kernel.run("%load_ext tabbi_kernel")  # the intent: the pool fills
     await wait_until(lambda: pool._asked, "the kernel asking for a warm sandbox", 60)
     assert (await api.call("POST", "tabbi/api/warm"))[0] == 429  # just asked, by the kernel
     warm = await ready(pool)
     pool_leftovers.add(warm.id)
+    assert (warm.id, True) in refused  # it rehearsed a turn: refused at its model call, as warm
 
     await sign_in_web(api, jp_fetch, github)
     token = github.issued[-1]["access_token"]
@@ -212,7 +218,6 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
                                   headers={"Authorization": f"Bearer {gateway_token}"})
     assert early.status_code == 403  # no session of that id yet: the token is worth nothing
 
-    assert warm.id in refused_as_warm  # it rehearsed a turn, refused at its model call
     # Its OpenCode opened the workspace while it waited: an empty repository, nobody's.
     waiting = workspace(warm.id)
     assert [p.name for p in waiting.iterdir()] == [".git"]

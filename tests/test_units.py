@@ -246,23 +246,3 @@ def test_a_clone_into_a_warm_workspace_is_a_cold_clone_and_a_cut_one_is_never_re
     assert bootstrap.clone_or_reuse(spec(cut), env) is True  # cloned afresh, not reused
     assert state(cut) == state(cold)
 
-
-def test_a_large_exec_output_is_decoded_off_the_event_loop(monkeypatch):
-    """A checkout bundle comes back from the sandbox as base64 text of up to ~270 MB: decoded on
-    the event loop, it would stall every other session's stream and request meanwhile."""
-    import asyncio
-
-    from tabbi_sandbox.provider import DECODE_ON_LOOP, ExecResult
-
-    offloaded: list[int] = []
-    to_thread = asyncio.to_thread
-
-    async def spy(call, *args, **kwargs):
-        offloaded.append(len(call.__self__))
-        return await to_thread(call, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", spy)
-    large = b"QUJD" * (DECODE_ON_LOOP // 2) + b"\xff"
-    result = asyncio.run(ExecResult.of(0, large, b"fine \xff"))
-    assert offloaded == [len(large)]
-    assert result.stdout == large[:-1].decode() + "\ufffd" and result.stderr == "fine \ufffd"
