@@ -280,3 +280,29 @@ async def test_a_session_takes_a_warm_sandbox_cloned_fenced_and_nobody_elses(
     pool_leftovers.add(refill.id)
     await api.ok("DELETE", f"tabbi/api/sessions/{first['id']}", expect=204)
     assert warm.id not in {w.id for w in pool._ready}  # a used sandbox never returns
+
+
+@pytest.mark.warm_pool(size=1)
+async def test_a_start_that_fails_before_taking_its_warm_sandbox_ends_it(
+    pool_leftovers, api, tabbi_app, source_repo, monkeypatch
+):
+    """Threat: a session reserves a warm sandbox (its id, its gateway grant) when it is created;
+    a start that fails before it clones into it (the store down, the person's GitHub access
+    unreadable) must not leave that sandbox running, idle, holding memory and a grant, nor its id
+    among the pool's untaken sandboxes (whose gateway refusals are said only at info level)."""
+    from tabbi_extension.agent import SessionAgent
+
+    pool = tabbi_app.pool
+    assert (await api.call("POST", "tabbi/api/warm"))[0] == 202
+    warm = await ready(pool)
+    pool_leftovers.add(warm.id)
+
+    async def unreadable(self, repo):
+        raise RuntimeError("the store is down")
+
+    monkeypatch.setattr(SessionAgent, "_clone_access", unreadable)
+    session = await api.create(str(source_repo))
+    assert session["id"] == warm.id
+    await api.wait_state(session["id"], "error")
+    wait_exited(lambda: processes.sandbox_pids(warm.id), 60, "the untaken warm sandbox ending")
+    assert warm.id not in tabbi_app.provider.warm_ids and warm.consumed
