@@ -744,8 +744,11 @@ function attachmentBadges(message) {
 function contextChips(model) {
   const chips = new Map(); // spec -> { node, ok }
   const row = el("div", { class: "tb-chips" });
-  const menu = el("div", { class: "tb-context-menu", hidden: "" });
   const typed = el("input", { class: "tb-context-input", type: "text", placeholder: "df, @cell:3, @error, @file:PATH" });
+  // The kernel's options are redrawn on each answer; the input stays where it is, so that an
+  // answer arriving while the person types neither moves it nor takes its focus.
+  const options = el("span", { class: "tb-context-options" });
+  const menu = el("div", { class: "tb-context-menu", hidden: "" }, options, typed);
   const add = (spec) => {
     spec = spec.trim();
     if (!spec || chips.has(spec)) return;
@@ -781,9 +784,8 @@ function contextChips(model) {
   const onMessage = (msg) => {
     if (msg.type === "context_preview") drawChip(msg);
     else if (msg.type === "context_options") {
-      menu.replaceChildren(...(msg.options || []).map((o) => el("button", {
-        class: "tb-btn tb-context-option", "data-spec": o.spec, onclick: () => add(o.spec) }, `${o.spec} — ${o.what}`)),
-      typed);
+      options.replaceChildren(...(msg.options || []).map((o) => el("button", {
+        class: "tb-btn tb-context-option", "data-spec": o.spec, onclick: () => add(o.spec) }, `${o.spec} — ${o.what}`)));
     }
   };
   model.on("msg:custom", onMessage);
